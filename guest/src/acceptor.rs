@@ -1,0 +1,67 @@
+//! The acceptor role: promises and accepts, the memory that makes Paxos safe.
+//!
+//! Reference: Lamport, "Paxos Made Simple" §2.2. An acceptor never accepts a ballot below the
+//! highest it promised, and every change it makes is returned as a `Record` that the host makes
+//! durable before the acceptor's answer leaves the machine.
+
+use std::collections::BTreeMap;
+
+use crate::message::{Ballot, Message, Record, Value};
+
+/// An acceptor's durable state.
+#[derive(Clone, Debug, Default)]
+pub struct Acceptor {
+    /// The highest ballot promised (phase 1b) or accepted (phase 2b).
+    pub promised: Ballot,
+    /// Per slot, the highest-ballot value accepted.
+    pub accepted: BTreeMap<u64, (Ballot, Value)>,
+}
+
+impl Acceptor {
+    /// Phase 1b: promise `ballot` if it is not below an earlier promise. Returns the answer and
+    /// the record to persist (none when nothing changed).
+    pub fn on_prepare(&mut self, ballot: Ballot, first_slot: u64) -> (Message, Option<Record>) {
+        if ballot < self.promised {
+            return (Message::Nack { ballot, promised: self.promised }, None);
+        }
+        let record = (ballot > self.promised).then_some(Record::Promised(ballot));
+        self.promised = ballot;
+        let accepted = self
+            .accepted
+            .range(first_slot..)
+            .map(|(&slot, (b, v))| (slot, *b, v.clone()))
+            .collect();
+        (Message::Promise { ballot, accepted }, record)
+    }
+
+    /// Phase 2b: accept `value` at `slot` unless a higher ballot was promised.
+    pub fn on_accept(&mut self, ballot: Ballot, slot: u64, value: Value) -> (Message, Option<Record>) {
+        if ballot < self.promised {
+            return (Message::Nack { ballot, promised: self.promised }, None);
+        }
+        self.promised = ballot;
+        let record = Record::Accepted { slot, ballot, value: value.clone() };
+        self.accepted.insert(slot, (ballot, value));
+        (Message::Accepted { ballot, slot }, Some(record))
+    }
+
+    /// Replays a persisted record (start-up).
+    pub fn restore(&mut self, record: &Record) {
+        match record {
+            Record::Promised(b) => self.promised = self.promised.max(*b),
+            Record::Accepted { slot, ballot, value } => {
+                self.promised = self.promised.max(*ballot);
+                let newer = self.accepted.get(slot).is_none_or(|(b, _)| b <= ballot);
+                if newer {
+                    self.accepted.insert(*slot, (*ballot, value.clone()));
+                }
+            }
+            Record::Chosen { .. } => {}
+        }
+    }
+
+    /// Forgets accepted values below `slot` (they are chosen and applied everywhere it matters).
+    pub fn forget_below(&mut self, slot: u64) {
+        self.accepted = self.accepted.split_off(&slot);
+    }
+}

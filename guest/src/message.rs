@@ -1,0 +1,185 @@
+//! The wire format of Paxos payloads between replicas, and of the records the guest persists.
+//!
+//! Every encoded message and record starts with a format version byte, then postcard. A build
+//! reads every version up to its own and refuses newer ones with a clear error, so that mixed
+//! builds can interoperate during a rolling upgrade.
+
+use serde::{Deserialize, Serialize};
+
+use crate::types::{Command, NodeId};
+
+/// The format version this build writes.
+pub const FORMAT_VERSION: u8 = 1;
+
+/// A Paxos ballot: totally ordered by `(round, node)`, so two proposers never share one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Ballot {
+    /// Increases with every election attempt.
+    pub round: u64,
+    /// The proposer that owns the ballot (tie-breaker).
+    pub node: NodeId,
+}
+
+impl Ballot {
+    /// Below every real ballot.
+    pub const ZERO: Ballot = Ballot { round: 0, node: 0 };
+}
+
+impl std::fmt::Display for Ballot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.round, self.node)
+    }
+}
+
+/// A client command as it travels through the log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientCommand {
+    /// The replica whose host holds the waiting caller.
+    pub origin: NodeId,
+    /// The host-local request id at `origin`.
+    pub request_id: u64,
+    /// Client identity for exactly-once.
+    pub client: u64,
+    /// Client sequence number for exactly-once.
+    pub seq: u64,
+    /// What to do.
+    pub command: Command,
+}
+
+/// What one log slot holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Value {
+    /// A gap filled by a new leader.
+    Noop,
+    /// Commands applied in order (batching: many per slot).
+    Batch(Vec<ClientCommand>),
+}
+
+/// A Paxos message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// Phase 1a, to acceptors: promise `ballot` for every slot from `first_slot` on.
+    Prepare {
+        /// The candidate's ballot.
+        ballot: Ballot,
+        /// The candidate's first unchosen slot.
+        first_slot: u64,
+    },
+    /// Phase 1b, to the proposer: the promise and every value accepted from `first_slot` on.
+    Promise {
+        /// The ballot promised.
+        ballot: Ballot,
+        /// `(slot, accepted ballot, value)`.
+        accepted: Vec<(u64, Ballot, Value)>,
+    },
+    /// Phase 2a, to acceptors.
+    Accept {
+        /// The leader's ballot.
+        ballot: Ballot,
+        /// The log slot.
+        slot: u64,
+        /// The proposed value.
+        value: Value,
+    },
+    /// Phase 2b, to the proposer.
+    Accepted {
+        /// The ballot accepted.
+        ballot: Ballot,
+        /// The slot.
+        slot: u64,
+    },
+    /// An acceptor refused `ballot` because it promised a higher one.
+    Nack {
+        /// The refused ballot.
+        ballot: Ballot,
+        /// What the acceptor promised.
+        promised: Ballot,
+    },
+    /// Leader liveness, to every proposer.
+    Heartbeat {
+        /// The leader's ballot.
+        ballot: Ballot,
+        /// Every slot below this is chosen at the leader.
+        chosen_upto: u64,
+    },
+    /// Client commands a follower hands to the leader.
+    Forward {
+        /// Commands to propose.
+        commands: Vec<ClientCommand>,
+    },
+    /// Chosen values, to learners.
+    Chosen {
+        /// `(slot, value)`.
+        entries: Vec<(u64, Value)>,
+    },
+    /// A learner missing slots asks the leader for them.
+    CatchUp {
+        /// First slot it lacks.
+        from_slot: u64,
+    },
+}
+
+/// A record of acceptor or learner state that must survive a crash.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Record {
+    /// The acceptor promised this ballot.
+    Promised(Ballot),
+    /// The acceptor accepted `value` at `slot` under `ballot` (which implies a promise of it).
+    Accepted {
+        /// Slot.
+        slot: u64,
+        /// Ballot.
+        ballot: Ballot,
+        /// Value.
+        value: Value,
+    },
+    /// The learner learned that `value` was chosen at `slot`.
+    Chosen {
+        /// Slot.
+        slot: u64,
+        /// Value.
+        value: Value,
+    },
+}
+
+/// Why bytes could not be decoded.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DecodeError {
+    /// No bytes at all.
+    Empty,
+    /// Written by a newer build than this one.
+    NewerVersion(u8),
+    /// Not a valid encoding.
+    Malformed(String),
+}
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DecodeError::Empty => write!(f, "empty payload"),
+            DecodeError::NewerVersion(v) => write!(
+                f,
+                "format version {v} is newer than this build's {FORMAT_VERSION}: upgrade this guest"
+            ),
+            DecodeError::Malformed(e) => write!(f, "malformed payload: {e}"),
+        }
+    }
+}
+
+/// Encodes a value behind the format version byte.
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut out = vec![FORMAT_VERSION];
+    // postcard into a Vec cannot fail for these types (no maps with non-string keys, no I/O).
+    let body = postcard::to_allocvec(value).unwrap_or_default();
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Decodes what `encode` wrote.
+pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, DecodeError> {
+    let (&version, body) = bytes.split_first().ok_or(DecodeError::Empty)?;
+    if version > FORMAT_VERSION {
+        return Err(DecodeError::NewerVersion(version));
+    }
+    postcard::from_bytes(body).map_err(|e| DecodeError::Malformed(e.to_string()))
+}

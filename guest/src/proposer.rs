@@ -1,0 +1,354 @@
+//! The proposer role: leader election (phase 1 once for all open slots), then phase 2 per slot.
+//!
+//! Reference: "Paxos Made Simple" §3 (Multi-Paxos). The leader is simply the proposer whose
+//! phase 1 won. On winning it re-proposes, for every open slot, the value accepted under the
+//! highest ballot any promising acceptor reported, and fills gaps with no-ops. It then proposes
+//! client commands in batches (many per slot) with a bounded window of slots in flight, sends
+//! heartbeats, and steps down as soon as any acceptor reports a higher promise. A follower that
+//! hears no heartbeat for a randomized timeout starts phase 1 with a higher round; the random
+//! spread (and a random back-off after losing) keeps duelling proposers from livelocking.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use crate::message::{Ballot, ClientCommand, Message, Value};
+use crate::rng::Rng;
+use crate::types::{NodeId, Role};
+
+/// Leader heartbeat period.
+pub const HEARTBEAT_INTERVAL_MS: u64 = 50;
+/// Election timeout range: a follower waits a random time in this range without heartbeats.
+pub const ELECTION_TIMEOUT_MIN_MS: u64 = 300;
+/// Upper end (exclusive) of the election timeout.
+pub const ELECTION_TIMEOUT_MAX_MS: u64 = 600;
+/// A slot in flight is re-sent to acceptors that have not answered after this long.
+pub const ACCEPT_RESEND_MS: u64 = 100;
+/// Bound on slots in flight at once (pipelining window).
+pub const WINDOW_SLOTS_MAX: usize = 64;
+/// Bound on commands per slot.
+pub const BATCH_COMMANDS_MAX: usize = 512;
+/// Bound on payload bytes per slot (keys + values), so a slot's messages stay well under the
+/// transport's message limit.
+pub const BATCH_BYTES_MAX: usize = 2 * 1024 * 1024;
+/// Bound on commands queued at the leader waiting for a slot.
+pub const QUEUE_COMMANDS_MAX: usize = 50_000;
+
+/// Where this proposer stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Following a leader (or waiting for one).
+    Follower,
+    /// Running phase 1 with `ballot`.
+    Candidate {
+        /// Promises received: per acceptor, what it had accepted.
+        promises: BTreeMap<NodeId, Vec<(u64, Ballot, Value)>>,
+        /// The first slot phase 1 covers.
+        first_slot: u64,
+    },
+    /// Phase 1 won: proposing.
+    Leader,
+}
+
+/// A slot proposed and not yet chosen.
+#[derive(Clone, Debug)]
+pub struct InFlight {
+    /// The proposed value.
+    pub value: Value,
+    /// Acceptors that accepted it under the current ballot.
+    pub accepts: BTreeSet<NodeId>,
+    /// When the accept was last sent.
+    pub sent_ms: u64,
+}
+
+/// A message to send: destination, role there, message.
+pub type Outgoing = (NodeId, Role, Message);
+
+/// The proposer's state.
+#[derive(Debug)]
+pub struct Proposer {
+    me: NodeId,
+    members: Vec<NodeId>,
+    /// This proposer's ballot while candidate or leader.
+    pub ballot: Ballot,
+    /// The highest ballot seen anywhere (the next election goes above it).
+    pub max_seen: Ballot,
+    /// Where it stands.
+    pub phase: Phase,
+    /// The leader it believes in, with that leader's ballot.
+    pub leader: Option<(NodeId, Ballot)>,
+    /// When to start an election if no heartbeat arrives.
+    pub election_deadline_ms: u64,
+    next_heartbeat_ms: u64,
+    /// Next slot a leader proposes in.
+    pub next_slot: u64,
+    /// Slots proposed and not yet chosen.
+    pub in_flight: BTreeMap<u64, InFlight>,
+    /// Commands waiting for a slot (leader only).
+    pub queue: VecDeque<ClientCommand>,
+    rng: Rng,
+}
+
+impl Proposer {
+    /// A follower with no leader yet; its first election deadline is randomized from `now_ms`.
+    pub fn new(me: NodeId, members: Vec<NodeId>, seed: u64, now_ms: u64) -> Self {
+        let mut rng = Rng::new(seed ^ (u64::from(me) << 32));
+        let election_deadline_ms = now_ms + rng.range(ELECTION_TIMEOUT_MIN_MS, ELECTION_TIMEOUT_MAX_MS);
+        Proposer {
+            me,
+            members,
+            ballot: Ballot::ZERO,
+            max_seen: Ballot::ZERO,
+            phase: Phase::Follower,
+            leader: None,
+            election_deadline_ms,
+            next_heartbeat_ms: 0,
+            next_slot: 0,
+            in_flight: BTreeMap::new(),
+            queue: VecDeque::new(),
+            rng,
+        }
+    }
+
+    /// A majority of the roster.
+    pub fn quorum(&self) -> usize {
+        self.members.len() / 2 + 1
+    }
+
+    /// True while this proposer leads.
+    pub fn is_leader(&self) -> bool {
+        self.phase == Phase::Leader
+    }
+
+    /// The leader this replica believes in, itself included.
+    pub fn known_leader(&self) -> Option<NodeId> {
+        self.leader.map(|(n, _)| n)
+    }
+
+    fn reset_election_timer(&mut self, now_ms: u64) {
+        self.election_deadline_ms = now_ms + self.rng.range(ELECTION_TIMEOUT_MIN_MS, ELECTION_TIMEOUT_MAX_MS);
+    }
+
+    fn broadcast(&self, role: Role, message: &Message, out: &mut Vec<Outgoing>) {
+        for &m in &self.members {
+            out.push((m, role, message.clone()));
+        }
+    }
+
+    /// Timers: start an election when the leader went quiet; as leader, heartbeat and re-send
+    /// accepts that went unanswered. `first_unchosen` is the learner's next slot to apply,
+    /// `chosen_upto` what a heartbeat advertises.
+    pub fn on_time(&mut self, now_ms: u64, first_unchosen: u64, out: &mut Vec<Outgoing>) {
+        match self.phase {
+            Phase::Leader => {
+                if now_ms >= self.next_heartbeat_ms {
+                    self.next_heartbeat_ms = now_ms + HEARTBEAT_INTERVAL_MS;
+                    let hb = Message::Heartbeat { ballot: self.ballot, chosen_upto: first_unchosen };
+                    for &m in &self.members {
+                        if m != self.me {
+                            out.push((m, Role::Proposer, hb.clone()));
+                        }
+                    }
+                }
+                let ballot = self.ballot;
+                for (&slot, flight) in self.in_flight.iter_mut() {
+                    if now_ms >= flight.sent_ms + ACCEPT_RESEND_MS {
+                        flight.sent_ms = now_ms;
+                        for &m in &self.members {
+                            if !flight.accepts.contains(&m) {
+                                let msg = Message::Accept { ballot, slot, value: flight.value.clone() };
+                                out.push((m, Role::Acceptor, msg));
+                            }
+                        }
+                    }
+                }
+            }
+            Phase::Follower | Phase::Candidate { .. } => {
+                if now_ms >= self.election_deadline_ms {
+                    self.start_election(now_ms, first_unchosen, out);
+                }
+            }
+        }
+    }
+
+    /// Phase 1a: a ballot above everything seen, sent to every acceptor (this one included).
+    pub fn start_election(&mut self, now_ms: u64, first_unchosen: u64, out: &mut Vec<Outgoing>) {
+        self.ballot = Ballot { round: self.max_seen.round + 1, node: self.me };
+        self.max_seen = self.ballot;
+        self.phase = Phase::Candidate { promises: BTreeMap::new(), first_slot: first_unchosen };
+        self.leader = None;
+        self.in_flight.clear();
+        self.reset_election_timer(now_ms);
+        let prepare = Message::Prepare { ballot: self.ballot, first_slot: first_unchosen };
+        self.broadcast(Role::Acceptor, &prepare, out);
+    }
+
+    /// Phase 1b answer. When a majority promised, this proposer becomes leader and re-proposes
+    /// every open slot (highest-ballot accepted value, or a no-op for a gap). `known_chosen`
+    /// lists slots the local learner already knows chosen (not proposed again), and
+    /// `highest_chosen` the highest of them.
+    pub fn on_promise(
+        &mut self,
+        src: NodeId,
+        ballot: Ballot,
+        accepted: Vec<(u64, Ballot, Value)>,
+        now_ms: u64,
+        is_chosen: &dyn Fn(u64) -> bool,
+        highest_chosen: Option<u64>,
+        out: &mut Vec<Outgoing>,
+    ) -> bool {
+        if ballot != self.ballot {
+            return false;
+        }
+        let Phase::Candidate { promises, first_slot } = &mut self.phase else { return false };
+        promises.insert(src, accepted);
+        if promises.len() < self.members.len() / 2 + 1 {
+            return false;
+        }
+        let first_slot = *first_slot;
+        // Reference: "Paxos Made Simple" §2.2 (P2c): per slot, the value of the highest ballot.
+        let mut adopted: BTreeMap<u64, (Ballot, Value)> = BTreeMap::new();
+        for (slot, b, value) in promises.values().flatten() {
+            if *slot < first_slot {
+                continue;
+            }
+            let higher = adopted.get(slot).is_none_or(|(have, _)| have < b);
+            if higher {
+                adopted.insert(*slot, (*b, value.clone()));
+            }
+        }
+        let last_open = adopted.keys().next_back().copied();
+        let end = [last_open, highest_chosen].into_iter().flatten().max().map_or(first_slot, |s| (s + 1).max(first_slot));
+        self.phase = Phase::Leader;
+        self.leader = Some((self.me, self.ballot));
+        self.in_flight.clear();
+        self.next_heartbeat_ms = now_ms;
+        for slot in first_slot..end {
+            if is_chosen(slot) {
+                continue;
+            }
+            // Reference: "Paxos Made Simple" §3: gaps are filled with no-ops.
+            let value = adopted.remove(&slot).map_or(Value::Noop, |(_, v)| v);
+            self.propose(slot, value, now_ms, out);
+        }
+        self.next_slot = end;
+        true
+    }
+
+    fn propose(&mut self, slot: u64, value: Value, now_ms: u64, out: &mut Vec<Outgoing>) {
+        let msg = Message::Accept { ballot: self.ballot, slot, value: value.clone() };
+        self.broadcast(Role::Acceptor, &msg, out);
+        self.in_flight.insert(slot, InFlight { value, accepts: BTreeSet::new(), sent_ms: now_ms });
+    }
+
+    /// Phase 2b answer. Returns the slot and value once a majority accepted them: chosen.
+    pub fn on_accepted(&mut self, src: NodeId, ballot: Ballot, slot: u64) -> Option<(u64, Value)> {
+        if !self.is_leader() || ballot != self.ballot {
+            return None;
+        }
+        let quorum = self.quorum();
+        let flight = self.in_flight.get_mut(&slot)?;
+        flight.accepts.insert(src);
+        if flight.accepts.len() < quorum {
+            return None;
+        }
+        self.in_flight.remove(&slot).map(|f| (slot, f.value))
+    }
+
+    /// An acceptor promised a higher ballot than ours: step down and back off.
+    pub fn on_nack(&mut self, ballot: Ballot, promised: Ballot, now_ms: u64) -> bool {
+        if promised > self.max_seen {
+            self.max_seen = promised;
+        }
+        if ballot != self.ballot || promised <= self.ballot || self.phase == Phase::Follower {
+            return false;
+        }
+        self.step_down(now_ms);
+        true
+    }
+
+    fn step_down(&mut self, now_ms: u64) {
+        self.phase = Phase::Follower;
+        self.leader = None;
+        self.in_flight.clear();
+        self.queue.clear();
+        self.reset_election_timer(now_ms);
+    }
+
+    /// A leader's heartbeat: follow it if its ballot is not below what we know. Returns true
+    /// when it was accepted (the election timer was reset).
+    pub fn on_heartbeat(&mut self, src: NodeId, ballot: Ballot, now_ms: u64) -> bool {
+        if ballot < self.max_seen && self.leader.is_none_or(|(_, b)| ballot < b) {
+            return false;
+        }
+        if ballot > self.max_seen {
+            self.max_seen = ballot;
+        }
+        if self.phase != Phase::Follower && ballot > self.ballot {
+            self.step_down(now_ms);
+        }
+        if self.phase == Phase::Follower {
+            self.leader = Some((src, ballot));
+            self.reset_election_timer(now_ms);
+        }
+        true
+    }
+
+    /// Notes a ballot seen in a prepare or accept, so the next election goes above it.
+    pub fn observe(&mut self, ballot: Ballot) {
+        if ballot > self.max_seen {
+            self.max_seen = ballot;
+        }
+    }
+
+    /// Queues client commands at the leader. Returns the commands that did not fit.
+    pub fn enqueue(&mut self, commands: Vec<ClientCommand>) -> Vec<ClientCommand> {
+        let mut refused = Vec::new();
+        for cmd in commands {
+            if self.queue.len() >= QUEUE_COMMANDS_MAX {
+                refused.push(cmd);
+            } else {
+                self.queue.push_back(cmd);
+            }
+        }
+        refused
+    }
+
+    /// Proposes queued commands in batches while the window has room.
+    pub fn flush(&mut self, now_ms: u64, out: &mut Vec<Outgoing>) {
+        if !self.is_leader() {
+            return;
+        }
+        while !self.queue.is_empty() && self.in_flight.len() < WINDOW_SLOTS_MAX {
+            let mut batch = Vec::new();
+            let mut bytes = 0usize;
+            while let Some(cmd) = self.queue.front() {
+                let size = command_bytes(cmd);
+                if !batch.is_empty() && (batch.len() >= BATCH_COMMANDS_MAX || bytes + size > BATCH_BYTES_MAX) {
+                    break;
+                }
+                bytes += size;
+                if let Some(cmd) = self.queue.pop_front() {
+                    batch.push(cmd);
+                }
+            }
+            let slot = self.next_slot;
+            self.next_slot += 1;
+            self.propose(slot, Value::Batch(batch), now_ms, out);
+        }
+    }
+
+    /// Moves past slots a learner learned from elsewhere (never propose into a chosen slot).
+    pub fn note_chosen(&mut self, slot: u64) {
+        self.in_flight.remove(&slot);
+        if self.next_slot <= slot {
+            self.next_slot = slot + 1;
+        }
+    }
+}
+
+/// Approximate size of a command, for batch bounds.
+pub fn command_bytes(cmd: &ClientCommand) -> usize {
+    32 + match &cmd.command {
+        crate::types::Command::Put(k, v) => k.len() + v.len(),
+        crate::types::Command::Get(k) | crate::types::Command::Delete(k) => k.len(),
+    }
+}

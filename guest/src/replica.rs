@@ -1,0 +1,499 @@
+//! One replica: the three Paxos roles and the state machine behind one sans-IO `step`.
+//!
+//! Events go in (client requests, peer messages, ticks), effects come out (messages, replies,
+//! records to persist, log lines), in the style of raft-rs's `Ready`. Messages a role sends to
+//! its own replica are delivered within the same step without leaving the guest; that is safe
+//! because the host makes every `persist` of a step durable before any `send` or `reply` of it.
+//!
+//! Requests from this host's clients are kept in `pending` until the command is applied: the
+//! leader proposes them, a follower forwards them to the leader it knows (and again, whenever
+//! the leader changes or a resend interval passes). Retries are harmless because the state
+//! machine deduplicates by `(client, seq)`.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use crate::acceptor::Acceptor;
+use crate::kv::Kv;
+use crate::learner::Learner;
+use crate::message::{self, Ballot, ClientCommand, DecodeError, Message, Record, Value};
+use crate::proposer::{Outgoing, Phase, Proposer};
+use crate::types::{Command, Config, Effect, Envelope, Event, NodeId, Outcome, Request, Role};
+
+/// The guest build's version, reported by `status`.
+pub const GUEST_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// Longest key accepted, in bytes.
+pub const KEY_BYTES_MAX: usize = 1024;
+/// Largest value accepted, in bytes.
+pub const VALUE_BYTES_MAX: usize = 1024 * 1024;
+/// Bound on this replica's own requests waiting to be applied.
+pub const PENDING_MAX: usize = 20_000;
+/// A pending request not yet applied is sent to the leader again after this long.
+pub const PENDING_RESEND_MS: u64 = 1_000;
+/// A pending request is given up after this long (the host's caller is long gone).
+pub const PENDING_EXPIRE_MS: u64 = 60_000;
+/// A learner behind the leader asks for missing slots at most this often.
+pub const CATCHUP_INTERVAL_MS: u64 = 100;
+/// Slots per catch-up answer.
+pub const CATCHUP_SLOTS_MAX: usize = 256;
+/// With test hooks on, a put of this key makes the guest trap.
+pub const TEST_TRAP_KEY: &str = "__waxos_test_trap__";
+/// With test hooks on, a put of this key makes the guest loop forever.
+pub const TEST_LOOP_KEY: &str = "__waxos_test_loop__";
+
+/// A request of this host's, waiting for its command to be applied.
+#[derive(Clone, Debug)]
+struct Pending {
+    command: ClientCommand,
+    submitted_ms: u64,
+    sent_ms: u64,
+}
+
+/// Everything a snapshot holds (format version 1).
+#[derive(Serialize, Deserialize)]
+struct SnapshotState {
+    promised: Ballot,
+    accepted: BTreeMap<u64, (Ballot, Value)>,
+    chosen: BTreeMap<u64, Value>,
+    next_apply: u64,
+    kv: Kv,
+}
+
+/// A replica.
+#[derive(Debug)]
+pub struct Replica {
+    config: Config,
+    now_ms: u64,
+    started: bool,
+    /// The acceptor role.
+    pub acceptor: Acceptor,
+    /// The proposer role.
+    pub proposer: Proposer,
+    /// The learner role and state machine.
+    pub learner: Learner,
+    pending: BTreeMap<u64, Pending>,
+    to_forward: Vec<ClientCommand>,
+    to_announce: Vec<(u64, Value)>,
+    local: VecDeque<(Role, Message)>,
+    effects: Vec<Effect>,
+    last_catchup_ms: Option<u64>,
+}
+
+impl Replica {
+    /// Starts from an optional snapshot and the records persisted after it.
+    pub fn start(config: Config, snapshot: Option<&[u8]>, wal: &[Vec<u8>]) -> Result<Self, String> {
+        if !config.members.contains(&config.me) {
+            return Err(format!("node {} is not in the roster {:?}", config.me, config.members));
+        }
+        let mut replica = Replica {
+            proposer: Proposer::new(config.me, config.members.clone(), config.seed, 0),
+            config,
+            now_ms: 0,
+            started: false,
+            acceptor: Acceptor::default(),
+            learner: Learner::default(),
+            pending: BTreeMap::new(),
+            to_forward: Vec::new(),
+            to_announce: Vec::new(),
+            local: VecDeque::new(),
+            effects: Vec::new(),
+            last_catchup_ms: None,
+        };
+        if let Some(bytes) = snapshot {
+            let state: SnapshotState =
+                message::decode(bytes).map_err(|e| format!("snapshot refused: {e}"))?;
+            replica.acceptor.promised = state.promised;
+            replica.acceptor.accepted = state.accepted;
+            replica.learner.chosen = state.chosen;
+            replica.learner.next_apply = state.next_apply;
+            replica.learner.kv = state.kv;
+            replica.learner.kv.rebuild_index();
+        }
+        for (i, bytes) in wal.iter().enumerate() {
+            let record: Record = message::decode(bytes).map_err(|e| format!("WAL record {i} refused: {e}"))?;
+            replica.acceptor.restore(&record);
+            if let Record::Chosen { slot, value } = record {
+                replica.learner.learn(slot, value);
+            }
+        }
+        replica.learner.apply_ready();
+        replica.proposer.observe(replica.acceptor.promised);
+        if let Some(slot) = replica.learner.highest_chosen() {
+            replica.proposer.note_chosen(slot);
+        }
+        replica.log(format!(
+            "started: promised {}, {} accepted slots, applied up to {}, {} keys",
+            replica.acceptor.promised,
+            replica.acceptor.accepted.len(),
+            replica.learner.next_apply,
+            replica.learner.kv.data.len()
+        ));
+        Ok(replica)
+    }
+
+    /// Everything durable, versioned.
+    pub fn snapshot(&self) -> Vec<u8> {
+        message::encode(&SnapshotState {
+            promised: self.acceptor.promised,
+            accepted: self.acceptor.accepted.clone(),
+            chosen: self.learner.chosen.clone(),
+            next_apply: self.learner.next_apply,
+            kv: self.learner.kv.clone(),
+        })
+    }
+
+    /// Takes the effects produced so far (start-up logs).
+    pub fn take_effects(&mut self) -> Vec<Effect> {
+        std::mem::take(&mut self.effects)
+    }
+
+    /// One step: handle `events` in order, then run timers and propose what is queued.
+    pub fn step(&mut self, now_ms: u64, events: Vec<Event>) -> Vec<Effect> {
+        self.now_ms = self.now_ms.max(now_ms);
+        if !self.started {
+            // The first deadline counts from the first step, not from whenever the host's clock
+            // started: a restarted replica must not disturb a healthy leader at once.
+            self.started = true;
+            self.proposer = Proposer::new(self.config.me, self.config.members.clone(), self.config.seed, self.now_ms);
+            self.proposer.observe(self.acceptor.promised);
+            if let Some(slot) = self.learner.highest_chosen() {
+                self.proposer.note_chosen(slot);
+            }
+        }
+        for event in events {
+            match event {
+                Event::Request(request) => self.on_request(request),
+                Event::Message(envelope) => self.on_envelope(envelope),
+                Event::Tick => {}
+            }
+            self.drain_local();
+        }
+        let mut out = Vec::new();
+        self.proposer.on_time(self.now_ms, self.learner.next_apply, &mut out);
+        self.dispatch(out);
+        self.drain_local();
+        self.resend_pending();
+        let mut out = Vec::new();
+        self.proposer.flush(self.now_ms, &mut out);
+        self.dispatch(out);
+        self.drain_local();
+        self.flush_forward();
+        self.announce_chosen();
+        std::mem::take(&mut self.effects)
+    }
+
+    fn log(&mut self, line: String) {
+        self.effects.push(Effect::Log(line));
+    }
+
+    fn persist(&mut self, record: &Record) {
+        self.effects.push(Effect::Persist(message::encode(record)));
+    }
+
+    fn dispatch(&mut self, out: Vec<Outgoing>) {
+        for (dst, role, msg) in out {
+            self.send(dst, role, msg);
+        }
+    }
+
+    fn send(&mut self, dst: NodeId, role: Role, msg: Message) {
+        if dst == self.config.me {
+            self.local.push_back((role, msg));
+        } else {
+            let payload = message::encode(&msg);
+            self.effects.push(Effect::Send(Envelope { src: self.config.me, dst, role, payload }));
+        }
+    }
+
+    fn drain_local(&mut self) {
+        while let Some((role, msg)) = self.local.pop_front() {
+            self.handle(self.config.me, role, msg);
+        }
+    }
+
+    fn on_request(&mut self, request: Request) {
+        let key = request.command.key();
+        let problem = if key.is_empty() {
+            Some("key must not be empty".to_string())
+        } else if key.len() > KEY_BYTES_MAX {
+            Some(format!("key is {} bytes; the limit is {KEY_BYTES_MAX}", key.len()))
+        } else if let Command::Put(_, value) = &request.command {
+            (value.len() > VALUE_BYTES_MAX)
+                .then(|| format!("value is {} bytes; the limit is {VALUE_BYTES_MAX}", value.len()))
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            self.effects.push(Effect::Reply(request.id, Outcome::Rejected(problem)));
+            return;
+        }
+        if self.config.test_hooks {
+            if key == TEST_TRAP_KEY {
+                panic!("test hook: trap requested by key {TEST_TRAP_KEY}");
+            }
+            if key == TEST_LOOP_KEY {
+                #[allow(clippy::empty_loop)]
+                loop {}
+            }
+        }
+        if self.pending.len() >= PENDING_MAX {
+            let reason = format!("overloaded: {PENDING_MAX} requests already waiting at this replica");
+            self.effects.push(Effect::Reply(request.id, Outcome::Rejected(reason)));
+            return;
+        }
+        let command = ClientCommand {
+            origin: self.config.me,
+            request_id: request.id,
+            client: request.client,
+            seq: request.seq,
+            command: request.command,
+        };
+        self.pending.insert(
+            request.id,
+            Pending { command: command.clone(), submitted_ms: self.now_ms, sent_ms: self.now_ms },
+        );
+        self.route(command);
+    }
+
+    /// Hands a command of ours to the leader: queued here when we lead, forwarded when another
+    /// replica does, held in `pending` while no leader is known.
+    fn route(&mut self, command: ClientCommand) {
+        if self.proposer.is_leader() {
+            for refused in self.proposer.enqueue(vec![command]) {
+                self.pending.remove(&refused.request_id);
+                let reason = "overloaded: the leader's queue is full".to_string();
+                self.effects.push(Effect::Reply(refused.request_id, Outcome::Rejected(reason)));
+            }
+        } else if self.proposer.known_leader().is_some() {
+            self.to_forward.push(command);
+        }
+    }
+
+    fn flush_forward(&mut self) {
+        if self.to_forward.is_empty() {
+            return;
+        }
+        let commands = std::mem::take(&mut self.to_forward);
+        if let Some(leader) = self.proposer.known_leader() {
+            self.send(leader, Role::Proposer, Message::Forward { commands });
+            self.drain_local();
+        }
+    }
+
+    fn resend_pending(&mut self) {
+        let now = self.now_ms;
+        let expired: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| now >= p.submitted_ms + crate::replica::PENDING_EXPIRE_MS)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            self.pending.remove(&id);
+            let reason = "timed out waiting for a quorum".to_string();
+            self.effects.push(Effect::Reply(id, Outcome::Rejected(reason)));
+        }
+        let due: Vec<ClientCommand> = self
+            .pending
+            .values_mut()
+            .filter(|p| now >= p.sent_ms + PENDING_RESEND_MS)
+            .map(|p| {
+                p.sent_ms = now;
+                p.command.clone()
+            })
+            .collect();
+        for command in due {
+            self.route(command);
+        }
+    }
+
+    /// The leader changed: every pending request goes to the new one.
+    fn reroute_all_pending(&mut self) {
+        let now = self.now_ms;
+        let all: Vec<ClientCommand> = self
+            .pending
+            .values_mut()
+            .map(|p| {
+                p.sent_ms = now;
+                p.command.clone()
+            })
+            .collect();
+        for command in all {
+            self.route(command);
+        }
+    }
+
+    fn on_envelope(&mut self, envelope: Envelope) {
+        if envelope.dst != self.config.me {
+            self.log(format!("dropped a message for node {} (this is node {})", envelope.dst, self.config.me));
+            return;
+        }
+        if !self.config.members.contains(&envelope.src) || envelope.src == self.config.me {
+            self.log(format!("dropped a message from unknown node {}", envelope.src));
+            return;
+        }
+        let msg: Message = match message::decode(&envelope.payload) {
+            Ok(msg) => msg,
+            Err(e @ (DecodeError::Empty | DecodeError::Malformed(_) | DecodeError::NewerVersion(_))) => {
+                self.log(format!("dropped an undecodable message from node {}: {e}", envelope.src));
+                return;
+            }
+        };
+        if role_of(&msg) != envelope.role {
+            self.log(format!("dropped a message from node {} labelled for the wrong role", envelope.src));
+            return;
+        }
+        self.handle(envelope.src, envelope.role, msg);
+    }
+
+    fn handle(&mut self, src: NodeId, _role: Role, msg: Message) {
+        match msg {
+            Message::Prepare { ballot, first_slot } => {
+                self.proposer.observe(ballot);
+                let (reply, record) = self.acceptor.on_prepare(ballot, first_slot);
+                if let Some(record) = record {
+                    self.persist(&record);
+                }
+                self.send(src, Role::Proposer, reply);
+            }
+            Message::Accept { ballot, slot, value } => {
+                self.proposer.observe(ballot);
+                let (reply, record) = self.acceptor.on_accept(ballot, slot, value);
+                if let Some(record) = record {
+                    self.persist(&record);
+                }
+                self.send(src, Role::Proposer, reply);
+            }
+            Message::Promise { ballot, accepted } => {
+                let mut out = Vec::new();
+                let learner = &self.learner;
+                let is_chosen = |slot: u64| slot < learner.next_apply || learner.chosen.contains_key(&slot);
+                let highest = learner.highest_chosen();
+                let won = self.proposer.on_promise(src, ballot, accepted, self.now_ms, &is_chosen, highest, &mut out);
+                self.dispatch(out);
+                if won {
+                    self.log(format!("node {} leads with ballot {}", self.config.me, ballot));
+                    self.reroute_all_pending();
+                }
+            }
+            Message::Accepted { ballot, slot } => {
+                if let Some((slot, value)) = self.proposer.on_accepted(src, ballot, slot) {
+                    self.to_announce.push((slot, value.clone()));
+                    self.learn(slot, value);
+                }
+            }
+            Message::Nack { ballot, promised } => {
+                if self.proposer.on_nack(ballot, promised, self.now_ms) {
+                    self.log(format!("ballot {ballot} lost to {promised}: following"));
+                }
+            }
+            Message::Heartbeat { ballot, chosen_upto } => {
+                let before = self.proposer.known_leader();
+                if self.proposer.on_heartbeat(src, ballot, self.now_ms) {
+                    if before != Some(src) {
+                        self.log(format!("following node {src} (ballot {ballot})"));
+                        self.reroute_all_pending();
+                    }
+                    let due = self.last_catchup_ms.is_none_or(|t| self.now_ms >= t + CATCHUP_INTERVAL_MS);
+                    if chosen_upto > self.learner.next_apply && due {
+                        self.last_catchup_ms = Some(self.now_ms);
+                        self.send(src, Role::Learner, Message::CatchUp { from_slot: self.learner.next_apply });
+                    }
+                }
+            }
+            Message::Forward { commands } => {
+                if self.proposer.is_leader() {
+                    // What does not fit is dropped: its origin sends it again.
+                    let _ = self.proposer.enqueue(commands);
+                }
+            }
+            Message::Chosen { entries } => {
+                for (slot, value) in entries {
+                    self.learn(slot, value);
+                }
+            }
+            Message::CatchUp { from_slot } => {
+                let entries = self.learner.chosen_from(from_slot, CATCHUP_SLOTS_MAX);
+                if !entries.is_empty() {
+                    self.send(src, Role::Learner, Message::Chosen { entries });
+                }
+            }
+        }
+    }
+
+    /// Records a chosen value and applies what is now in order, answering our own requests.
+    fn learn(&mut self, slot: u64, value: Value) {
+        if !self.learner.learn(slot, value.clone()) {
+            return;
+        }
+        self.persist(&Record::Chosen { slot, value });
+        self.proposer.note_chosen(slot);
+        for (cmd, outcome) in self.learner.apply_ready() {
+            if cmd.origin != self.config.me {
+                continue;
+            }
+            let ours = self
+                .pending
+                .get(&cmd.request_id)
+                .is_some_and(|p| p.command.client == cmd.client && p.command.seq == cmd.seq);
+            if ours {
+                self.pending.remove(&cmd.request_id);
+                self.effects.push(Effect::Reply(cmd.request_id, outcome));
+            }
+        }
+    }
+
+    fn announce_chosen(&mut self) {
+        if self.to_announce.is_empty() {
+            return;
+        }
+        let entries = std::mem::take(&mut self.to_announce);
+        let msg = Message::Chosen { entries };
+        for &m in &self.config.members.clone() {
+            if m != self.config.me {
+                self.send(m, Role::Learner, msg.clone());
+            }
+        }
+    }
+
+    /// A JSON object describing this replica.
+    pub fn status(&self) -> String {
+        let role = match self.proposer.phase {
+            Phase::Leader => "leader",
+            Phase::Candidate { .. } => "candidate",
+            Phase::Follower => "follower",
+        };
+        let leader = self.proposer.known_leader().map_or("null".to_string(), |l| l.to_string());
+        format!(
+            "{{\"version\":\"{GUEST_VERSION}\",\"me\":{},\"role\":\"{role}\",\"leader\":{leader},\"ballot\":\"{}\",\"promised\":\"{}\",\"first_unchosen\":{},\"highest_chosen\":{},\"next_slot\":{},\"applied\":{},\"keys\":{},\"pending\":{}}}",
+            self.config.me,
+            self.proposer.max_seen,
+            self.acceptor.promised,
+            self.learner.next_apply,
+            self.learner.highest_chosen().map_or("null".to_string(), |s| s.to_string()),
+            self.proposer.next_slot,
+            self.learner.next_apply,
+            self.learner.kv.data.len(),
+            self.pending.len(),
+        )
+    }
+
+    /// This replica's config.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+}
+
+/// The role a message is addressed to (checked against the envelope's label).
+pub fn role_of(msg: &Message) -> Role {
+    match msg {
+        Message::Prepare { .. } | Message::Accept { .. } => Role::Acceptor,
+        Message::Promise { .. }
+        | Message::Accepted { .. }
+        | Message::Nack { .. }
+        | Message::Heartbeat { .. }
+        | Message::Forward { .. } => Role::Proposer,
+        Message::Chosen { .. } | Message::CatchUp { .. } => Role::Learner,
+    }
+}

@@ -1,0 +1,186 @@
+//! `waxosd <coordinator-port> <listen-port>`: one waxos replica host.
+//!
+//! # Layout
+//! - `runtime`: wasmtime — engine, compiled-guest cache, instances with deadlines and limits.
+//! - `step_loop`: the thread that owns the guest and the WAL; persist before send.
+//! - `storage`: the write-ahead log.
+//! - `peer`: host-to-host envelope streams and the `Peer` gRPC service.
+//! - `service`: the client-facing `KeyValue` and `Admin` gRPC services.
+//! - `bootstrap`: the roster, via the coordinator at start-up, persisted afterwards.
+
+mod bootstrap;
+mod peer;
+mod runtime;
+mod service;
+mod step_loop;
+mod storage;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use rand::RngExt;
+use waxos_proto::admin_server::AdminServer;
+use waxos_proto::key_value_server::KeyValueServer;
+use waxos_proto::peer_server::PeerServer;
+
+/// A waxos replica host: serves PUT/GET/DELETE over gRPC, agreeing with its peers through
+/// Multi-Paxos run by a WebAssembly guest.
+#[derive(Parser, Debug)]
+#[command(name = "waxosd", version)]
+struct Args {
+    /// Port of the coordinator host, which keeps the roster at start-up (the host whose listen
+    /// port this is becomes the coordinator).
+    coordinator_port: u16,
+    /// Port this host serves gRPC on (clients and peers).
+    listen_port: u16,
+    /// Address (name or IP) this host binds and advertises to its peers.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Address (name or IP) of the coordinator.
+    #[arg(long, default_value = "127.0.0.1")]
+    coordinator_host: String,
+    /// Where the WAL, the roster and the compiled-guest cache live [default: waxos-data/<listen-port>].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// How many replicas the cluster has (the coordinator waits for this many).
+    #[arg(long, default_value_t = 5)]
+    replicas: u32,
+    /// The guest component [default: the build under target/ of the repository].
+    #[arg(long)]
+    guest: Option<PathBuf>,
+    /// Failure injection: off, low or high.
+    #[arg(long, default_value = "off")]
+    chaos: String,
+    /// Enables test-only guest commands (a key that makes the guest trap, one that makes it loop).
+    #[arg(long, hide = true)]
+    test_hooks: bool,
+}
+
+/// Where `just build` puts the guest, relative to the repository root.
+const GUEST_BUILD_PATH: &str = "target/wasm32-wasip2/guest/waxos_guest.wasm";
+
+fn default_guest() -> PathBuf {
+    let from_cwd = PathBuf::from(GUEST_BUILD_PATH);
+    if from_cwd.exists() {
+        return from_cwd;
+    }
+    // Next to the binary: target/<profile>/waxosd -> target/wasm32-wasip2/guest/…
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.join("wasm32-wasip2/guest/waxos_guest.wasm")))
+        .filter(|p| p.exists())
+        .unwrap_or(from_cwd)
+}
+
+async fn resolve(host: &str, port: u16) -> anyhow::Result<SocketAddr> {
+    tokio::net::lookup_host((host, port))
+        .await
+        .with_context(|| format!("cannot resolve {host}"))?
+        .next()
+        .with_context(|| format!("{host} resolves to no address"))
+}
+
+#[tokio::main]
+async fn main() {
+    waxos_proto::logging::init("info");
+    let args = Args::parse();
+    if let Err(e) = run(args).await {
+        tracing::error!("waxosd stopped: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    if args.replicas == 0 || args.replicas > 64 {
+        bail!("--replicas must be between 1 and 64");
+    }
+    if args.chaos != "off" {
+        tracing::warn!("--chaos {} is not implemented yet; running without failure injection", args.chaos);
+    }
+    let data_dir = args.data_dir.clone().unwrap_or_else(|| Path::new("waxos-data").join(args.listen_port.to_string()));
+    let guest_path = args.guest.clone().unwrap_or_else(default_guest);
+    let listen = resolve(&args.host, args.listen_port).await?;
+    let my_address = format!("{}:{}", args.host, args.listen_port);
+    let is_coordinator = args.coordinator_port == args.listen_port;
+    let coordinator = (!is_coordinator).then(|| format!("{}:{}", args.coordinator_host, args.coordinator_port));
+
+    // Load the guest first: a missing or broken build should fail fast, before registering.
+    let runtime = Arc::new(runtime::Runtime::load(&guest_path, &data_dir.join("guest-cache"))?);
+    tracing::info!("guest {} loaded", guest_path.display());
+
+    let (handle, inputs) = step_loop::channel();
+    let registry = bootstrap::SharedRegistry::default();
+    let members = Arc::new(OnceLock::new());
+    let roster_cell = Arc::new(OnceLock::new());
+    let peer_service = peer::PeerService { step_loop: handle.clone(), registry: registry.clone(), members: members.clone() };
+    let kv_service = service::KeyValueService { step_loop: handle.clone(), replicas: args.replicas };
+    let admin_service = service::AdminService { step_loop: handle.clone(), roster: roster_cell.clone() };
+
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+    tracing::info!(
+        "waxosd listening on {listen} (coordinator {}, data {})",
+        coordinator.as_deref().unwrap_or("is this host"),
+        data_dir.display()
+    );
+    let server = tonic::transport::Server::builder()
+        .add_service(KeyValueServer::new(kv_service))
+        .add_service(
+            PeerServer::new(peer_service)
+                .max_decoding_message_size(peer::PEER_MESSAGE_BYTES_MAX)
+                .max_encoding_message_size(peer::PEER_MESSAGE_BYTES_MAX),
+        )
+        .add_service(AdminServer::new(admin_service))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown_signal());
+    let server = tokio::spawn(server);
+
+    let roster = tokio::select! {
+        roster = bootstrap::roster(&data_dir, &my_address, coordinator.as_deref(), args.replicas, &registry) => roster?,
+        _ = shutdown_signal() => return Ok(()),
+    };
+    let _ = members.set((roster.me, roster.ids()));
+    let _ = roster_cell.set(roster.clone());
+
+    let (wal, records) = storage::Wal::open(&data_dir.join("wal"))?;
+    let peers = peer::Peers::start(&roster);
+    let config = runtime::GuestConfig {
+        me: roster.me,
+        members: roster.ids(),
+        seed: rand::rng().random(),
+        test_hooks: args.test_hooks,
+    };
+    let step_loop = step_loop::StepLoop::new(runtime, config, wal, records, peers)?;
+    std::thread::Builder::new()
+        .name("step-loop".into())
+        .spawn(move || step_loop.run(inputs))
+        .context("starting the step loop thread")?;
+    step_loop::mark_ready(&handle);
+    tracing::info!("node {} serving as one of {} replicas", roster.me, roster.members.len());
+
+    match server.await {
+        Ok(Ok(())) => {
+            tracing::info!("waxosd stopped");
+            Ok(())
+        }
+        Ok(Err(e)) => Err(e).context("gRPC server failed"),
+        Err(e) => Err(e).context("gRPC server task failed"),
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,213 @@
+//! Host-to-host transport of Paxos envelopes, and the `Peer` gRPC service.
+//!
+//! Outbound: one task per peer owns one long-lived client stream (`Peer.Exchange`) to it, fed
+//! by a bounded queue; it batches what is queued into one gRPC message, and reconnects with
+//! exponential back-off when the stream breaks. A full queue drops envelopes: Paxos tolerates
+//! loss (the proposer re-sends), memory does not tolerate unbounded growth.
+//! Inbound: envelopes from a stream are checked (sender in the roster, addressed to us) and
+//! handed to the step loop; anything else is logged and dropped.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+use waxos_proto::peer_client::PeerClient;
+use waxos_proto::peer_server::Peer;
+use waxos_proto::{EnvelopeBatch, ExchangeClosed, RegisterRequest, RegisterResponse};
+
+use crate::bootstrap::{Roster, SharedRegistry};
+use crate::runtime::{Envelope, Role};
+use crate::step_loop::{Input, StepLoopHandle};
+
+/// Envelopes queued per peer before new ones are dropped.
+pub const PEER_QUEUE_ENVELOPES_MAX: usize = 8_192;
+/// Envelopes per gRPC message.
+pub const BATCH_ENVELOPES_MAX: usize = 512;
+/// Largest gRPC message between hosts.
+pub const PEER_MESSAGE_BYTES_MAX: usize = 64 << 20;
+/// Reconnect back-off bounds.
+const BACKOFF_MIN_MS: u64 = 50;
+const BACKOFF_MAX_MS: u64 = 1_000;
+
+/// Outbound queues, one per peer.
+#[derive(Clone)]
+pub struct Peers {
+    queues: HashMap<u32, mpsc::Sender<Envelope>>,
+}
+
+impl Peers {
+    /// Starts one sender task per other member of the roster.
+    pub fn start(roster: &Roster) -> Peers {
+        let mut queues = HashMap::new();
+        for (id, address) in &roster.members {
+            if *id == roster.me {
+                continue;
+            }
+            let (tx, rx) = mpsc::channel(PEER_QUEUE_ENVELOPES_MAX);
+            tokio::spawn(sender(roster.me, *id, address.clone(), rx));
+            queues.insert(*id, tx);
+        }
+        Peers { queues }
+    }
+
+    /// Queues an envelope for its destination; drops it (logged at debug) when that is not
+    /// possible.
+    pub fn send(&self, envelope: Envelope) {
+        match self.queues.get(&envelope.dst) {
+            Some(queue) => {
+                if queue.try_send(envelope).is_err() {
+                    tracing::debug!("peer queue full or closed: envelope dropped");
+                }
+            }
+            None => tracing::warn!("guest sent to unknown node {}: dropped", envelope.dst),
+        }
+    }
+}
+
+/// Keeps a stream open to one peer and feeds it.
+async fn sender(me: u32, peer: u32, address: String, mut queue: mpsc::Receiver<Envelope>) {
+    let mut backoff_ms = BACKOFF_MIN_MS;
+    let mut was_connected = true;
+    loop {
+        let endpoint = match tonic::transport::Endpoint::from_shared(format!("http://{address}")) {
+            Ok(e) => e.connect_timeout(Duration::from_millis(500)).tcp_nodelay(true),
+            Err(e) => {
+                tracing::error!("peer {peer}: bad address {address}: {e}");
+                return;
+            }
+        };
+        let channel = match endpoint.connect().await {
+            Ok(channel) => channel,
+            Err(e) => {
+                if was_connected {
+                    tracing::warn!("peer {peer} at {address} unreachable ({e}); retrying with back-off");
+                    was_connected = false;
+                }
+                // Drop what queued up meanwhile: stale Paxos messages are useless, and the
+                // proposer re-sends what matters.
+                while queue.try_recv().is_ok() {}
+                tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
+                backoff_ms = (backoff_ms * 2).min(BACKOFF_MAX_MS);
+                continue;
+            }
+        };
+        tracing::info!("peer {peer} at {address}: connected");
+        was_connected = true;
+        backoff_ms = BACKOFF_MIN_MS;
+        let mut client = PeerClient::new(channel)
+            .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX);
+        let (stream_tx, stream_rx) = mpsc::channel::<EnvelopeBatch>(16);
+        let mut call = tokio::spawn(async move { client.exchange(ReceiverStream::new(stream_rx)).await });
+        loop {
+            tokio::select! {
+                first = queue.recv() => {
+                    let Some(first) = first else { return };
+                    let mut envelopes = vec![to_proto(first)];
+                    while envelopes.len() < BATCH_ENVELOPES_MAX {
+                        match queue.try_recv() {
+                            Ok(e) => envelopes.push(to_proto(e)),
+                            Err(_) => break,
+                        }
+                    }
+                    if stream_tx.send(EnvelopeBatch { src: me, envelopes }).await.is_err() {
+                        break;
+                    }
+                }
+                ended = &mut call => {
+                    tracing::warn!("peer {peer} at {address}: stream ended ({:?}); reconnecting", ended.map(|r| r.err()));
+                    break;
+                }
+            }
+        }
+        call.abort();
+        tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
+    }
+}
+
+fn to_proto(e: Envelope) -> waxos_proto::Envelope {
+    let role = match e.role {
+        Role::Proposer => 0,
+        Role::Acceptor => 1,
+        Role::Learner => 2,
+    };
+    waxos_proto::Envelope { src: e.src, dst: e.dst, role, payload: e.payload }
+}
+
+fn from_proto(e: waxos_proto::Envelope) -> Option<Envelope> {
+    let role = match e.role {
+        0 => Role::Proposer,
+        1 => Role::Acceptor,
+        2 => Role::Learner,
+        _ => return None,
+    };
+    Some(Envelope { src: e.src, dst: e.dst, role, payload: e.payload })
+}
+
+/// The `Peer` gRPC service.
+pub struct PeerService {
+    /// Where envelopes go.
+    pub step_loop: StepLoopHandle,
+    /// The coordinator's registration book.
+    pub registry: SharedRegistry,
+    /// Members allowed to send (filled once the roster is known).
+    pub members: std::sync::Arc<std::sync::OnceLock<(u32, Vec<u32>)>>,
+}
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    async fn exchange(&self, request: Request<Streaming<EnvelopeBatch>>) -> Result<Response<ExchangeClosed>, Status> {
+        let remote = request.remote_addr();
+        let mut stream = request.into_inner();
+        let mut refused_logged = false;
+        while let Some(batch) = stream.next().await {
+            let batch = match batch {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::debug!("peer stream from {remote:?} ended: {e}");
+                    break;
+                }
+            };
+            let Some((me, members)) = self.members.get() else { continue };
+            if !members.contains(&batch.src) || batch.src == *me {
+                if !refused_logged {
+                    tracing::warn!("refused envelopes from unknown node {} at {remote:?}", batch.src);
+                    refused_logged = true;
+                }
+                continue;
+            }
+            for envelope in batch.envelopes {
+                if envelope.src != batch.src || envelope.dst != *me {
+                    tracing::warn!(
+                        "dropped an envelope {}->{} on a stream from node {}",
+                        envelope.src,
+                        envelope.dst,
+                        batch.src
+                    );
+                    continue;
+                }
+                match from_proto(envelope) {
+                    Some(e) => self.step_loop.offer(Input::Message(e)),
+                    None => tracing::warn!("dropped an envelope with an unknown role from node {}", batch.src),
+                }
+            }
+        }
+        Ok(Response::new(ExchangeClosed {}))
+    }
+
+    async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
+        let address = request.into_inner().address;
+        tracing::info!("request received op=register address={address}");
+        let answer = self
+            .registry
+            .lock()
+            .map_err(|_| Status::internal("registry lock poisoned"))?
+            .register(&address)
+            .map_err(Status::failed_precondition);
+        tracing::info!("response sent op=register address={address} ok={}", answer.is_ok());
+        answer.map(Response::new)
+    }
+}

@@ -1,0 +1,236 @@
+//! The client-facing gRPC services: `KeyValue` (PUT/GET/DELETE) and `Admin` (status).
+//!
+//! Each handler validates its input (bad input is `INVALID_ARGUMENT` and never reaches the
+//! guest), logs the request, hands it to the step loop, waits for the outcome until just before
+//! the caller's own gRPC deadline, and logs the response with its latency. When consensus does
+//! not answer in time (no quorum), the caller gets `UNAVAILABLE` with the reason rather than
+//! its own timeout.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+use tonic::{Request, Response, Status};
+use waxos_proto::admin_server::Admin;
+use waxos_proto::key_value_server::KeyValue;
+use waxos_proto::{
+    DeleteRequest, DeleteResponse, GetRequest, GetResponse, PutRequest, PutResponse, StatusRequest, StatusResponse,
+};
+
+use crate::bootstrap::Roster;
+use crate::runtime::{Command, Outcome};
+use crate::step_loop::{Input, StepLoopHandle};
+
+/// Longest key accepted, in bytes.
+pub const KEY_BYTES_MAX: usize = 1024;
+/// Largest value accepted, in bytes.
+pub const VALUE_BYTES_MAX: usize = 1024 * 1024;
+/// How long a request waits for consensus when the caller set no deadline.
+const DEFAULT_DEADLINE: Duration = Duration::from_secs(10);
+
+/// The `KeyValue` service.
+pub struct KeyValueService {
+    /// Where requests go.
+    pub step_loop: StepLoopHandle,
+    /// Replica count (for messages).
+    pub replicas: u32,
+}
+
+/// How a request is shown in the log: the key escaped and cut to 64 characters.
+fn show_key(key: &str) -> String {
+    let shown: String = key.escape_debug().take(64).collect();
+    if shown.len() < key.len() && key.len() > 64 {
+        format!("{shown}…")
+    } else {
+        shown
+    }
+}
+
+/// The caller's deadline from its `grpc-timeout` header, less a margin to answer in time.
+fn deadline_of<T>(request: &Request<T>) -> Duration {
+    let parsed = request.metadata().get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(|v| {
+        let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+        let n: u64 = digits.parse().ok()?;
+        Some(match unit {
+            "H" => Duration::from_secs(n * 3600),
+            "M" => Duration::from_secs(n * 60),
+            "S" => Duration::from_secs(n),
+            "m" => Duration::from_millis(n),
+            "u" => Duration::from_micros(n),
+            "n" => Duration::from_nanos(n),
+            _ => return None,
+        })
+    });
+    match parsed {
+        Some(d) => d.saturating_sub((d / 10).min(Duration::from_millis(200))),
+        None => DEFAULT_DEADLINE,
+    }
+}
+
+fn check_key(key: &str) -> Result<(), Status> {
+    if key.is_empty() {
+        return Err(Status::invalid_argument("key must not be empty"));
+    }
+    if key.len() > KEY_BYTES_MAX {
+        return Err(Status::invalid_argument(format!(
+            "key is {} bytes; the limit is {KEY_BYTES_MAX} bytes",
+            key.len()
+        )));
+    }
+    Ok(())
+}
+
+impl KeyValueService {
+    async fn submit(&self, command: Command, client: u64, seq: u64, deadline: Duration) -> Result<Outcome, Status> {
+        if !self.step_loop.ready.load(Ordering::Acquire) {
+            return Err(Status::unavailable("replica is starting: the cluster roster is not complete yet"));
+        }
+        let (reply, outcome) = oneshot::channel();
+        self.step_loop.offer(Input::Request { command, client, seq, reply });
+        match tokio::time::timeout(deadline, outcome).await {
+            Ok(Ok(outcome)) => Ok(outcome),
+            Ok(Err(_)) => Err(Status::unavailable("replica dropped the request (restarting); retry")),
+            Err(_) => Err(Status::unavailable(format!(
+                "no quorum: the request was not chosen within {} ms (is a majority of the {} replicas up?)",
+                deadline.as_millis(),
+                self.replicas
+            ))),
+        }
+    }
+}
+
+/// Maps outcomes a request cannot expect (or refusals) to a gRPC status.
+fn unexpected(outcome: Outcome) -> Status {
+    match outcome {
+        Outcome::Rejected(reason) if reason.starts_with("stale") => Status::aborted(reason),
+        Outcome::Rejected(reason) if reason.starts_with("key") || reason.starts_with("value") => {
+            Status::invalid_argument(reason)
+        }
+        Outcome::Rejected(reason) => Status::unavailable(reason),
+        Outcome::Redirect(Some(leader)) => Status::unavailable(format!("not the leader: try node {leader}")),
+        Outcome::Redirect(None) => Status::unavailable("no leader known yet; retry"),
+        other => Status::internal(format!("unexpected outcome {other:?}")),
+    }
+}
+
+fn log_response<T: std::fmt::Debug>(op: &str, key: &str, started: Instant, result: &Result<T, Status>) {
+    let latency_ms = started.elapsed().as_secs_f64() * 1e3;
+    match result {
+        Ok(r) => tracing::info!("response sent op={op} key={} outcome={r:?} latency_ms={latency_ms:.2}", show_key(key)),
+        Err(s) => tracing::info!(
+            "response sent op={op} key={} error={:?} message={:?} latency_ms={latency_ms:.2}",
+            show_key(key),
+            s.code(),
+            s.message()
+        ),
+    }
+}
+
+#[tonic::async_trait]
+impl KeyValue for KeyValueService {
+    async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let started = Instant::now();
+        let deadline = deadline_of(&request);
+        let r = request.into_inner();
+        tracing::info!(
+            "request received op=put key={} value_bytes={} client={:#x} seq={}",
+            show_key(&r.key),
+            r.value.len(),
+            r.client_id,
+            r.seq
+        );
+        let result = async {
+            check_key(&r.key)?;
+            if r.value.len() > VALUE_BYTES_MAX {
+                return Err(Status::invalid_argument(format!(
+                    "value is {} bytes; the limit is {VALUE_BYTES_MAX} bytes",
+                    r.value.len()
+                )));
+            }
+            match self.submit(Command::Put((r.key.clone(), r.value)), r.client_id, r.seq, deadline).await? {
+                Outcome::Done => Ok(PutResponse {}),
+                other => Err(unexpected(other)),
+            }
+        }
+        .await;
+        log_response("put", &r.key, started, &result);
+        result.map(Response::new)
+    }
+
+    async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        let started = Instant::now();
+        let deadline = deadline_of(&request);
+        let r = request.into_inner();
+        tracing::info!("request received op=get key={} client={:#x} seq={}", show_key(&r.key), r.client_id, r.seq);
+        let result = async {
+            check_key(&r.key)?;
+            match self.submit(Command::Get(r.key.clone()), r.client_id, r.seq, deadline).await? {
+                Outcome::Value(Some(value)) => Ok(GetResponse { found: true, value }),
+                Outcome::Value(None) => Ok(GetResponse { found: false, value: Vec::new() }),
+                other => Err(unexpected(other)),
+            }
+        }
+        .await;
+        let shown = result.as_ref().map(|g| if g.found { format!("found, {} bytes", g.value.len()) } else { "not found".into() })
+            .map_err(Clone::clone);
+        log_response("get", &r.key, started, &shown);
+        result.map(Response::new)
+    }
+
+    async fn delete(&self, request: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
+        let started = Instant::now();
+        let deadline = deadline_of(&request);
+        let r = request.into_inner();
+        tracing::info!("request received op=delete key={} client={:#x} seq={}", show_key(&r.key), r.client_id, r.seq);
+        let result = async {
+            check_key(&r.key)?;
+            match self.submit(Command::Delete(r.key.clone()), r.client_id, r.seq, deadline).await? {
+                Outcome::Removed(existed) => Ok(DeleteResponse { existed }),
+                other => Err(unexpected(other)),
+            }
+        }
+        .await;
+        log_response("delete", &r.key, started, &result);
+        result.map(Response::new)
+    }
+}
+
+/// The `Admin` service.
+pub struct AdminService {
+    /// Where status questions go.
+    pub step_loop: StepLoopHandle,
+    /// This host's roster, once known.
+    pub roster: Arc<std::sync::OnceLock<Roster>>,
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let started = Instant::now();
+        tracing::info!("request received op=status");
+        let roster = self.roster.get();
+        let (guest_status_json, guest_down) = if self.step_loop.ready.load(Ordering::Acquire) {
+            let (reply, answer) = oneshot::channel();
+            self.step_loop.offer(Input::Status(reply));
+            match tokio::time::timeout(Duration::from_secs(2), answer).await {
+                Ok(Ok(Ok(json))) => (json, false),
+                Ok(Ok(Err(reason))) => (format!("{{\"down\":{:?}}}", reason), true),
+                _ => ("{\"down\":\"no answer\"}".to_string(), true),
+            }
+        } else {
+            ("{\"starting\":true}".to_string(), true)
+        };
+        let response = StatusResponse {
+            node_id: roster.map_or(0, |r| r.me),
+            members: roster.map(Roster::to_proto).unwrap_or_default(),
+            guest_status_json,
+            guest_down,
+        };
+        tracing::info!(
+            "response sent op=status guest_down={guest_down} latency_ms={:.2}",
+            started.elapsed().as_secs_f64() * 1e3
+        );
+        Ok(Response::new(response))
+    }
+}

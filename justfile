@@ -1,0 +1,29 @@
+# waxos — run `just` to list recipes.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+guest_wasm := "target/wasm32-wasip2/guest/waxos_guest.wasm"
+
+# List recipes.
+default:
+    @just --list
+
+# Build the guest component, the host (waxosd) and the client (waxos), release.
+build:
+    cargo build --target wasm32-wasip2 --profile guest -p waxos-guest
+    cargo build --release -p waxos-host -p waxos-client
+
+# Start five hosts on 127.0.0.1:50051-50055 (50051 coordinates); Ctrl-C stops all five.
+cluster chaos="low": build
+    scripts/cluster.sh "{{chaos}}"
+
+# Everything: guest unit tests under wasmtime, host and client tests, real-process cluster tests.
+test: build
+    cargo test --release --target wasm32-wasip2 -p waxos-guest
+    cargo test --release -p waxos-host -p waxos-client -p waxos-proto -p wasm-runner
+
+# Format and lint (CI runs these too).
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --release --all-targets -p waxos-host -p waxos-client -p waxos-proto -p wasm-runner -- -D warnings
+    cargo clippy --release --target wasm32-wasip2 -p waxos-guest --all-targets -- -D warnings

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Starts five waxosd hosts on 127.0.0.1:50051..50055 (50051 is the coordinator), data under
+# .cluster/data/N, logs in .cluster/logs/N.log and a merged, prefixed view on this terminal.
+# Ctrl-C (or SIGTERM) stops all five.
+set -euo pipefail
+chaos="${1:-low}"
+cd "$(dirname "$0")/.."
+mkdir -p .cluster/logs .cluster/data
+pids=()
+stop() {
+  trap - INT TERM EXIT
+  echo "stopping the cluster..." >&2
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap stop INT TERM EXIT
+for n in 1 2 3 4 5; do
+  port=$((50050 + n))
+  ( ./target/release/waxosd 50051 "$port" --data-dir ".cluster/data/$n" --chaos "$chaos" 2>&1 \
+      | tee ".cluster/logs/$n.log" | sed -u "s/^/[$n] /" ) &
+  pids+=($!)
+done
+echo "five hosts starting on 127.0.0.1:50051-50055; try: ./target/release/waxos 127.0.0.1 50051 put hello world" >&2
+wait
