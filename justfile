@@ -20,10 +20,10 @@ cluster chaos="low": build
 # Everything: guest unit tests under wasmtime, host and client tests, real-process cluster tests.
 test: build
     cargo test --release --target wasm32-wasip2 -p waxos-guest
-    cargo test --release -p waxos-host -p waxos-client -p waxos-proto -p wasm-runner
+    cargo test --release -p waxos-host -p waxos-client -p waxos-proto
 
 # Format and lint (CI runs these too).
 lint:
     cargo fmt --all -- --check
-    cargo clippy --release --all-targets -p waxos-host -p waxos-client -p waxos-proto -p wasm-runner -- -D warnings
+    cargo clippy --release --all-targets -p waxos-host -p waxos-client -p waxos-proto -- -D warnings
     cargo clippy --release --target wasm32-wasip2 -p waxos-guest --all-targets -- -D warnings

@@ -1,0 +1,171 @@
+//! A deterministic in-memory network of replicas for protocol tests: no sockets, no clock.
+//! Time advances in 10 ms ticks; messages sent in one tick arrive in the next; nodes can be
+//! isolated or crashed (and restarted from the records they persisted).
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use waxos_guest::replica::Replica;
+use waxos_guest::types::{Command, Config, Effect, Envelope, Event, NodeId, Outcome, Request};
+
+pub const TICK_MS: u64 = 10;
+
+pub struct Sim {
+    pub nodes: BTreeMap<NodeId, Replica>,
+    pub now_ms: u64,
+    inbox: BTreeMap<NodeId, Vec<Event>>,
+    pub isolated: BTreeSet<NodeId>,
+    pub crashed: BTreeSet<NodeId>,
+    pub replies: BTreeMap<u64, Outcome>,
+    pub wal: BTreeMap<NodeId, Vec<Vec<u8>>>,
+    pub sent: usize,
+    next_id: u64,
+    seed: u64,
+}
+
+impl Sim {
+    pub fn new(n: u32, seed: u64) -> Sim {
+        let members: Vec<NodeId> = (1..=n).collect();
+        let mut nodes = BTreeMap::new();
+        for &me in &members {
+            let config = Config { me, members: members.clone(), seed, test_hooks: false };
+            nodes.insert(me, Replica::start(config, None, &[]).expect("start"));
+        }
+        Sim {
+            nodes,
+            now_ms: 1_000,
+            inbox: BTreeMap::new(),
+            isolated: BTreeSet::new(),
+            crashed: BTreeSet::new(),
+            replies: BTreeMap::new(),
+            wal: BTreeMap::new(),
+            sent: 0,
+            next_id: 1,
+            seed,
+        }
+    }
+
+    /// Queues a client request at `node`; returns its id.
+    pub fn request(&mut self, node: NodeId, client: u64, seq: u64, command: Command) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.inbox.entry(node).or_default().push(Event::Request(Request { id, client, seq, command }));
+        id
+    }
+
+    pub fn tick(&mut self) {
+        self.now_ms += TICK_MS;
+        let inbox = std::mem::take(&mut self.inbox);
+        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+        for id in ids {
+            if self.crashed.contains(&id) {
+                continue;
+            }
+            let mut events = inbox.get(&id).cloned().unwrap_or_default();
+            if events.is_empty() {
+                events.push(Event::Tick);
+            }
+            let effects = self.nodes.get_mut(&id).expect("node").step(self.now_ms, events);
+            self.carry_out(id, effects);
+        }
+    }
+
+    fn carry_out(&mut self, id: NodeId, effects: Vec<Effect>) {
+        for effect in effects {
+            match effect {
+                Effect::Persist(record) => self.wal.entry(id).or_default().push(record),
+                Effect::Send(envelope) => {
+                    self.sent += 1;
+                    if self.isolated.contains(&envelope.src) || self.isolated.contains(&envelope.dst) {
+                        continue;
+                    }
+                    if self.crashed.contains(&envelope.dst) {
+                        continue;
+                    }
+                    self.deliver(envelope);
+                }
+                Effect::Reply(request, outcome) => {
+                    self.replies.insert(request, outcome);
+                }
+                Effect::Log(_) => {}
+            }
+        }
+    }
+
+    pub fn deliver(&mut self, envelope: Envelope) {
+        self.inbox.entry(envelope.dst).or_default().push(Event::Message(envelope));
+    }
+
+    /// Advances time until `done` holds (true) or `max_ms` passes (false).
+    pub fn run_until(&mut self, max_ms: u64, mut done: impl FnMut(&Sim) -> bool) -> bool {
+        let end = self.now_ms + max_ms;
+        while self.now_ms < end {
+            if done(self) {
+                return true;
+            }
+            self.tick();
+        }
+        done(self)
+    }
+
+    pub fn run_for(&mut self, ms: u64) {
+        let end = self.now_ms + ms;
+        while self.now_ms < end {
+            self.tick();
+        }
+    }
+
+    /// Live leaders (not crashed, not isolated).
+    pub fn leaders(&self) -> Vec<NodeId> {
+        self.nodes
+            .iter()
+            .filter(|(id, r)| r.proposer.is_leader() && !self.crashed.contains(id) && !self.isolated.contains(id))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    pub fn wait_for_leader(&mut self) -> NodeId {
+        assert!(self.run_until(10_000, |s| s.leaders().len() == 1), "no single leader within 10 s");
+        self.leaders()[0]
+    }
+
+    /// Runs a request to completion and returns its outcome.
+    pub fn call(&mut self, node: NodeId, client: u64, seq: u64, command: Command) -> Outcome {
+        let id = self.request(node, client, seq, command);
+        assert!(self.run_until(10_000, |s| s.replies.contains_key(&id)), "request {id} at node {node} got no reply");
+        self.replies[&id].clone()
+    }
+
+    /// Crashes a node: its memory is gone; it restarts from what it persisted.
+    pub fn crash(&mut self, id: NodeId) {
+        self.crashed.insert(id);
+        self.inbox.remove(&id);
+    }
+
+    pub fn restart(&mut self, id: NodeId) {
+        let config = self.nodes[&id].config().clone();
+        let wal = self.wal.get(&id).cloned().unwrap_or_default();
+        self.nodes.insert(id, Replica::start(config, None, &wal).expect("restart from WAL"));
+        self.crashed.remove(&id);
+    }
+
+    pub fn value_at(&self, node: NodeId, key: &str) -> Option<Vec<u8>> {
+        self.nodes[&node].learner.kv.data.get(key).cloned()
+    }
+
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+}
+
+pub fn put(key: &str, value: &str) -> Command {
+    Command::Put(key.to_string(), value.as_bytes().to_vec())
+}
+
+pub fn get(key: &str) -> Command {
+    Command::Get(key.to_string())
+}
+
+pub fn delete(key: &str) -> Command {
+    Command::Delete(key.to_string())
+}

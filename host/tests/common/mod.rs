@@ -1,0 +1,180 @@
+//! Real-process test clusters: `waxosd` hosts on 127.0.0.1 with ephemeral ports and temporary
+//! data dirs, and the `waxos` client binary. Built by `just test` (release) before running.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use waxos_proto::key_value_client::KeyValueClient;
+
+/// target/<profile>/ — where the binaries of this build are.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent().and_then(Path::parent).expect("target/<profile>/deps/…").to_path_buf()
+}
+
+pub fn waxosd_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_waxosd"))
+}
+
+pub fn waxos_path() -> PathBuf {
+    let path = bin_dir().join("waxos");
+    assert!(path.exists(), "{} is missing: build it first (`just build`)", path.display());
+    path
+}
+
+pub fn guest_path() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf();
+    let path = root.join("target/wasm32-wasip2/guest/waxos_guest.wasm");
+    assert!(path.exists(), "{} is missing: build it first (`just build`)", path.display());
+    path
+}
+
+/// An unused TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local addr").port()
+}
+
+pub struct Host {
+    pub port: u16,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    pub child: Option<Child>,
+}
+
+pub struct Cluster {
+    pub hosts: Vec<Host>,
+    pub dir: tempfile::TempDir,
+    coordinator_port: u16,
+    extra_args: Vec<String>,
+}
+
+impl Cluster {
+    /// Starts `n` hosts and waits until a write succeeds through the first.
+    pub fn start(n: usize, extra_args: &[&str]) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let mut cluster = Cluster {
+            hosts: Vec::new(),
+            coordinator_port: ports[0],
+            dir,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+        };
+        for (i, port) in ports.iter().enumerate() {
+            let data_dir = cluster.dir.path().join(format!("data{}", i + 1));
+            let log = cluster.dir.path().join(format!("{}.log", i + 1));
+            cluster.hosts.push(Host { port: *port, data_dir, log, child: None });
+        }
+        for i in 0..n {
+            cluster.spawn(i);
+        }
+        cluster.wait_ready(0);
+        cluster
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let host = &mut self.hosts[i];
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&host.log).expect("log file");
+        let child = Command::new(waxosd_path())
+            .arg(self.coordinator_port.to_string())
+            .arg(host.port.to_string())
+            .arg("--data-dir")
+            .arg(&host.data_dir)
+            .arg("--guest")
+            .arg(guest_path())
+            .arg("--replicas")
+            .arg(self.hosts_len().to_string())
+            .args(&self.extra_args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn waxosd");
+        self.hosts[i].child = Some(child);
+    }
+
+    fn hosts_len(&self) -> usize {
+        self.hosts.len()
+    }
+
+    /// Waits until a write through host `i` succeeds (a leader is elected, the host serves).
+    pub fn wait_ready(&self, i: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = self.client(i, &["--timeout-ms", "1000", "put", "__ready__", "yes"]);
+            if out.status.code() == Some(0) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "host {i} not ready within 30 s: {}\nlog:\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                self.log_of(i)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Runs the `waxos` client against host `i`.
+    pub fn client(&self, i: usize, args: &[&str]) -> Output {
+        Command::new(waxos_path())
+            .arg("127.0.0.1")
+            .arg(self.hosts[i].port.to_string())
+            .args(args)
+            .env("RUST_LOG", "info")
+            .output()
+            .expect("run waxos")
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.hosts[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn restart(&mut self, i: usize) {
+        self.kill(i);
+        self.spawn(i);
+    }
+
+    /// Whether host `i`'s process is still running.
+    pub fn alive(&mut self, i: usize) -> bool {
+        match self.hosts[i].child.as_mut() {
+            Some(child) => child.try_wait().ok().flatten().is_none(),
+            None => false,
+        }
+    }
+
+    pub fn log_of(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.hosts[i].log).unwrap_or_default()
+    }
+
+    pub fn addr(&self, i: usize) -> String {
+        format!("http://127.0.0.1:{}", self.hosts[i].port)
+    }
+
+    /// A gRPC KeyValue client of host `i`.
+    pub async fn grpc(&self, i: usize) -> KeyValueClient<tonic::transport::Channel> {
+        KeyValueClient::connect(self.addr(i)).await.expect("connect")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.hosts.len() {
+            self.kill(i);
+        }
+    }
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).trim_end().to_string()
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
