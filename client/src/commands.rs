@@ -16,13 +16,17 @@ pub const EXIT_NOT_FOUND: i32 = 2;
 pub async fn run(args: Args) -> i32 {
     let mut session = Session::new(&args.host, args.port, args.timeout_ms);
     match args.command.clone() {
-        Some(Cmd::Put { key, value }) => single(&mut session, Op::Put(key, value.into_bytes())).await,
+        Some(Cmd::Put { key, value }) => {
+            single(&mut session, Op::Put(key, value.into_bytes())).await
+        }
         Some(Cmd::Get { key }) => single(&mut session, Op::Get(key)).await,
         Some(Cmd::Delete { key }) => single(&mut session, Op::Delete(key)).await,
         Some(Cmd::Demo) => demo(&mut session).await,
         Some(Cmd::Status) => status(&mut session, args.json).await,
         None => {
-            eprintln!("waxos: the interactive shell is not available yet; give a command (see --help)");
+            eprintln!(
+                "waxos: the interactive shell is not available yet; give a command (see --help)"
+            );
             EXIT_FAILURE
         }
     }
@@ -59,10 +63,16 @@ fn fail(op: &Op, e: &RequestError) -> i32 {
 async fn demo(session: &mut Session) -> i32 {
     let mut ops = Vec::new();
     for i in 1..=5 {
-        ops.push(("prepopulate", Op::Put(format!("demo:key{i}"), format!("value-{i}").into_bytes())));
+        ops.push((
+            "prepopulate",
+            Op::Put(format!("demo:key{i}"), format!("value-{i}").into_bytes()),
+        ));
     }
     for i in 1..=5 {
-        ops.push(("run", Op::Put(format!("demo:key{i}"), format!("updated-{i}").into_bytes())));
+        ops.push((
+            "run",
+            Op::Put(format!("demo:key{i}"), format!("updated-{i}").into_bytes()),
+        ));
     }
     for i in 1..=5 {
         ops.push(("run", Op::Get(format!("demo:key{i}"))));
@@ -88,11 +98,20 @@ async fn demo(session: &mut Session) -> i32 {
                     Reply::Deleted(true) => "deleted".to_string(),
                     Reply::Deleted(false) => "not found".to_string(),
                 };
-                tracing::info!("{phase} {} {} -> {outcome} ({ms:.2} ms, via {})", op.name(), op.key(), session.server());
+                tracing::info!(
+                    "{phase} {} {} -> {outcome} ({ms:.2} ms, via {})",
+                    op.name(),
+                    op.key(),
+                    session.server()
+                );
             }
             Err(e) => {
                 failed += 1;
-                tracing::error!("{phase} {} {} -> FAILED: {e} ({ms:.2} ms)", op.name(), op.key());
+                tracing::error!(
+                    "{phase} {} {} -> FAILED: {e} ({ms:.2} ms)",
+                    op.name(),
+                    op.key()
+                );
             }
         }
     }
@@ -128,7 +147,9 @@ async fn status(session: &mut Session, json: bool) -> i32 {
                     serde_json::from_str(&s.guest_status_json).unwrap_or(serde_json::Value::Null);
                 serde_json::json!({"id": m.id, "address": m.address, "up": !s.guest_down, "guest": guest})
             }
-            Err(e) => serde_json::json!({"id": m.id, "address": m.address, "up": false, "error": e.message()}),
+            Err(e) => {
+                serde_json::json!({"id": m.id, "address": m.address, "up": false, "error": e.message()})
+            }
         };
         rows.push(row);
     }
@@ -151,7 +172,11 @@ async fn status(session: &mut Session, json: bool) -> i32 {
             "{:<4} {:<22} {:<5} {:<10} {:<8} {:>10} {:>10} {:>8} {:<8}",
             text(&r["id"]),
             text(&r["address"]),
-            if r["up"].as_bool() == Some(true) { "up" } else { "down" },
+            if r["up"].as_bool() == Some(true) {
+                "up"
+            } else {
+                "down"
+            },
             text(&g["role"]),
             text(&g["ballot"]),
             text(&g["highest_chosen"]),

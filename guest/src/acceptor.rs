@@ -22,7 +22,13 @@ impl Acceptor {
     /// the record to persist (none when nothing changed).
     pub fn on_prepare(&mut self, ballot: Ballot, first_slot: u64) -> (Message, Option<Record>) {
         if ballot < self.promised {
-            return (Message::Nack { ballot, promised: self.promised }, None);
+            return (
+                Message::Nack {
+                    ballot,
+                    promised: self.promised,
+                },
+                None,
+            );
         }
         let record = (ballot > self.promised).then_some(Record::Promised(ballot));
         self.promised = ballot;
@@ -35,12 +41,27 @@ impl Acceptor {
     }
 
     /// Phase 2b: accept `value` at `slot` unless a higher ballot was promised.
-    pub fn on_accept(&mut self, ballot: Ballot, slot: u64, value: Value) -> (Message, Option<Record>) {
+    pub fn on_accept(
+        &mut self,
+        ballot: Ballot,
+        slot: u64,
+        value: Value,
+    ) -> (Message, Option<Record>) {
         if ballot < self.promised {
-            return (Message::Nack { ballot, promised: self.promised }, None);
+            return (
+                Message::Nack {
+                    ballot,
+                    promised: self.promised,
+                },
+                None,
+            );
         }
         self.promised = ballot;
-        let record = Record::Accepted { slot, ballot, value: value.clone() };
+        let record = Record::Accepted {
+            slot,
+            ballot,
+            value: value.clone(),
+        };
         self.accepted.insert(slot, (ballot, value));
         (Message::Accepted { ballot, slot }, Some(record))
     }
@@ -49,7 +70,11 @@ impl Acceptor {
     pub fn restore(&mut self, record: &Record) {
         match record {
             Record::Promised(b) => self.promised = self.promised.max(*b),
-            Record::Accepted { slot, ballot, value } => {
+            Record::Accepted {
+                slot,
+                ballot,
+                value,
+            } => {
                 self.promised = self.promised.max(*ballot);
                 let newer = self.accepted.get(slot).is_none_or(|(b, _)| b <= ballot);
                 if newer {

@@ -39,13 +39,20 @@ impl Learner {
         while let Some(value) = self.chosen.get(&self.next_apply) {
             if let Value::Batch(commands) = value {
                 for cmd in commands {
-                    let outcome = self.kv.apply(self.next_apply, cmd.client, cmd.seq, &cmd.command);
+                    let outcome = self
+                        .kv
+                        .apply(self.next_apply, cmd.client, cmd.seq, &cmd.command);
                     applied.push((cmd.clone(), outcome));
                 }
             }
             self.next_apply += 1;
         }
         applied
+    }
+
+    /// Whether `slot` is known chosen.
+    pub fn is_chosen(&self, slot: u64) -> bool {
+        slot < self.next_apply || self.chosen.contains_key(&slot)
     }
 
     /// The highest slot known chosen, if any.
@@ -55,6 +62,10 @@ impl Learner {
 
     /// Chosen values from `from_slot` on, at most `max` of them (for catch-up).
     pub fn chosen_from(&self, from_slot: u64, max: usize) -> Vec<(u64, Value)> {
-        self.chosen.range(from_slot..self.next_apply).take(max).map(|(s, v)| (*s, v.clone())).collect()
+        self.chosen
+            .range(from_slot..self.next_apply)
+            .take(max)
+            .map(|(s, v)| (*s, v.clone()))
+            .collect()
     }
 }

@@ -12,7 +12,9 @@ use crate::types::{Command, NodeId};
 pub const FORMAT_VERSION: u8 = 1;
 
 /// A Paxos ballot: totally ordered by `(round, node)`, so two proposers never share one.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct Ballot {
     /// Increases with every election attempt.
     pub round: u64,

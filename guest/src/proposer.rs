@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+use crate::learner::Learner;
 use crate::message::{Ballot, ClientCommand, Message, Value};
 use crate::rng::Rng;
 use crate::types::{NodeId, Role};
@@ -91,7 +92,8 @@ impl Proposer {
     /// A follower with no leader yet; its first election deadline is randomized from `now_ms`.
     pub fn new(me: NodeId, members: Vec<NodeId>, seed: u64, now_ms: u64) -> Self {
         let mut rng = Rng::new(seed ^ (u64::from(me) << 32));
-        let election_deadline_ms = now_ms + rng.range(ELECTION_TIMEOUT_MIN_MS, ELECTION_TIMEOUT_MAX_MS);
+        let election_deadline_ms =
+            now_ms + rng.range(ELECTION_TIMEOUT_MIN_MS, ELECTION_TIMEOUT_MAX_MS);
         Proposer {
             me,
             members,
@@ -124,7 +126,10 @@ impl Proposer {
     }
 
     fn reset_election_timer(&mut self, now_ms: u64) {
-        self.election_deadline_ms = now_ms + self.rng.range(ELECTION_TIMEOUT_MIN_MS, ELECTION_TIMEOUT_MAX_MS);
+        self.election_deadline_ms = now_ms
+            + self
+                .rng
+                .range(ELECTION_TIMEOUT_MIN_MS, ELECTION_TIMEOUT_MAX_MS);
     }
 
     fn broadcast(&self, role: Role, message: &Message, out: &mut Vec<Outgoing>) {
@@ -141,7 +146,10 @@ impl Proposer {
             Phase::Leader => {
                 if now_ms >= self.next_heartbeat_ms {
                     self.next_heartbeat_ms = now_ms + HEARTBEAT_INTERVAL_MS;
-                    let hb = Message::Heartbeat { ballot: self.ballot, chosen_upto: first_unchosen };
+                    let hb = Message::Heartbeat {
+                        ballot: self.ballot,
+                        chosen_upto: first_unchosen,
+                    };
                     for &m in &self.members {
                         if m != self.me {
                             out.push((m, Role::Proposer, hb.clone()));
@@ -154,7 +162,11 @@ impl Proposer {
                         flight.sent_ms = now_ms;
                         for &m in &self.members {
                             if !flight.accepts.contains(&m) {
-                                let msg = Message::Accept { ballot, slot, value: flight.value.clone() };
+                                let msg = Message::Accept {
+                                    ballot,
+                                    slot,
+                                    value: flight.value.clone(),
+                                };
                                 out.push((m, Role::Acceptor, msg));
                             }
                         }
@@ -171,34 +183,47 @@ impl Proposer {
 
     /// Phase 1a: a ballot above everything seen, sent to every acceptor (this one included).
     pub fn start_election(&mut self, now_ms: u64, first_unchosen: u64, out: &mut Vec<Outgoing>) {
-        self.ballot = Ballot { round: self.max_seen.round + 1, node: self.me };
+        self.ballot = Ballot {
+            round: self.max_seen.round + 1,
+            node: self.me,
+        };
         self.max_seen = self.ballot;
-        self.phase = Phase::Candidate { promises: BTreeMap::new(), first_slot: first_unchosen };
+        self.phase = Phase::Candidate {
+            promises: BTreeMap::new(),
+            first_slot: first_unchosen,
+        };
         self.leader = None;
         self.in_flight.clear();
         self.reset_election_timer(now_ms);
-        let prepare = Message::Prepare { ballot: self.ballot, first_slot: first_unchosen };
+        let prepare = Message::Prepare {
+            ballot: self.ballot,
+            first_slot: first_unchosen,
+        };
         self.broadcast(Role::Acceptor, &prepare, out);
     }
 
     /// Phase 1b answer. When a majority promised, this proposer becomes leader and re-proposes
-    /// every open slot (highest-ballot accepted value, or a no-op for a gap). `known_chosen`
-    /// lists slots the local learner already knows chosen (not proposed again), and
-    /// `highest_chosen` the highest of them.
+    /// every open slot (highest-ballot accepted value, or a no-op for a gap); slots the local
+    /// `learner` already knows chosen are not proposed again.
     pub fn on_promise(
         &mut self,
         src: NodeId,
         ballot: Ballot,
         accepted: Vec<(u64, Ballot, Value)>,
         now_ms: u64,
-        is_chosen: &dyn Fn(u64) -> bool,
-        highest_chosen: Option<u64>,
+        learner: &Learner,
         out: &mut Vec<Outgoing>,
     ) -> bool {
         if ballot != self.ballot {
             return false;
         }
-        let Phase::Candidate { promises, first_slot } = &mut self.phase else { return false };
+        let Phase::Candidate {
+            promises,
+            first_slot,
+        } = &mut self.phase
+        else {
+            return false;
+        };
         promises.insert(src, accepted);
         if promises.len() < self.members.len() / 2 + 1 {
             return false;
@@ -216,13 +241,17 @@ impl Proposer {
             }
         }
         let last_open = adopted.keys().next_back().copied();
-        let end = [last_open, highest_chosen].into_iter().flatten().max().map_or(first_slot, |s| (s + 1).max(first_slot));
+        let end = [last_open, learner.highest_chosen()]
+            .into_iter()
+            .flatten()
+            .max()
+            .map_or(first_slot, |s| (s + 1).max(first_slot));
         self.phase = Phase::Leader;
         self.leader = Some((self.me, self.ballot));
         self.in_flight.clear();
         self.next_heartbeat_ms = now_ms;
         for slot in first_slot..end {
-            if is_chosen(slot) {
+            if learner.is_chosen(slot) {
                 continue;
             }
             // Reference: "Paxos Made Simple" §3: gaps are filled with no-ops.
@@ -234,9 +263,20 @@ impl Proposer {
     }
 
     fn propose(&mut self, slot: u64, value: Value, now_ms: u64, out: &mut Vec<Outgoing>) {
-        let msg = Message::Accept { ballot: self.ballot, slot, value: value.clone() };
+        let msg = Message::Accept {
+            ballot: self.ballot,
+            slot,
+            value: value.clone(),
+        };
         self.broadcast(Role::Acceptor, &msg, out);
-        self.in_flight.insert(slot, InFlight { value, accepts: BTreeSet::new(), sent_ms: now_ms });
+        self.in_flight.insert(
+            slot,
+            InFlight {
+                value,
+                accepts: BTreeSet::new(),
+                sent_ms: now_ms,
+            },
+        );
     }
 
     /// Phase 2b answer. Returns the slot and value once a majority accepted them: chosen.
@@ -322,7 +362,9 @@ impl Proposer {
             let mut bytes = 0usize;
             while let Some(cmd) = self.queue.front() {
                 let size = command_bytes(cmd);
-                if !batch.is_empty() && (batch.len() >= BATCH_COMMANDS_MAX || bytes + size > BATCH_BYTES_MAX) {
+                if !batch.is_empty()
+                    && (batch.len() >= BATCH_COMMANDS_MAX || bytes + size > BATCH_BYTES_MAX)
+                {
                     break;
                 }
                 bytes += size;

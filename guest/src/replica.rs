@@ -84,7 +84,10 @@ impl Replica {
     /// Starts from an optional snapshot and the records persisted after it.
     pub fn start(config: Config, snapshot: Option<&[u8]>, wal: &[Vec<u8>]) -> Result<Self, String> {
         if !config.members.contains(&config.me) {
-            return Err(format!("node {} is not in the roster {:?}", config.me, config.members));
+            return Err(format!(
+                "node {} is not in the roster {:?}",
+                config.me, config.members
+            ));
         }
         let mut replica = Replica {
             proposer: Proposer::new(config.me, config.members.clone(), config.seed, 0),
@@ -111,7 +114,8 @@ impl Replica {
             replica.learner.kv.rebuild_index();
         }
         for (i, bytes) in wal.iter().enumerate() {
-            let record: Record = message::decode(bytes).map_err(|e| format!("WAL record {i} refused: {e}"))?;
+            let record: Record =
+                message::decode(bytes).map_err(|e| format!("WAL record {i} refused: {e}"))?;
             replica.acceptor.restore(&record);
             if let Record::Chosen { slot, value } = record {
                 replica.learner.learn(slot, value);
@@ -155,7 +159,12 @@ impl Replica {
             // The first deadline counts from the first step, not from whenever the host's clock
             // started: a restarted replica must not disturb a healthy leader at once.
             self.started = true;
-            self.proposer = Proposer::new(self.config.me, self.config.members.clone(), self.config.seed, self.now_ms);
+            self.proposer = Proposer::new(
+                self.config.me,
+                self.config.members.clone(),
+                self.config.seed,
+                self.now_ms,
+            );
             self.proposer.observe(self.acceptor.promised);
             if let Some(slot) = self.learner.highest_chosen() {
                 self.proposer.note_chosen(slot);
@@ -170,7 +179,8 @@ impl Replica {
             self.drain_local();
         }
         let mut out = Vec::new();
-        self.proposer.on_time(self.now_ms, self.learner.next_apply, &mut out);
+        self.proposer
+            .on_time(self.now_ms, self.learner.next_apply, &mut out);
         self.dispatch(out);
         self.drain_local();
         self.resend_pending();
@@ -202,7 +212,12 @@ impl Replica {
             self.local.push_back((role, msg));
         } else {
             let payload = message::encode(&msg);
-            self.effects.push(Effect::Send(Envelope { src: self.config.me, dst, role, payload }));
+            self.effects.push(Effect::Send(Envelope {
+                src: self.config.me,
+                dst,
+                role,
+                payload,
+            }));
         }
     }
 
@@ -217,15 +232,23 @@ impl Replica {
         let problem = if key.is_empty() {
             Some("key must not be empty".to_string())
         } else if key.len() > KEY_BYTES_MAX {
-            Some(format!("key is {} bytes; the limit is {KEY_BYTES_MAX}", key.len()))
+            Some(format!(
+                "key is {} bytes; the limit is {KEY_BYTES_MAX}",
+                key.len()
+            ))
         } else if let Command::Put(_, value) = &request.command {
-            (value.len() > VALUE_BYTES_MAX)
-                .then(|| format!("value is {} bytes; the limit is {VALUE_BYTES_MAX}", value.len()))
+            (value.len() > VALUE_BYTES_MAX).then(|| {
+                format!(
+                    "value is {} bytes; the limit is {VALUE_BYTES_MAX}",
+                    value.len()
+                )
+            })
         } else {
             None
         };
         if let Some(problem) = problem {
-            self.effects.push(Effect::Reply(request.id, Outcome::Rejected(problem)));
+            self.effects
+                .push(Effect::Reply(request.id, Outcome::Rejected(problem)));
             return;
         }
         if self.config.test_hooks {
@@ -238,8 +261,10 @@ impl Replica {
             }
         }
         if self.pending.len() >= PENDING_MAX {
-            let reason = format!("overloaded: {PENDING_MAX} requests already waiting at this replica");
-            self.effects.push(Effect::Reply(request.id, Outcome::Rejected(reason)));
+            let reason =
+                format!("overloaded: {PENDING_MAX} requests already waiting at this replica");
+            self.effects
+                .push(Effect::Reply(request.id, Outcome::Rejected(reason)));
             return;
         }
         let command = ClientCommand {
@@ -251,7 +276,11 @@ impl Replica {
         };
         self.pending.insert(
             request.id,
-            Pending { command: command.clone(), submitted_ms: self.now_ms, sent_ms: self.now_ms },
+            Pending {
+                command: command.clone(),
+                submitted_ms: self.now_ms,
+                sent_ms: self.now_ms,
+            },
         );
         self.route(command);
     }
@@ -263,7 +292,8 @@ impl Replica {
             for refused in self.proposer.enqueue(vec![command]) {
                 self.pending.remove(&refused.request_id);
                 let reason = "overloaded: the leader's queue is full".to_string();
-                self.effects.push(Effect::Reply(refused.request_id, Outcome::Rejected(reason)));
+                self.effects
+                    .push(Effect::Reply(refused.request_id, Outcome::Rejected(reason)));
             }
         } else if self.proposer.known_leader().is_some() {
             self.to_forward.push(command);
@@ -292,7 +322,8 @@ impl Replica {
         for id in expired {
             self.pending.remove(&id);
             let reason = "timed out waiting for a quorum".to_string();
-            self.effects.push(Effect::Reply(id, Outcome::Rejected(reason)));
+            self.effects
+                .push(Effect::Reply(id, Outcome::Rejected(reason)));
         }
         let due: Vec<ClientCommand> = self
             .pending
@@ -326,22 +357,36 @@ impl Replica {
 
     fn on_envelope(&mut self, envelope: Envelope) {
         if envelope.dst != self.config.me {
-            self.log(format!("dropped a message for node {} (this is node {})", envelope.dst, self.config.me));
+            self.log(format!(
+                "dropped a message for node {} (this is node {})",
+                envelope.dst, self.config.me
+            ));
             return;
         }
         if !self.config.members.contains(&envelope.src) || envelope.src == self.config.me {
-            self.log(format!("dropped a message from unknown node {}", envelope.src));
+            self.log(format!(
+                "dropped a message from unknown node {}",
+                envelope.src
+            ));
             return;
         }
         let msg: Message = match message::decode(&envelope.payload) {
             Ok(msg) => msg,
-            Err(e @ (DecodeError::Empty | DecodeError::Malformed(_) | DecodeError::NewerVersion(_))) => {
-                self.log(format!("dropped an undecodable message from node {}: {e}", envelope.src));
+            Err(
+                e @ (DecodeError::Empty | DecodeError::Malformed(_) | DecodeError::NewerVersion(_)),
+            ) => {
+                self.log(format!(
+                    "dropped an undecodable message from node {}: {e}",
+                    envelope.src
+                ));
                 return;
             }
         };
         if role_of(&msg) != envelope.role {
-            self.log(format!("dropped a message from node {} labelled for the wrong role", envelope.src));
+            self.log(format!(
+                "dropped a message from node {} labelled for the wrong role",
+                envelope.src
+            ));
             return;
         }
         self.handle(envelope.src, envelope.role, msg);
@@ -357,7 +402,11 @@ impl Replica {
                 }
                 self.send(src, Role::Proposer, reply);
             }
-            Message::Accept { ballot, slot, value } => {
+            Message::Accept {
+                ballot,
+                slot,
+                value,
+            } => {
                 self.proposer.observe(ballot);
                 let (reply, record) = self.acceptor.on_accept(ballot, slot, value);
                 if let Some(record) = record {
@@ -367,13 +416,20 @@ impl Replica {
             }
             Message::Promise { ballot, accepted } => {
                 let mut out = Vec::new();
-                let learner = &self.learner;
-                let is_chosen = |slot: u64| slot < learner.next_apply || learner.chosen.contains_key(&slot);
-                let highest = learner.highest_chosen();
-                let won = self.proposer.on_promise(src, ballot, accepted, self.now_ms, &is_chosen, highest, &mut out);
+                let won = self.proposer.on_promise(
+                    src,
+                    ballot,
+                    accepted,
+                    self.now_ms,
+                    &self.learner,
+                    &mut out,
+                );
                 self.dispatch(out);
                 if won {
-                    self.log(format!("node {} leads with ballot {}", self.config.me, ballot));
+                    self.log(format!(
+                        "node {} leads with ballot {}",
+                        self.config.me, ballot
+                    ));
                     self.reroute_all_pending();
                 }
             }
@@ -388,17 +444,28 @@ impl Replica {
                     self.log(format!("ballot {ballot} lost to {promised}: following"));
                 }
             }
-            Message::Heartbeat { ballot, chosen_upto } => {
+            Message::Heartbeat {
+                ballot,
+                chosen_upto,
+            } => {
                 let before = self.proposer.known_leader();
                 if self.proposer.on_heartbeat(src, ballot, self.now_ms) {
                     if before != Some(src) {
                         self.log(format!("following node {src} (ballot {ballot})"));
                         self.reroute_all_pending();
                     }
-                    let due = self.last_catchup_ms.is_none_or(|t| self.now_ms >= t + CATCHUP_INTERVAL_MS);
+                    let due = self
+                        .last_catchup_ms
+                        .is_none_or(|t| self.now_ms >= t + CATCHUP_INTERVAL_MS);
                     if chosen_upto > self.learner.next_apply && due {
                         self.last_catchup_ms = Some(self.now_ms);
-                        self.send(src, Role::Learner, Message::CatchUp { from_slot: self.learner.next_apply });
+                        self.send(
+                            src,
+                            Role::Learner,
+                            Message::CatchUp {
+                                from_slot: self.learner.next_apply,
+                            },
+                        );
                     }
                 }
             }
@@ -464,7 +531,10 @@ impl Replica {
             Phase::Candidate { .. } => "candidate",
             Phase::Follower => "follower",
         };
-        let leader = self.proposer.known_leader().map_or("null".to_string(), |l| l.to_string());
+        let leader = self
+            .proposer
+            .known_leader()
+            .map_or("null".to_string(), |l| l.to_string());
         format!(
             "{{\"version\":\"{GUEST_VERSION}\",\"me\":{},\"role\":\"{role}\",\"leader\":{leader},\"ballot\":\"{}\",\"promised\":\"{}\",\"first_unchosen\":{},\"highest_chosen\":{},\"next_slot\":{},\"applied\":{},\"keys\":{},\"pending\":{}}}",
             self.config.me,

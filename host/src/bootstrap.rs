@@ -33,7 +33,13 @@ impl Roster {
 
     /// As gRPC members.
     pub fn to_proto(&self) -> Vec<Member> {
-        self.members.iter().map(|(id, address)| Member { id: *id, address: address.clone() }).collect()
+        self.members
+            .iter()
+            .map(|(id, address)| Member {
+                id: *id,
+                address: address.clone(),
+            })
+            .collect()
     }
 
     fn path(data_dir: &Path) -> PathBuf {
@@ -48,23 +54,37 @@ impl Roster {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
-        let value: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+        let value: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", path.display()))?;
         let me = value["me"].as_u64().and_then(|v| u32::try_from(v).ok());
         let members = value["members"].as_array().map(|ms| {
             ms.iter()
-                .filter_map(|m| Some((u32::try_from(m["id"].as_u64()?).ok()?, m["address"].as_str()?.to_string())))
+                .filter_map(|m| {
+                    Some((
+                        u32::try_from(m["id"].as_u64()?).ok()?,
+                        m["address"].as_str()?.to_string(),
+                    ))
+                })
                 .collect::<Vec<_>>()
         });
         match (me, members) {
-            (Some(me), Some(members)) if members.iter().any(|(id, _)| *id == me) => Ok(Some(Roster { me, members })),
-            _ => bail!("{} is not a valid roster (delete it to register again)", path.display()),
+            (Some(me), Some(members)) if members.iter().any(|(id, _)| *id == me) => {
+                Ok(Some(Roster { me, members }))
+            }
+            _ => bail!(
+                "{} is not a valid roster (delete it to register again)",
+                path.display()
+            ),
         }
     }
 
     /// Writes the roster atomically (temp file, fsync, rename, fsync of the directory).
     pub fn save(&self, data_dir: &Path) -> anyhow::Result<()> {
-        let members: Vec<_> = self.members.iter().map(|(id, a)| json!({"id": id, "address": a})).collect();
+        let members: Vec<_> = self
+            .members
+            .iter()
+            .map(|(id, a)| json!({"id": id, "address": a}))
+            .collect();
         let text = serde_json::to_string_pretty(&json!({"me": self.me, "members": members}))?;
         write_atomically(&Self::path(data_dir), text.as_bytes())
     }
@@ -76,7 +96,8 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let dir = path.parent().context("path has no parent directory")?;
     std::fs::create_dir_all(dir)?;
     let tmp = path.with_extension("tmp");
-    let mut file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let mut file =
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     file.write_all(bytes)?;
     file.sync_all()?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
@@ -106,17 +127,31 @@ impl Registry {
             Some((id, _)) => *id,
             None => {
                 if self.members.len() as u32 >= self.replicas {
-                    return Err(format!("the roster is full ({} replicas); {address} is not a member", self.replicas));
+                    return Err(format!(
+                        "the roster is full ({} replicas); {address} is not a member",
+                        self.replicas
+                    ));
                 }
                 let id = self.members.len() as u32 + 1;
                 self.members.push((id, address.to_string()));
-                tracing::info!("registered {address} as node {id} ({}/{})", self.members.len(), self.replicas);
+                tracing::info!(
+                    "registered {address} as node {id} ({}/{})",
+                    self.members.len(),
+                    self.replicas
+                );
                 id
             }
         };
         Ok(RegisterResponse {
             assigned_id: id,
-            members: self.members.iter().map(|(id, a)| Member { id: *id, address: a.clone() }).collect(),
+            members: self
+                .members
+                .iter()
+                .map(|(id, a)| Member {
+                    id: *id,
+                    address: a.clone(),
+                })
+                .collect(),
             replicas: self.replicas,
         })
     }
@@ -131,7 +166,12 @@ pub async fn roster(
     registry: &SharedRegistry,
 ) -> anyhow::Result<Roster> {
     if let Some(roster) = Roster::load(data_dir)? {
-        tracing::info!("roster from {}: node {} of {:?}", data_dir.display(), roster.me, roster.ids());
+        tracing::info!(
+            "roster from {}: node {} of {:?}",
+            data_dir.display(),
+            roster.me,
+            roster.ids()
+        );
         if let Ok(mut reg) = registry.lock() {
             reg.members = roster.members.clone();
             reg.replicas = roster.members.len() as u32;
@@ -141,16 +181,23 @@ pub async fn roster(
     let roster = match coordinator_address {
         None => {
             {
-                let mut reg = registry.lock().map_err(|_| anyhow::anyhow!("registry lock poisoned"))?;
+                let mut reg = registry
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("registry lock poisoned"))?;
                 reg.replicas = replicas;
                 reg.register(my_address).map_err(anyhow::Error::msg)?;
             }
             tracing::info!("coordinating: waiting for {replicas} replicas to register");
             loop {
                 {
-                    let reg = registry.lock().map_err(|_| anyhow::anyhow!("registry lock poisoned"))?;
+                    let reg = registry
+                        .lock()
+                        .map_err(|_| anyhow::anyhow!("registry lock poisoned"))?;
                     if reg.members.len() as u32 >= replicas {
-                        break Roster { me: 1, members: reg.members.clone() };
+                        break Roster {
+                            me: 1,
+                            members: reg.members.clone(),
+                        };
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -163,30 +210,46 @@ pub async fn roster(
     Ok(roster)
 }
 
-async fn register_with(coordinator: &str, my_address: &str, replicas: u32) -> anyhow::Result<Roster> {
+async fn register_with(
+    coordinator: &str,
+    my_address: &str,
+    replicas: u32,
+) -> anyhow::Result<Roster> {
     let mut logged_wait = false;
     loop {
         let answer = async {
             let mut client = PeerClient::connect(format!("http://{coordinator}")).await?;
-            let request = RegisterRequest { address: my_address.to_string(), replicas };
+            let request = RegisterRequest {
+                address: my_address.to_string(),
+                replicas,
+            };
             anyhow::Ok(client.register(request).await?.into_inner())
         }
         .await;
         match answer {
             Ok(r) if r.members.len() as u32 >= r.replicas && r.replicas > 0 => {
                 let members = r.members.into_iter().map(|m| (m.id, m.address)).collect();
-                return Ok(Roster { me: r.assigned_id, members });
+                return Ok(Roster {
+                    me: r.assigned_id,
+                    members,
+                });
             }
             Ok(r) => {
                 if !logged_wait {
-                    tracing::info!("registered with {coordinator} as node {}; waiting for the roster", r.assigned_id);
+                    tracing::info!(
+                        "registered with {coordinator} as node {}; waiting for the roster",
+                        r.assigned_id
+                    );
                     logged_wait = true;
                 }
             }
             Err(e) => {
                 if let Some(status) = e.downcast_ref::<tonic::Status>() {
                     if status.code() == tonic::Code::FailedPrecondition {
-                        bail!("coordinator {coordinator} refused registration: {}", status.message());
+                        bail!(
+                            "coordinator {coordinator} refused registration: {}",
+                            status.message()
+                        );
                     }
                 }
                 tracing::debug!("coordinator {coordinator} not reachable yet: {e}");

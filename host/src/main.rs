@@ -70,7 +70,13 @@ fn default_guest() -> PathBuf {
     // Next to the binary: target/<profile>/waxosd -> target/wasm32-wasip2/guest/…
     std::env::current_exe()
         .ok()
-        .and_then(|exe| Some(exe.parent()?.parent()?.join("wasm32-wasip2/guest/waxos_guest.wasm")))
+        .and_then(|exe| {
+            Some(
+                exe.parent()?
+                    .parent()?
+                    .join("wasm32-wasip2/guest/waxos_guest.wasm"),
+            )
+        })
         .filter(|p| p.exists())
         .unwrap_or(from_cwd)
 }
@@ -98,28 +104,50 @@ async fn run(args: Args) -> anyhow::Result<()> {
         bail!("--replicas must be between 1 and 64");
     }
     if args.chaos != "off" {
-        tracing::warn!("--chaos {} is not implemented yet; running without failure injection", args.chaos);
+        tracing::warn!(
+            "--chaos {} is not implemented yet; running without failure injection",
+            args.chaos
+        );
     }
-    let data_dir = args.data_dir.clone().unwrap_or_else(|| Path::new("waxos-data").join(args.listen_port.to_string()));
+    let data_dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| Path::new("waxos-data").join(args.listen_port.to_string()));
     let guest_path = args.guest.clone().unwrap_or_else(default_guest);
     let listen = resolve(&args.host, args.listen_port).await?;
     let my_address = format!("{}:{}", args.host, args.listen_port);
     let is_coordinator = args.coordinator_port == args.listen_port;
-    let coordinator = (!is_coordinator).then(|| format!("{}:{}", args.coordinator_host, args.coordinator_port));
+    let coordinator =
+        (!is_coordinator).then(|| format!("{}:{}", args.coordinator_host, args.coordinator_port));
 
     // Load the guest first: a missing or broken build should fail fast, before registering.
-    let runtime = Arc::new(runtime::Runtime::load(&guest_path, &data_dir.join("guest-cache"))?);
+    let runtime = Arc::new(runtime::Runtime::load(
+        &guest_path,
+        &data_dir.join("guest-cache"),
+    )?);
     tracing::info!("guest {} loaded", guest_path.display());
 
     let (handle, inputs) = step_loop::channel();
     let registry = bootstrap::SharedRegistry::default();
     let members = Arc::new(OnceLock::new());
     let roster_cell = Arc::new(OnceLock::new());
-    let peer_service = peer::PeerService { step_loop: handle.clone(), registry: registry.clone(), members: members.clone() };
-    let kv_service = service::KeyValueService { step_loop: handle.clone(), replicas: args.replicas };
-    let admin_service = service::AdminService { step_loop: handle.clone(), roster: roster_cell.clone() };
+    let peer_service = peer::PeerService {
+        step_loop: handle.clone(),
+        registry: registry.clone(),
+        members: members.clone(),
+    };
+    let kv_service = service::KeyValueService {
+        step_loop: handle.clone(),
+        replicas: args.replicas,
+    };
+    let admin_service = service::AdminService {
+        step_loop: handle.clone(),
+        roster: roster_cell.clone(),
+    };
 
-    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
     tracing::info!(
         "waxosd listening on {listen} (coordinator {}, data {})",
         coordinator.as_deref().unwrap_or("is this host"),
@@ -133,7 +161,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .max_encoding_message_size(peer::PEER_MESSAGE_BYTES_MAX),
         )
         .add_service(AdminServer::new(admin_service))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown_signal());
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown_signal(),
+        );
     let server = tokio::spawn(server);
 
     let roster = tokio::select! {
@@ -157,7 +188,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .spawn(move || step_loop.run(inputs))
         .context("starting the step loop thread")?;
     step_loop::mark_ready(&handle);
-    tracing::info!("node {} serving as one of {} replicas", roster.me, roster.members.len());
+    tracing::info!(
+        "node {} serving as one of {} replicas",
+        roster.me,
+        roster.members.len()
+    );
 
     match server.await {
         Ok(Ok(())) => {
@@ -174,7 +209,9 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        if let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
             tokio::select! {
                 _ = ctrl_c => {}
                 _ = term.recv() => {}

@@ -73,7 +73,9 @@ async fn sender(me: u32, peer: u32, address: String, mut queue: mpsc::Receiver<E
     let mut was_connected = true;
     loop {
         let endpoint = match tonic::transport::Endpoint::from_shared(format!("http://{address}")) {
-            Ok(e) => e.connect_timeout(Duration::from_millis(500)).tcp_nodelay(true),
+            Ok(e) => e
+                .connect_timeout(Duration::from_millis(500))
+                .tcp_nodelay(true),
             Err(e) => {
                 tracing::error!("peer {peer}: bad address {address}: {e}");
                 return;
@@ -83,7 +85,9 @@ async fn sender(me: u32, peer: u32, address: String, mut queue: mpsc::Receiver<E
             Ok(channel) => channel,
             Err(e) => {
                 if was_connected {
-                    tracing::warn!("peer {peer} at {address} unreachable ({e}); retrying with back-off");
+                    tracing::warn!(
+                        "peer {peer} at {address} unreachable ({e}); retrying with back-off"
+                    );
                     was_connected = false;
                 }
                 // Drop what queued up meanwhile: stale Paxos messages are useless, and the
@@ -101,7 +105,8 @@ async fn sender(me: u32, peer: u32, address: String, mut queue: mpsc::Receiver<E
             .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
             .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX);
         let (stream_tx, stream_rx) = mpsc::channel::<EnvelopeBatch>(16);
-        let mut call = tokio::spawn(async move { client.exchange(ReceiverStream::new(stream_rx)).await });
+        let mut call =
+            tokio::spawn(async move { client.exchange(ReceiverStream::new(stream_rx)).await });
         loop {
             tokio::select! {
                 first = queue.recv() => {
@@ -134,7 +139,12 @@ fn to_proto(e: Envelope) -> waxos_proto::Envelope {
         Role::Acceptor => 1,
         Role::Learner => 2,
     };
-    waxos_proto::Envelope { src: e.src, dst: e.dst, role, payload: e.payload }
+    waxos_proto::Envelope {
+        src: e.src,
+        dst: e.dst,
+        role,
+        payload: e.payload,
+    }
 }
 
 fn from_proto(e: waxos_proto::Envelope) -> Option<Envelope> {
@@ -144,7 +154,12 @@ fn from_proto(e: waxos_proto::Envelope) -> Option<Envelope> {
         2 => Role::Learner,
         _ => return None,
     };
-    Some(Envelope { src: e.src, dst: e.dst, role, payload: e.payload })
+    Some(Envelope {
+        src: e.src,
+        dst: e.dst,
+        role,
+        payload: e.payload,
+    })
 }
 
 /// The `Peer` gRPC service.
@@ -159,7 +174,10 @@ pub struct PeerService {
 
 #[tonic::async_trait]
 impl Peer for PeerService {
-    async fn exchange(&self, request: Request<Streaming<EnvelopeBatch>>) -> Result<Response<ExchangeClosed>, Status> {
+    async fn exchange(
+        &self,
+        request: Request<Streaming<EnvelopeBatch>>,
+    ) -> Result<Response<ExchangeClosed>, Status> {
         let remote = request.remote_addr();
         let mut stream = request.into_inner();
         let mut refused_logged = false;
@@ -171,10 +189,15 @@ impl Peer for PeerService {
                     break;
                 }
             };
-            let Some((me, members)) = self.members.get() else { continue };
+            let Some((me, members)) = self.members.get() else {
+                continue;
+            };
             if !members.contains(&batch.src) || batch.src == *me {
                 if !refused_logged {
-                    tracing::warn!("refused envelopes from unknown node {} at {remote:?}", batch.src);
+                    tracing::warn!(
+                        "refused envelopes from unknown node {} at {remote:?}",
+                        batch.src
+                    );
                     refused_logged = true;
                 }
                 continue;
@@ -191,14 +214,20 @@ impl Peer for PeerService {
                 }
                 match from_proto(envelope) {
                     Some(e) => self.step_loop.offer(Input::Message(e)),
-                    None => tracing::warn!("dropped an envelope with an unknown role from node {}", batch.src),
+                    None => tracing::warn!(
+                        "dropped an envelope with an unknown role from node {}",
+                        batch.src
+                    ),
                 }
             }
         }
         Ok(Response::new(ExchangeClosed {}))
     }
 
-    async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
+    async fn register(
+        &self,
+        request: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterResponse>, Status> {
         let address = request.into_inner().address;
         tracing::info!("request received op=register address={address}");
         let answer = self
@@ -207,7 +236,10 @@ impl Peer for PeerService {
             .map_err(|_| Status::internal("registry lock poisoned"))?
             .register(&address)
             .map_err(Status::failed_precondition);
-        tracing::info!("response sent op=register address={address} ok={}", answer.is_ok());
+        tracing::info!(
+            "response sent op=register address={address} ok={}",
+            answer.is_ok()
+        );
         answer.map(Response::new)
     }
 }

@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use crate::peer::Peers;
-use crate::runtime::{Command, Effect, Event, Guest, GuestConfig, GuestCrash, Outcome, Request, Runtime};
+use crate::runtime::{
+    Command, Effect, Event, Guest, GuestConfig, GuestCrash, Outcome, Request, Runtime,
+};
 use crate::storage::Wal;
 
 /// The guest is stepped at least this often (its timers: heartbeats, elections, re-sends).
@@ -64,13 +66,19 @@ impl StepLoopHandle {
         match self.tx.try_send(input) {
             Ok(()) => {}
             Err(TrySendError::Full(Input::Request { reply, .. })) => {
-                let _ = reply.send(Outcome::Rejected("overloaded: the replica's input queue is full".into()));
+                let _ = reply.send(Outcome::Rejected(
+                    "overloaded: the replica's input queue is full".into(),
+                ));
             }
             Err(TrySendError::Full(Input::Status(reply))) => {
                 let _ = reply.send(Err("overloaded".into()));
             }
-            Err(TrySendError::Full(Input::Message(_))) => tracing::debug!("input queue full: envelope dropped"),
-            Err(TrySendError::Disconnected(_)) => tracing::error!("step loop is gone: input dropped"),
+            Err(TrySendError::Full(Input::Message(_))) => {
+                tracing::debug!("input queue full: envelope dropped")
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                tracing::error!("step loop is gone: input dropped")
+            }
         }
     }
 }
@@ -78,7 +86,13 @@ impl StepLoopHandle {
 /// A new channel: the handle for producers, the receiver for `StepLoop::run`.
 pub fn channel() -> (StepLoopHandle, Receiver<Input>) {
     let (tx, rx) = std::sync::mpsc::sync_channel(INPUT_QUEUE_MAX);
-    (StepLoopHandle { tx, ready: Arc::new(AtomicBool::new(false)) }, rx)
+    (
+        StepLoopHandle {
+            tx,
+            ready: Arc::new(AtomicBool::new(false)),
+        },
+        rx,
+    )
 }
 
 /// The loop's state.
@@ -104,7 +118,9 @@ impl StepLoop {
         wal_records: Vec<Vec<u8>>,
         peers: Peers,
     ) -> anyhow::Result<StepLoop> {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
         let mut step_loop = StepLoop {
             runtime,
             guest: None,
@@ -119,7 +135,9 @@ impl StepLoop {
             last_sweep: Instant::now(),
         };
         let started = Instant::now();
-        let guest = step_loop.start_guest(&wal_records).map_err(anyhow::Error::msg)?;
+        let guest = step_loop
+            .start_guest(&wal_records)
+            .map_err(anyhow::Error::msg)?;
         tracing::info!(
             "guest {} started from {} WAL records in {} ms",
             step_loop.runtime.guest_path.display(),
@@ -177,15 +195,27 @@ impl StepLoop {
         let mut statuses = Vec::new();
         for input in inputs {
             match input {
-                Input::Request { command, client, seq, reply } => {
+                Input::Request {
+                    command,
+                    client,
+                    seq,
+                    reply,
+                } => {
                     if self.guest.is_none() {
-                        let _ = reply.send(Outcome::Rejected("replica's guest is down (restarting); retry".into()));
+                        let _ = reply.send(Outcome::Rejected(
+                            "replica's guest is down (restarting); retry".into(),
+                        ));
                         continue;
                     }
                     let id = self.next_request_id;
                     self.next_request_id += 1;
                     self.waiting.insert(id, reply);
-                    events.push(Event::Request(Request { id, client, seq, command }));
+                    events.push(Event::Request(Request {
+                        id,
+                        client,
+                        seq,
+                        command,
+                    }));
                 }
                 Input::Message(envelope) => events.push(Event::Message(envelope)),
                 Input::Status(reply) => statuses.push(reply),
@@ -255,13 +285,18 @@ impl StepLoop {
         tracing::error!("{crash}; discarding the instance and restarting it from the WAL");
         self.guest = None;
         for (_, reply) in self.waiting.drain() {
-            let _ = reply.send(Outcome::Rejected("the replica's guest crashed and is restarting; retry".into()));
+            let _ = reply.send(Outcome::Rejected(
+                "the replica's guest crashed and is restarting; retry".into(),
+            ));
         }
         self.try_restart();
     }
 
     fn try_restart(&mut self) {
-        if self.last_restart_attempt.is_some_and(|t| t.elapsed() < Duration::from_millis(RESTART_RETRY_MS)) {
+        if self
+            .last_restart_attempt
+            .is_some_and(|t| t.elapsed() < Duration::from_millis(RESTART_RETRY_MS))
+        {
             return;
         }
         self.last_restart_attempt = Some(Instant::now());
@@ -283,7 +318,9 @@ impl StepLoop {
                     started.elapsed().as_millis()
                 );
             }
-            Err(e) => tracing::error!("guest restart failed: {e}; retrying in {RESTART_RETRY_MS} ms"),
+            Err(e) => {
+                tracing::error!("guest restart failed: {e}; retrying in {RESTART_RETRY_MS} ms")
+            }
         }
     }
 }

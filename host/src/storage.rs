@@ -33,7 +33,8 @@ pub struct Wal {
 impl Wal {
     /// Opens (creating) `dir/wal.log` and returns it with every durable record, in order.
     pub fn open(dir: &Path) -> anyhow::Result<(Wal, Vec<Vec<u8>>)> {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating data dir {}", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating data dir {}", dir.display()))?;
         let path = dir.join("wal.log");
         let mut file = OpenOptions::new()
             .create(true)
@@ -54,14 +55,22 @@ impl Wal {
             file.sync_all()?;
         }
         file.seek(SeekFrom::Start(valid_len))?;
-        let wal = Wal { file, path, buffer: Vec::new(), len: valid_len, records: records.len() as u64 };
+        let wal = Wal {
+            file,
+            path,
+            buffer: Vec::new(),
+            len: valid_len,
+            records: records.len() as u64,
+        };
         Ok((wal, records))
     }
 
     /// Buffers one record; durable after the next `sync`.
     pub fn append(&mut self, payload: &[u8]) {
-        self.buffer.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        self.buffer.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
+        self.buffer
+            .extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        self.buffer
+            .extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
         self.buffer.extend_from_slice(payload);
         self.records += 1;
     }
@@ -71,8 +80,12 @@ impl Wal {
         if self.buffer.is_empty() {
             return Ok(());
         }
-        self.file.write_all(&self.buffer).with_context(|| format!("appending to {}", self.path.display()))?;
-        self.file.sync_data().with_context(|| format!("fdatasync of {}", self.path.display()))?;
+        self.file
+            .write_all(&self.buffer)
+            .with_context(|| format!("appending to {}", self.path.display()))?;
+        self.file
+            .sync_data()
+            .with_context(|| format!("fdatasync of {}", self.path.display()))?;
         self.len += self.buffer.len() as u64;
         self.buffer.clear();
         Ok(())
@@ -80,12 +93,14 @@ impl Wal {
 
     /// Every durable record, read back from disk (used to restart a crashed guest).
     pub fn read_all(&self) -> anyhow::Result<Vec<Vec<u8>>> {
-        let mut file = File::open(&self.path).with_context(|| format!("opening {}", self.path.display()))?;
+        let mut file =
+            File::open(&self.path).with_context(|| format!("opening {}", self.path.display()))?;
         let (records, _) = scan(&mut file, &self.path)?;
         Ok(records)
     }
 
     /// Durable bytes.
+    #[cfg(test)]
     pub fn len_bytes(&self) -> u64 {
         self.len
     }
@@ -95,7 +110,8 @@ impl Wal {
 fn scan(file: &mut File, path: &Path) -> anyhow::Result<(Vec<Vec<u8>>, u64)> {
     let mut bytes = Vec::new();
     file.seek(SeekFrom::Start(0))?;
-    file.read_to_end(&mut bytes).with_context(|| format!("reading {}", path.display()))?;
+    file.read_to_end(&mut bytes)
+        .with_context(|| format!("reading {}", path.display()))?;
     let mut records = Vec::new();
     let mut at = 0usize;
     while at < bytes.len() {
@@ -136,7 +152,9 @@ fn record_at(bytes: &[u8], at: usize) -> Option<(&[u8], usize)> {
 /// count, so random bytes are very unlikely to pass.
 fn valid_record_follows(bytes: &[u8], bad: usize) -> bool {
     (bad + 1..bytes.len().saturating_sub(HEADER_BYTES)).any(|at| {
-        record_at(bytes, at).is_some_and(|(payload, next)| !payload.is_empty() && (next == bytes.len() || record_at(bytes, next).is_some()))
+        record_at(bytes, at).is_some_and(|(payload, next)| {
+            !payload.is_empty() && (next == bytes.len() || record_at(bytes, next).is_some())
+        })
     })
 }
 
@@ -165,7 +183,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         write_records(dir.path(), &[b"one", b"two", b"three"]);
         let (_, records) = Wal::open(dir.path()).expect("open");
-        assert_eq!(records, vec![b"one".to_vec(), b"two".to_vec(), b"three".to_vec()]);
+        assert_eq!(
+            records,
+            vec![b"one".to_vec(), b"two".to_vec(), b"three".to_vec()]
+        );
     }
 
     #[test]
@@ -179,14 +200,21 @@ mod tests {
             std::fs::write(&path, &whole[..cut as usize]).expect("write");
             let (_, records) = Wal::open(dir.path()).expect("torn tail must open");
             assert_eq!(records.len(), 2, "cut at {cut}");
-            assert_eq!(std::fs::metadata(&path).expect("meta").len(), prefix_len, "tail cut off at {cut}");
+            assert_eq!(
+                std::fs::metadata(&path).expect("meta").len(),
+                prefix_len,
+                "tail cut off at {cut}"
+            );
         }
     }
 
     #[test]
     fn wal_refuses_corruption_before_the_tail() {
         let dir = tempfile::tempdir().expect("tempdir");
-        write_records(dir.path(), &[b"first record", b"second record", b"third record"]);
+        write_records(
+            dir.path(),
+            &[b"first record", b"second record", b"third record"],
+        );
         let path = dir.path().join("wal.log");
         let mut bytes = std::fs::read(&path).expect("read");
         bytes[HEADER_BYTES + 2] ^= 0xff; // inside the first payload
