@@ -19,6 +19,7 @@ for n in 1 2 3 4 5; do
   ( ./target/release/waxosd 50051 "$port" --data-dir ".cluster/data/$n" --chaos "$chaos" 2>&1 \
       | tee ".cluster/logs/$n.log" | sed -u "s/^/[$n] /" ) &
   pids+=($!)
+  sleep 0.3  # register in order, so node N listens on port 5005N
 done
 echo "five hosts starting on 127.0.0.1:50051-50055; try: ./target/release/waxos 127.0.0.1 50051 put hello world" >&2
 wait
