@@ -2,7 +2,10 @@
 //!
 //! Reference: Lamport, "Paxos Made Simple" §2.2. An acceptor never accepts a ballot below the
 //! highest it promised, and every change it makes is returned as a `Record` that the host makes
-//! durable before the acceptor's answer leaves the machine.
+//! durable before the acceptor's answer leaves the machine. Accepted values of slots that are
+//! chosen and applied long ago are forgotten (`forget_below`); a promise then says where the
+//! acceptor's memory starts, so a candidate that is further behind cannot mistake a forgotten
+//! slot for an empty one.
 
 use std::collections::BTreeMap;
 
@@ -15,6 +18,8 @@ pub struct Acceptor {
     pub promised: Ballot,
     /// Per slot, the highest-ballot value accepted.
     pub accepted: BTreeMap<u64, (Ballot, Value)>,
+    /// Every slot below this one was chosen, applied, and forgotten here.
+    pub log_start: u64,
 }
 
 impl Acceptor {
@@ -37,24 +42,35 @@ impl Acceptor {
             .range(first_slot..)
             .map(|(&slot, (b, v))| (slot, *b, v.clone()))
             .collect();
-        (Message::Promise { ballot, accepted }, record)
+        (
+            Message::Promise {
+                ballot,
+                accepted,
+                log_start: self.log_start,
+            },
+            record,
+        )
     }
 
-    /// Phase 2b: accept `value` at `slot` unless a higher ballot was promised.
+    /// Phase 2b: accept `value` at `slot` unless a higher ballot was promised. A slot already
+    /// forgotten (chosen long ago) is not answered: its value is settled.
     pub fn on_accept(
         &mut self,
         ballot: Ballot,
         slot: u64,
         value: Value,
-    ) -> (Message, Option<Record>) {
+    ) -> (Option<Message>, Option<Record>) {
         if ballot < self.promised {
             return (
-                Message::Nack {
+                Some(Message::Nack {
                     ballot,
                     promised: self.promised,
-                },
+                }),
                 None,
             );
+        }
+        if slot < self.log_start {
+            return (None, None);
         }
         self.promised = ballot;
         let record = Record::Accepted {
@@ -63,7 +79,7 @@ impl Acceptor {
             value: value.clone(),
         };
         self.accepted.insert(slot, (ballot, value));
-        (Message::Accepted { ballot, slot }, Some(record))
+        (Some(Message::Accepted { ballot, slot }), Some(record))
     }
 
     /// Replays a persisted record (start-up).
@@ -77,16 +93,19 @@ impl Acceptor {
             } => {
                 self.promised = self.promised.max(*ballot);
                 let newer = self.accepted.get(slot).is_none_or(|(b, _)| b <= ballot);
-                if newer {
+                if newer && *slot >= self.log_start {
                     self.accepted.insert(*slot, (*ballot, value.clone()));
                 }
             }
-            Record::Chosen { .. } => {}
+            Record::Chosen { .. } | Record::Installed(_) | Record::Voting(_) => {}
         }
     }
 
-    /// Forgets accepted values below `slot` (they are chosen and applied everywhere it matters).
+    /// Forgets accepted values below `slot`; the caller guarantees they are chosen and applied.
     pub fn forget_below(&mut self, slot: u64) {
-        self.accepted = self.accepted.split_off(&slot);
+        if slot > self.log_start {
+            self.accepted = self.accepted.split_off(&slot);
+            self.log_start = slot;
+        }
     }
 }

@@ -3,21 +3,36 @@
 //! Reference: "Paxos Made Simple" §2.3 and §3. A slot's value is learned once a majority of
 //! acceptors accepted it under one ballot (the leader counts, then tells every learner). Learned
 //! slots may arrive out of order; they are applied to the state machine only when every slot
-//! before them has been applied, so all replicas apply the same sequence.
+//! before them has been applied, so all replicas apply the same sequence. The applied prefix is
+//! kept for a while (to serve peers catching up) and then dropped; a peer behind that point
+//! gets the whole state machine instead (`AppState`, sent in chunks).
 
 use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
 
 use crate::kv::Kv;
 use crate::message::{ClientCommand, Value};
 use crate::types::Outcome;
 
+/// The state machine as a snapshot transfer carries it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AppState {
+    /// Every slot below this is applied in `kv`.
+    pub next_apply: u64,
+    /// The state machine.
+    pub kv: Kv,
+}
+
 /// A learner and the state machine it feeds.
 #[derive(Clone, Debug, Default)]
 pub struct Learner {
-    /// Chosen values by slot (the applied prefix is kept to serve catch-up).
+    /// Chosen values by slot, from `log_start` on (the applied prefix is kept to serve catch-up).
     pub chosen: BTreeMap<u64, Value>,
     /// The next slot to apply: every slot below it is chosen and applied.
     pub next_apply: u64,
+    /// Chosen values below this slot were dropped.
+    pub log_start: u64,
     /// The state machine.
     pub kv: Kv,
 }
@@ -57,15 +72,70 @@ impl Learner {
 
     /// The highest slot known chosen, if any.
     pub fn highest_chosen(&self) -> Option<u64> {
-        self.chosen.last_key_value().map(|(s, _)| *s)
+        self.chosen
+            .last_key_value()
+            .map(|(s, _)| *s)
+            .or(self.next_apply.checked_sub(1))
     }
 
-    /// Chosen values from `from_slot` on, at most `max` of them (for catch-up).
-    pub fn chosen_from(&self, from_slot: u64, max: usize) -> Vec<(u64, Value)> {
-        self.chosen
+    /// Chosen values from `from_slot` on, at most `max` of them (for catch-up); `None` when
+    /// `from_slot` was already dropped (the peer needs a snapshot).
+    pub fn chosen_from(
+        &self,
+        from_slot: u64,
+        max_slots: usize,
+        max_bytes: usize,
+    ) -> Option<Vec<(u64, Value)>> {
+        if from_slot < self.log_start {
+            return None;
+        }
+        let mut bytes = 0;
+        let mut entries = Vec::new();
+        for (slot, value) in self
+            .chosen
             .range(from_slot..self.next_apply)
-            .take(max)
-            .map(|(s, v)| (*s, v.clone()))
-            .collect()
+            .take(max_slots)
+        {
+            let size = match value {
+                Value::Noop => 8,
+                Value::Batch(commands) => commands.iter().map(crate::proposer::command_bytes).sum(),
+            };
+            if !entries.is_empty() && bytes + size > max_bytes {
+                break;
+            }
+            bytes += size;
+            entries.push((*slot, value.clone()));
+        }
+        Some(entries)
+    }
+
+    /// Drops applied values below `slot`.
+    pub fn forget_below(&mut self, slot: u64) {
+        let slot = slot.min(self.next_apply);
+        if slot > self.log_start {
+            self.chosen = self.chosen.split_off(&slot);
+            self.log_start = slot;
+        }
+    }
+
+    /// The state machine for a snapshot transfer.
+    pub fn app_state(&self) -> AppState {
+        AppState {
+            next_apply: self.next_apply,
+            kv: self.kv.clone(),
+        }
+    }
+
+    /// Installs a transferred state machine if it is ahead of ours. Returns whether it was.
+    pub fn install(&mut self, state: AppState) -> bool {
+        if state.next_apply <= self.next_apply {
+            return false;
+        }
+        self.kv = state.kv;
+        self.kv.rebuild_index();
+        self.next_apply = state.next_apply;
+        self.chosen = self.chosen.split_off(&state.next_apply);
+        self.log_start = state.next_apply;
+        true
     }
 }

@@ -54,6 +54,8 @@ mod component {
                 members: config.members,
                 seed: config.seed,
                 test_hooks: config.test_hooks,
+                retain_slots: config.retain_slots,
+                rejoining: config.rejoining,
             };
             let mut replica = Replica::start(config, snapshot.as_deref(), &wal)?;
             let effects = replica.take_effects().into_iter().map(effect_out).collect();

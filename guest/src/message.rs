@@ -73,6 +73,9 @@ pub enum Message {
         ballot: Ballot,
         /// `(slot, accepted ballot, value)`.
         accepted: Vec<(u64, Ballot, Value)>,
+        /// The acceptor forgot every slot below this one (all chosen and applied there): a
+        /// candidate whose first unchosen slot is lower must catch up before it can lead.
+        log_start: u64,
     },
     /// Phase 2a, to acceptors.
     Accept {
@@ -119,6 +122,18 @@ pub enum Message {
         /// First slot it lacks.
         from_slot: u64,
     },
+    /// Part of a state-machine snapshot, for a learner whose missing slots were compacted away.
+    /// Chunks are bounded in size, so no single message is large.
+    SnapshotChunk {
+        /// The snapshot's `next_apply` (identifies the transfer).
+        next_apply: u64,
+        /// Offset of `bytes` in the encoded `learner::AppState`.
+        offset: u64,
+        /// Total encoded size.
+        total: u64,
+        /// The bytes.
+        bytes: Vec<u8>,
+    },
 }
 
 /// A record of acceptor or learner state that must survive a crash.
@@ -142,6 +157,12 @@ pub enum Record {
         /// Value.
         value: Value,
     },
+    /// The learner installed a state-machine snapshot received from a peer (an encoded
+    /// `learner::AppState`); every slot below its `next_apply` is applied.
+    Installed(Vec<u8>),
+    /// Whether this replica's acceptor takes part in votes (false while a replica that lost its
+    /// disk catches up: it could otherwise break promises it no longer remembers).
+    Voting(bool),
 }
 
 /// Why bytes could not be decoded.

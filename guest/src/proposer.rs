@@ -44,6 +44,8 @@ pub enum Phase {
         promises: BTreeMap<NodeId, Vec<(u64, Ballot, Value)>>,
         /// The first slot phase 1 covers.
         first_slot: u64,
+        /// The highest `log_start` a promising acceptor reported, and which one.
+        max_log_start: (u64, NodeId),
     },
     /// Phase 1 won: proposing.
     Leader,
@@ -58,6 +60,18 @@ pub struct InFlight {
     pub accepts: BTreeSet<NodeId>,
     /// When the accept was last sent.
     pub sent_ms: u64,
+}
+
+/// What a promise did to a candidacy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PhaseOne {
+    /// Not (yet) a majority, or not for our ballot.
+    Pending,
+    /// A majority promised: this proposer leads.
+    Won,
+    /// A majority promised, but this acceptor already forgot slots this candidate has not
+    /// applied: it must catch up first (from that replica), so it stands down.
+    Behind(NodeId),
 }
 
 /// A message to send: destination, role there, message.
@@ -191,6 +205,7 @@ impl Proposer {
         self.phase = Phase::Candidate {
             promises: BTreeMap::new(),
             first_slot: first_unchosen,
+            max_log_start: (0, 0),
         };
         self.leader = None;
         self.in_flight.clear();
@@ -210,23 +225,34 @@ impl Proposer {
         src: NodeId,
         ballot: Ballot,
         accepted: Vec<(u64, Ballot, Value)>,
+        log_start: u64,
         now_ms: u64,
         learner: &Learner,
         out: &mut Vec<Outgoing>,
-    ) -> bool {
+    ) -> PhaseOne {
         if ballot != self.ballot {
-            return false;
+            return PhaseOne::Pending;
         }
+        let quorum = self.quorum();
         let Phase::Candidate {
             promises,
             first_slot,
+            max_log_start,
         } = &mut self.phase
         else {
-            return false;
+            return PhaseOne::Pending;
         };
         promises.insert(src, accepted);
-        if promises.len() < self.members.len() / 2 + 1 {
-            return false;
+        if log_start > max_log_start.0 {
+            *max_log_start = (log_start, src);
+        }
+        if promises.len() < quorum {
+            return PhaseOne::Pending;
+        }
+        if max_log_start.0 > *first_slot {
+            let ahead = max_log_start.1;
+            self.step_down(now_ms);
+            return PhaseOne::Behind(ahead);
         }
         let first_slot = *first_slot;
         // Reference: "Paxos Made Simple" §2.2 (P2c): per slot, the value of the highest ballot.
@@ -259,7 +285,7 @@ impl Proposer {
             self.propose(slot, value, now_ms, out);
         }
         self.next_slot = end;
-        true
+        PhaseOne::Won
     }
 
     fn propose(&mut self, slot: u64, value: Value, now_ms: u64, out: &mut Vec<Outgoing>) {
@@ -313,22 +339,24 @@ impl Proposer {
         self.reset_election_timer(now_ms);
     }
 
-    /// A leader's heartbeat: follow it if its ballot is not below what we know. Returns true
-    /// when it was accepted (the election timer was reset).
+    /// A leader's heartbeat. A follower follows it unless it knows a leader with a higher
+    /// ballot; a candidate gives up its candidacy and follows (its own ballot won nobody over
+    /// while a leader is alive); a leader steps down only for a higher ballot. A stale leader
+    /// followed this way is harmless: acceptors refuse its accepts, and it stops. Returns true
+    /// when the heartbeat was accepted (the election timer was reset).
     pub fn on_heartbeat(&mut self, src: NodeId, ballot: Ballot, now_ms: u64) -> bool {
-        if ballot < self.max_seen && self.leader.is_none_or(|(_, b)| ballot < b) {
-            return false;
+        match self.phase {
+            Phase::Leader if ballot <= self.ballot => return false,
+            Phase::Leader | Phase::Candidate { .. } => self.step_down(now_ms),
+            Phase::Follower => {
+                if self.leader.is_some_and(|(_, b)| ballot < b) {
+                    return false;
+                }
+            }
         }
-        if ballot > self.max_seen {
-            self.max_seen = ballot;
-        }
-        if self.phase != Phase::Follower && ballot > self.ballot {
-            self.step_down(now_ms);
-        }
-        if self.phase == Phase::Follower {
-            self.leader = Some((src, ballot));
-            self.reset_election_timer(now_ms);
-        }
+        self.observe(ballot);
+        self.leader = Some((src, ballot));
+        self.reset_election_timer(now_ms);
         true
     }
 

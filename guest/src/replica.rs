@@ -16,9 +16,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::acceptor::Acceptor;
 use crate::kv::Kv;
+use crate::learner::AppState;
 use crate::learner::Learner;
 use crate::message::{self, Ballot, ClientCommand, DecodeError, Message, Record, Value};
-use crate::proposer::{Outgoing, Phase, Proposer};
+use crate::proposer::{
+    Outgoing, Phase, PhaseOne, Proposer, ELECTION_TIMEOUT_MAX_MS, ELECTION_TIMEOUT_MIN_MS,
+};
 use crate::types::{Command, Config, Effect, Envelope, Event, NodeId, Outcome, Request, Role};
 
 /// The guest build's version, reported by `status`.
@@ -37,6 +40,12 @@ pub const PENDING_EXPIRE_MS: u64 = 60_000;
 pub const CATCHUP_INTERVAL_MS: u64 = 100;
 /// Slots per catch-up answer.
 pub const CATCHUP_SLOTS_MAX: usize = 256;
+/// Bytes per snapshot-transfer message.
+pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+/// A snapshot is sent to one peer at most this often.
+pub const SNAPSHOT_RESEND_MS: u64 = 5_000;
+/// Byte bound of one catch-up answer.
+pub const CATCHUP_BYTES_MAX: usize = 4 << 20;
 /// With test hooks on, a put of this key makes the guest trap.
 pub const TEST_TRAP_KEY: &str = "__waxos_test_trap__";
 /// With test hooks on, a put of this key makes the guest loop forever.
@@ -55,9 +64,31 @@ struct Pending {
 struct SnapshotState {
     promised: Ballot,
     accepted: BTreeMap<u64, (Ballot, Value)>,
+    acceptor_log_start: u64,
     chosen: BTreeMap<u64, Value>,
+    learner_log_start: u64,
     next_apply: u64,
     kv: Kv,
+    voting: bool,
+}
+
+/// A snapshot being received from a peer.
+#[derive(Debug)]
+struct IncomingSnapshot {
+    from: NodeId,
+    next_apply: u64,
+    total: u64,
+    bytes: Vec<u8>,
+    started_ms: u64,
+}
+
+/// How a rejoining replica (lost its disk) earns its vote back.
+#[derive(Debug, Clone, Copy)]
+struct Rejoin {
+    /// The leader's `chosen_upto` when first heard of; caught up means applied to here.
+    target: Option<u64>,
+    /// When this replica started rejoining.
+    since_ms: Option<u64>,
 }
 
 /// A replica.
@@ -78,6 +109,12 @@ pub struct Replica {
     local: VecDeque<(Role, Message)>,
     effects: Vec<Effect>,
     last_catchup_ms: Option<u64>,
+    /// False while a replica that lost its disk catches up (its acceptor stays silent).
+    voting: bool,
+    last_heartbeat_ms: Option<u64>,
+    rejoin: Rejoin,
+    incoming_snapshot: Option<IncomingSnapshot>,
+    snapshot_sent_ms: BTreeMap<NodeId, u64>,
 }
 
 impl Replica {
@@ -102,26 +139,51 @@ impl Replica {
             local: VecDeque::new(),
             effects: Vec::new(),
             last_catchup_ms: None,
+            voting: true,
+            last_heartbeat_ms: None,
+            rejoin: Rejoin {
+                target: None,
+                since_ms: None,
+            },
+            incoming_snapshot: None,
+            snapshot_sent_ms: BTreeMap::new(),
         };
         if let Some(bytes) = snapshot {
             let state: SnapshotState =
                 message::decode(bytes).map_err(|e| format!("snapshot refused: {e}"))?;
             replica.acceptor.promised = state.promised;
             replica.acceptor.accepted = state.accepted;
+            replica.acceptor.log_start = state.acceptor_log_start;
             replica.learner.chosen = state.chosen;
+            replica.learner.log_start = state.learner_log_start;
             replica.learner.next_apply = state.next_apply;
             replica.learner.kv = state.kv;
             replica.learner.kv.rebuild_index();
+            replica.voting = state.voting;
         }
         for (i, bytes) in wal.iter().enumerate() {
             let record: Record =
                 message::decode(bytes).map_err(|e| format!("WAL record {i} refused: {e}"))?;
             replica.acceptor.restore(&record);
-            if let Record::Chosen { slot, value } = record {
-                replica.learner.learn(slot, value);
+            match record {
+                Record::Chosen { slot, value } => {
+                    replica.learner.learn(slot, value);
+                }
+                Record::Installed(bytes) => {
+                    replica.learner.apply_ready();
+                    let state: AppState = message::decode(&bytes)
+                        .map_err(|e| format!("WAL record {i} (installed snapshot) refused: {e}"))?;
+                    replica.learner.install(state);
+                }
+                Record::Voting(voting) => replica.voting = voting,
+                Record::Promised(_) | Record::Accepted { .. } => {}
             }
         }
         replica.learner.apply_ready();
+        if replica.config.rejoining && wal.is_empty() && snapshot.is_none() {
+            replica.voting = false;
+            replica.persist(&Record::Voting(false));
+        }
         replica.proposer.observe(replica.acceptor.promised);
         if let Some(slot) = replica.learner.highest_chosen() {
             replica.proposer.note_chosen(slot);
@@ -141,9 +203,12 @@ impl Replica {
         message::encode(&SnapshotState {
             promised: self.acceptor.promised,
             accepted: self.acceptor.accepted.clone(),
+            acceptor_log_start: self.acceptor.log_start,
             chosen: self.learner.chosen.clone(),
+            learner_log_start: self.learner.log_start,
             next_apply: self.learner.next_apply,
             kv: self.learner.kv.clone(),
+            voting: self.voting,
         })
     }
 
@@ -179,8 +244,11 @@ impl Replica {
             self.drain_local();
         }
         let mut out = Vec::new();
-        self.proposer
-            .on_time(self.now_ms, self.learner.next_apply, &mut out);
+        if self.voting {
+            // A replica that cannot vote cannot lead either: it only follows.
+            self.proposer
+                .on_time(self.now_ms, self.learner.next_apply, &mut out);
+        }
         self.dispatch(out);
         self.drain_local();
         self.resend_pending();
@@ -395,6 +463,9 @@ impl Replica {
     fn handle(&mut self, src: NodeId, _role: Role, msg: Message) {
         match msg {
             Message::Prepare { ballot, first_slot } => {
+                if !self.voting || self.leader_is_alive(src) {
+                    return;
+                }
                 self.proposer.observe(ballot);
                 let (reply, record) = self.acceptor.on_prepare(ballot, first_slot);
                 if let Some(record) = record {
@@ -408,24 +479,49 @@ impl Replica {
                 value,
             } => {
                 self.proposer.observe(ballot);
+                if !self.voting {
+                    return;
+                }
                 let (reply, record) = self.acceptor.on_accept(ballot, slot, value);
                 if let Some(record) = record {
                     self.persist(&record);
                 }
-                self.send(src, Role::Proposer, reply);
+                if let Some(reply) = reply {
+                    self.send(src, Role::Proposer, reply);
+                }
             }
-            Message::Promise { ballot, accepted } => {
+            Message::Promise {
+                ballot,
+                accepted,
+                log_start,
+            } => {
                 let mut out = Vec::new();
-                let won = self.proposer.on_promise(
+                let outcome = self.proposer.on_promise(
                     src,
                     ballot,
                     accepted,
+                    log_start,
                     self.now_ms,
                     &self.learner,
                     &mut out,
                 );
                 self.dispatch(out);
-                if won {
+                if let PhaseOne::Behind(ahead) = outcome {
+                    self.log(format!(
+                        "ballot {ballot} won, but node {ahead} forgot slots this replica has not \
+                         applied (it applied up to {}): catching up from it instead of leading",
+                        self.learner.next_apply
+                    ));
+                    self.last_catchup_ms = Some(self.now_ms);
+                    self.send(
+                        ahead,
+                        Role::Learner,
+                        Message::CatchUp {
+                            from_slot: self.learner.next_apply,
+                        },
+                    );
+                }
+                if outcome == PhaseOne::Won {
                     self.log(format!(
                         "node {} leads with ballot {}",
                         self.config.me, ballot
@@ -450,13 +546,20 @@ impl Replica {
             } => {
                 let before = self.proposer.known_leader();
                 if self.proposer.on_heartbeat(src, ballot, self.now_ms) {
+                    self.last_heartbeat_ms = Some(self.now_ms);
                     if before != Some(src) {
                         self.log(format!("following node {src} (ballot {ballot})"));
                         self.reroute_all_pending();
                     }
-                    let due = self
-                        .last_catchup_ms
-                        .is_none_or(|t| self.now_ms >= t + CATCHUP_INTERVAL_MS);
+                    self.check_rejoined(chosen_upto);
+                    let receiving = self
+                        .incoming_snapshot
+                        .as_ref()
+                        .is_some_and(|s| self.now_ms < s.started_ms + SNAPSHOT_RESEND_MS);
+                    let due = !receiving
+                        && self
+                            .last_catchup_ms
+                            .is_none_or(|t| self.now_ms >= t + CATCHUP_INTERVAL_MS);
                     if chosen_upto > self.learner.next_apply && due {
                         self.last_catchup_ms = Some(self.now_ms);
                         self.send(
@@ -481,11 +584,24 @@ impl Replica {
                 }
             }
             Message::CatchUp { from_slot } => {
-                let entries = self.learner.chosen_from(from_slot, CATCHUP_SLOTS_MAX);
-                if !entries.is_empty() {
-                    self.send(src, Role::Learner, Message::Chosen { entries });
+                match self
+                    .learner
+                    .chosen_from(from_slot, CATCHUP_SLOTS_MAX, CATCHUP_BYTES_MAX)
+                {
+                    Some(entries) => {
+                        if !entries.is_empty() {
+                            self.send(src, Role::Learner, Message::Chosen { entries });
+                        }
+                    }
+                    None => self.send_snapshot(src),
                 }
             }
+            Message::SnapshotChunk {
+                next_apply,
+                offset,
+                total,
+                bytes,
+            } => self.on_snapshot_chunk(src, next_apply, offset, total, bytes),
         }
     }
 
@@ -496,6 +612,11 @@ impl Replica {
         }
         self.persist(&Record::Chosen { slot, value });
         self.proposer.note_chosen(slot);
+        self.apply_ready();
+    }
+
+    /// Applies what is ready, answers our own requests, and drops what no peer needs anymore.
+    fn apply_ready(&mut self) {
         for (cmd, outcome) in self.learner.apply_ready() {
             if cmd.origin != self.config.me {
                 continue;
@@ -508,6 +629,148 @@ impl Replica {
                 self.pending.remove(&cmd.request_id);
                 self.effects.push(Effect::Reply(cmd.request_id, outcome));
             }
+        }
+        self.trim_log();
+    }
+
+    /// Whether a leader other than `candidate` was heard from within the minimum election
+    /// timeout (or this replica leads). Prepares from other replicas are then ignored, so a
+    /// replica that was cut off and comes back with a high ballot cannot depose a healthy
+    /// leader (leader stickiness, as in Raft's pre-vote). Safety does not depend on it.
+    fn leader_is_alive(&self, candidate: NodeId) -> bool {
+        if self.proposer.is_leader() {
+            return candidate != self.config.me;
+        }
+        match (self.proposer.known_leader(), self.last_heartbeat_ms) {
+            (Some(leader), Some(heard)) => {
+                leader != candidate && self.now_ms < heard + ELECTION_TIMEOUT_MIN_MS
+            }
+            _ => false,
+        }
+    }
+
+    /// Keeps `retain_slots` applied slots (a quarter more before trimming, to trim rarely).
+    fn trim_log(&mut self) {
+        let retain = self.config.retain_slots.max(1);
+        let next = self.learner.next_apply;
+        if next > self.learner.log_start + retain + retain / 4 {
+            self.learner.forget_below(next - retain);
+            self.acceptor.forget_below(next - retain);
+        }
+    }
+
+    /// Sends our state machine to a peer whose missing slots we dropped, in bounded chunks.
+    fn send_snapshot(&mut self, dst: NodeId) {
+        let recently = self
+            .snapshot_sent_ms
+            .get(&dst)
+            .is_some_and(|t| self.now_ms < t + SNAPSHOT_RESEND_MS);
+        if recently {
+            return;
+        }
+        self.snapshot_sent_ms.insert(dst, self.now_ms);
+        let state = self.learner.app_state();
+        let bytes = message::encode(&state);
+        let total = bytes.len() as u64;
+        self.log(format!(
+            "node {dst} is behind our log (it starts at slot {}): sending a {total}-byte snapshot at slot {}",
+            self.learner.log_start, state.next_apply
+        ));
+        for (i, chunk) in bytes.chunks(SNAPSHOT_CHUNK_BYTES).enumerate() {
+            let msg = Message::SnapshotChunk {
+                next_apply: state.next_apply,
+                offset: (i * SNAPSHOT_CHUNK_BYTES) as u64,
+                total,
+                bytes: chunk.to_vec(),
+            };
+            self.send(dst, Role::Learner, msg);
+        }
+    }
+
+    fn on_snapshot_chunk(
+        &mut self,
+        src: NodeId,
+        next_apply: u64,
+        offset: u64,
+        total: u64,
+        bytes: Vec<u8>,
+    ) {
+        if next_apply <= self.learner.next_apply {
+            return;
+        }
+        if offset == 0 {
+            let busy = self.incoming_snapshot.as_ref().is_some_and(|s| {
+                s.next_apply != next_apply && self.now_ms < s.started_ms + SNAPSHOT_RESEND_MS
+            });
+            if busy {
+                return;
+            }
+            let capacity = usize::try_from(total).unwrap_or(0).min(64 << 20);
+            self.incoming_snapshot = Some(IncomingSnapshot {
+                from: src,
+                next_apply,
+                total,
+                bytes: Vec::with_capacity(capacity),
+                started_ms: self.now_ms,
+            });
+        }
+        let Some(incoming) = self.incoming_snapshot.as_mut() else {
+            return;
+        };
+        if incoming.from != src
+            || incoming.next_apply != next_apply
+            || incoming.bytes.len() as u64 != offset
+        {
+            return;
+        }
+        incoming.bytes.extend_from_slice(&bytes);
+        if (incoming.bytes.len() as u64) < incoming.total {
+            return;
+        }
+        let Some(done) = self.incoming_snapshot.take() else {
+            return;
+        };
+        match message::decode::<AppState>(&done.bytes) {
+            Ok(state) => {
+                if self.learner.install(state) {
+                    self.persist(&Record::Installed(done.bytes));
+                    self.acceptor.forget_below(self.learner.next_apply);
+                    self.proposer
+                        .note_chosen(self.learner.next_apply.saturating_sub(1));
+                    self.log(format!(
+                        "installed a snapshot from node {src}: applied up to slot {}, {} keys",
+                        self.learner.next_apply,
+                        self.learner.kv.data.len()
+                    ));
+                    self.apply_ready();
+                }
+            }
+            Err(e) => self.log(format!(
+                "dropped an undecodable snapshot from node {src}: {e}"
+            )),
+        }
+    }
+
+    /// A rejoining replica votes again once it applied what the leader had chosen when it
+    /// first heard from it, and at least two election timeouts passed (so any ballot it may
+    /// have promised before losing its disk is superseded by one it has seen since).
+    fn check_rejoined(&mut self, chosen_upto: u64) {
+        if self.voting {
+            return;
+        }
+        let now = self.now_ms;
+        let since = *self.rejoin.since_ms.get_or_insert(now);
+        let target = *self.rejoin.target.get_or_insert(chosen_upto);
+        if self.learner.next_apply >= target && now >= since + 2 * ELECTION_TIMEOUT_MAX_MS {
+            self.voting = true;
+            // Never below what the current leader uses.
+            self.acceptor.promised = self.acceptor.promised.max(self.proposer.max_seen);
+            self.persist(&Record::Promised(self.acceptor.promised));
+            self.persist(&Record::Voting(true));
+            self.log(format!(
+                "caught up to slot {}: voting again",
+                self.learner.next_apply
+            ));
         }
     }
 
@@ -536,7 +799,7 @@ impl Replica {
             .known_leader()
             .map_or("null".to_string(), |l| l.to_string());
         format!(
-            "{{\"version\":\"{GUEST_VERSION}\",\"me\":{},\"role\":\"{role}\",\"leader\":{leader},\"ballot\":\"{}\",\"promised\":\"{}\",\"first_unchosen\":{},\"highest_chosen\":{},\"next_slot\":{},\"applied\":{},\"keys\":{},\"pending\":{}}}",
+            "{{\"version\":\"{GUEST_VERSION}\",\"me\":{},\"role\":\"{role}\",\"leader\":{leader},\"ballot\":\"{}\",\"promised\":\"{}\",\"first_unchosen\":{},\"highest_chosen\":{},\"next_slot\":{},\"applied\":{},\"keys\":{},\"pending\":{},\"voting\":{},\"log_start\":{}}}",
             self.config.me,
             self.proposer.max_seen,
             self.acceptor.promised,
@@ -546,6 +809,8 @@ impl Replica {
             self.learner.next_apply,
             self.learner.kv.data.len(),
             self.pending.len(),
+            self.voting,
+            self.learner.log_start,
         )
     }
 
@@ -564,6 +829,8 @@ pub fn role_of(msg: &Message) -> Role {
         | Message::Nack { .. }
         | Message::Heartbeat { .. }
         | Message::Forward { .. } => Role::Proposer,
-        Message::Chosen { .. } | Message::CatchUp { .. } => Role::Learner,
+        Message::Chosen { .. } | Message::CatchUp { .. } | Message::SnapshotChunk { .. } => {
+            Role::Learner
+        }
     }
 }

@@ -115,4 +115,10 @@ pub struct Config {
     pub seed: u64,
     /// Test-only commands enabled (trap / loop keys).
     pub test_hooks: bool,
+    /// Applied slots kept to serve peers catching up; older ones are dropped (a peer further
+    /// behind gets a snapshot).
+    pub retain_slots: u64,
+    /// This replica lost its durable state and rejoins: its acceptor stays out of votes until
+    /// it has caught up with the leader.
+    pub rejoining: bool,
 }

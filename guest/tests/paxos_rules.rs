@@ -64,20 +64,20 @@ fn accept_below_promise_is_refused() {
     let (reply, record) = acceptor.on_accept(b(2, 2), 0, batch("x"));
     assert_eq!(
         reply,
-        Message::Nack {
+        Some(Message::Nack {
             ballot: b(2, 2),
             promised: b(3, 1)
-        }
+        })
     );
     assert!(record.is_none());
     assert!(acceptor.accepted.is_empty());
     let (reply, record) = acceptor.on_accept(b(3, 1), 0, batch("x"));
     assert_eq!(
         reply,
-        Message::Accepted {
+        Some(Message::Accepted {
             ballot: b(3, 1),
             slot: 0
-        }
+        })
     );
     assert!(
         matches!(record, Some(Record::Accepted { slot: 0, .. })),
@@ -103,7 +103,7 @@ fn leader_of(members: &[u32], me: u32) -> (Proposer, Vec<(u32, Role, Message)>) 
     let mut out = Vec::new();
     p.start_election(0, 0, &mut out);
     for &m in members.iter().take(members.len() / 2 + 1) {
-        p.on_promise(m, p.ballot, vec![], 0, &Learner::default(), &mut out);
+        p.on_promise(m, p.ballot, vec![], 0, 0, &Learner::default(), &mut out);
     }
     assert!(p.is_leader());
     (p, out)
@@ -156,6 +156,7 @@ fn new_leader_adopts_highest_ballot_accepted_value() {
         ballot,
         vec![(0, b(3, 1), batch("old"))],
         0,
+        0,
         &Learner::default(),
         &mut out,
     );
@@ -163,6 +164,7 @@ fn new_leader_adopts_highest_ballot_accepted_value() {
         2,
         ballot,
         vec![(0, b(6, 3), batch("newest"))],
+        0,
         0,
         &Learner::default(),
         &mut out,
@@ -172,6 +174,7 @@ fn new_leader_adopts_highest_ballot_accepted_value() {
         3,
         ballot,
         vec![(0, b(5, 4), batch("middle"))],
+        0,
         0,
         &Learner::default(),
         &mut out,
@@ -203,12 +206,13 @@ fn gaps_become_noops() {
     let mut out = Vec::new();
     p.start_election(0, 0, &mut out);
     let ballot = p.ballot;
-    p.on_promise(1, ballot, vec![], 0, &Learner::default(), &mut out);
+    p.on_promise(1, ballot, vec![], 0, 0, &Learner::default(), &mut out);
     out.clear();
     p.on_promise(
         2,
         ballot,
         vec![(2, b(1, 3), batch("two"))],
+        0,
         0,
         &Learner::default(),
         &mut out,
@@ -416,6 +420,8 @@ fn acceptor_persists_before_answering() {
         members: vec![1, 2, 3],
         seed: 1,
         test_hooks: false,
+        retain_slots: 1_000,
+        rejoining: false,
     };
     let mut replica = Replica::start(config, None, &[]).expect("start");
     let prepare = message::encode(&Message::Prepare {
@@ -451,6 +457,8 @@ fn acceptor_persists_before_answering() {
         members: vec![1, 2, 3],
         seed: 1,
         test_hooks: false,
+        retain_slots: 1_000,
+        rejoining: false,
     };
     let restarted = Replica::start(config, None, &wal).expect("restart");
     assert_eq!(restarted.acceptor.promised, b(4, 1));
@@ -487,6 +495,8 @@ fn undecodable_and_unknown_sender_messages_are_dropped() {
         members: vec![1, 2, 3],
         seed: 1,
         test_hooks: false,
+        retain_slots: 1_000,
+        rejoining: false,
     };
     let mut replica = Replica::start(config, None, &[]).expect("start");
     let garbage = waxos_guest::types::Envelope {
@@ -525,6 +535,8 @@ fn oversize_and_empty_keys_are_rejected() {
         members: vec![1],
         seed: 1,
         test_hooks: false,
+        retain_slots: 1_000,
+        rejoining: false,
     };
     let mut replica = Replica::start(config, None, &[]).expect("start");
     let long = "k".repeat(1025);

@@ -25,6 +25,11 @@ pub struct Sim {
 
 impl Sim {
     pub fn new(n: u32, seed: u64) -> Sim {
+        Sim::with_retain(n, seed, 1_000)
+    }
+
+    /// A cluster whose replicas keep only `retain_slots` applied slots for catch-up.
+    pub fn with_retain(n: u32, seed: u64, retain_slots: u64) -> Sim {
         let members: Vec<NodeId> = (1..=n).collect();
         let mut nodes = BTreeMap::new();
         for &me in &members {
@@ -33,6 +38,8 @@ impl Sim {
                 members: members.clone(),
                 seed,
                 test_hooks: false,
+                retain_slots,
+                rejoining: false,
             };
             nodes.insert(me, Replica::start(config, None, &[]).expect("start"));
         }
@@ -106,7 +113,11 @@ impl Sim {
                 Effect::Reply(request, outcome) => {
                     self.replies.insert(request, outcome);
                 }
-                Effect::Log(_) => {}
+                Effect::Log(line) => {
+                    if std::env::var_os("SIM_LOG").is_some() {
+                        eprintln!("{} node {id}: {line}", self.now_ms);
+                    }
+                }
             }
         }
     }
@@ -180,6 +191,19 @@ impl Sim {
             Replica::start(config, None, &wal).expect("restart from WAL"),
         );
         self.crashed.remove(&id);
+    }
+
+    /// Crashes a node and restarts it with its disk wiped: it rejoins.
+    pub fn wipe_and_restart(&mut self, id: NodeId) {
+        self.crash(id);
+        self.wal.remove(&id);
+        let mut config = self.nodes[&id].config().clone();
+        config.rejoining = true;
+        let mut replica = Replica::start(config, None, &[]).expect("start wiped");
+        let effects = replica.take_effects();
+        self.nodes.insert(id, replica);
+        self.crashed.remove(&id);
+        self.carry_out(id, effects);
     }
 
     pub fn value_at(&self, node: NodeId, key: &str) -> Option<Vec<u8>> {
