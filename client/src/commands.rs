@@ -16,17 +16,13 @@ pub const EXIT_NOT_FOUND: i32 = 2;
 pub async fn run(args: Args) -> i32 {
     let mut session = Session::new(&args.host, args.port, args.timeout_ms);
     match args.command.clone() {
-        Some(Cmd::Put { key, value }) => {
-            single(&mut session, Op::Put(key, value.into_bytes())).await
-        }
+        Some(Cmd::Put { key, value }) => single(&mut session, Op::Put(key, value.into_bytes())).await,
         Some(Cmd::Get { key }) => single(&mut session, Op::Get(key)).await,
         Some(Cmd::Delete { key }) => single(&mut session, Op::Delete(key)).await,
         Some(Cmd::Demo) => demo(&mut session).await,
         Some(Cmd::Status) => status(&mut session, args.json).await,
         None => {
-            eprintln!(
-                "waxos: the interactive shell is not available yet; give a command (see --help)"
-            );
+            eprintln!("waxos: the interactive shell is not available yet; give a command (see --help)");
             EXIT_FAILURE
         }
     }
@@ -63,16 +59,10 @@ fn fail(op: &Op, e: &RequestError) -> i32 {
 async fn demo(session: &mut Session) -> i32 {
     let mut ops = Vec::new();
     for i in 1..=5 {
-        ops.push((
-            "prepopulate",
-            Op::Put(format!("demo:key{i}"), format!("value-{i}").into_bytes()),
-        ));
+        ops.push(("prepopulate", Op::Put(format!("demo:key{i}"), format!("value-{i}").into_bytes())));
     }
     for i in 1..=5 {
-        ops.push((
-            "run",
-            Op::Put(format!("demo:key{i}"), format!("updated-{i}").into_bytes()),
-        ));
+        ops.push(("run", Op::Put(format!("demo:key{i}"), format!("updated-{i}").into_bytes())));
     }
     for i in 1..=5 {
         ops.push(("run", Op::Get(format!("demo:key{i}"))));
@@ -107,11 +97,7 @@ async fn demo(session: &mut Session) -> i32 {
             }
             Err(e) => {
                 failed += 1;
-                tracing::error!(
-                    "{phase} {} {} -> FAILED: {e} ({ms:.2} ms)",
-                    op.name(),
-                    op.key()
-                );
+                tracing::error!("{phase} {} {} -> FAILED: {e} ({ms:.2} ms)", op.name(), op.key());
             }
         }
     }
@@ -172,11 +158,7 @@ async fn status(session: &mut Session, json: bool) -> i32 {
             "{:<4} {:<22} {:<5} {:<10} {:<8} {:>10} {:>10} {:>8} {:<8}",
             text(&r["id"]),
             text(&r["address"]),
-            if r["up"].as_bool() == Some(true) {
-                "up"
-            } else {
-                "down"
-            },
+            if r["up"].as_bool() == Some(true) { "up" } else { "down" },
             text(&g["role"]),
             text(&g["ballot"]),
             text(&g["highest_chosen"]),

@@ -60,10 +60,7 @@ pub enum Cmd {
 fn main() {
     waxos_proto::logging::init("info");
     let args = Args::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("waxos: cannot start the async runtime: {e}");

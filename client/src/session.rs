@@ -81,11 +81,7 @@ pub struct Session {
 impl Session {
     /// A session that talks to `host:port` first.
     pub fn new(host: &str, port: u16, timeout_ms: u64) -> Self {
-        let host = if host.contains(':') && !host.starts_with('[') {
-            format!("[{host}]")
-        } else {
-            host.to_string()
-        };
+        let host = if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host.to_string() };
         Session {
             servers: vec![format!("{host}:{port}")],
             current: 0,
@@ -104,11 +100,7 @@ impl Session {
 
     fn endpoint(&self, address: &str) -> Result<Endpoint, Status> {
         Endpoint::from_shared(format!("http://{address}"))
-            .map(|e| {
-                e.connect_timeout(self.timeout)
-                    .timeout(self.timeout)
-                    .tcp_nodelay(true)
-            })
+            .map(|e| e.connect_timeout(self.timeout).timeout(self.timeout).tcp_nodelay(true))
             .map_err(|e| Status::invalid_argument(format!("bad server address {address}: {e}")))
     }
 
@@ -135,10 +127,7 @@ impl Session {
             .map_err(|e| Status::unavailable(format!("cannot connect: {e}")))?;
         let mut request = tonic::Request::new(StatusRequest {});
         request.set_timeout(self.timeout);
-        Ok(AdminClient::new(channel)
-            .status(request)
-            .await?
-            .into_inner())
+        Ok(AdminClient::new(channel).status(request).await?.into_inner())
     }
 
     /// Learns the other members from the first server that answers `Status`, so a failed
@@ -198,12 +187,7 @@ impl Session {
                         return Err(RequestError::Exhausted(failures.join("; ")));
                     }
                     self.current = (self.current + 1) % self.servers.len();
-                    tracing::info!(
-                        "retrying {} {} on {} with the same seq {seq}",
-                        op.name(),
-                        op.key(),
-                        self.server()
-                    );
+                    tracing::info!("retrying {} {} on {} with the same seq {seq}", op.name(), op.key(), self.server());
                 }
             }
         }
@@ -217,45 +201,27 @@ impl Session {
         let call = async move {
             match op {
                 Op::Put(key, value) => {
-                    let mut r = tonic::Request::new(PutRequest {
-                        key: key.clone(),
-                        value: value.clone(),
-                        client_id,
-                        seq,
-                    });
+                    let mut r =
+                        tonic::Request::new(PutRequest { key: key.clone(), value: value.clone(), client_id, seq });
                     r.set_timeout(timeout);
                     client.put(r).await.map(|_| Reply::Stored)
                 }
                 Op::Get(key) => {
-                    let mut r = tonic::Request::new(GetRequest {
-                        key: key.clone(),
-                        client_id,
-                        seq,
-                    });
+                    let mut r = tonic::Request::new(GetRequest { key: key.clone(), client_id, seq });
                     r.set_timeout(timeout);
                     let g = client.get(r).await?.into_inner();
                     Ok(Reply::Value(g.found.then_some(g.value)))
                 }
                 Op::Delete(key) => {
-                    let mut r = tonic::Request::new(DeleteRequest {
-                        key: key.clone(),
-                        client_id,
-                        seq,
-                    });
+                    let mut r = tonic::Request::new(DeleteRequest { key: key.clone(), client_id, seq });
                     r.set_timeout(timeout);
-                    client
-                        .delete(r)
-                        .await
-                        .map(|d| Reply::Deleted(d.into_inner().existed))
+                    client.delete(r).await.map(|d| Reply::Deleted(d.into_inner().existed))
                 }
             }
         };
         match tokio::time::timeout(timeout, call).await {
             Ok(result) => result,
-            Err(_) => Err(Status::deadline_exceeded(format!(
-                "no answer within {} ms",
-                timeout.as_millis()
-            ))),
+            Err(_) => Err(Status::deadline_exceeded(format!("no answer within {} ms", timeout.as_millis()))),
         }
     }
 }

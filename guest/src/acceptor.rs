@@ -27,57 +27,25 @@ impl Acceptor {
     /// the record to persist (none when nothing changed).
     pub fn on_prepare(&mut self, ballot: Ballot, first_slot: u64) -> (Message, Option<Record>) {
         if ballot < self.promised {
-            return (
-                Message::Nack {
-                    ballot,
-                    promised: self.promised,
-                },
-                None,
-            );
+            return (Message::Nack { ballot, promised: self.promised }, None);
         }
         let record = (ballot > self.promised).then_some(Record::Promised(ballot));
         self.promised = ballot;
-        let accepted = self
-            .accepted
-            .range(first_slot..)
-            .map(|(&slot, (b, v))| (slot, *b, v.clone()))
-            .collect();
-        (
-            Message::Promise {
-                ballot,
-                accepted,
-                log_start: self.log_start,
-            },
-            record,
-        )
+        let accepted = self.accepted.range(first_slot..).map(|(&slot, (b, v))| (slot, *b, v.clone())).collect();
+        (Message::Promise { ballot, accepted, log_start: self.log_start }, record)
     }
 
     /// Phase 2b: accept `value` at `slot` unless a higher ballot was promised. A slot already
     /// forgotten (chosen long ago) is not answered: its value is settled.
-    pub fn on_accept(
-        &mut self,
-        ballot: Ballot,
-        slot: u64,
-        value: Value,
-    ) -> (Option<Message>, Option<Record>) {
+    pub fn on_accept(&mut self, ballot: Ballot, slot: u64, value: Value) -> (Option<Message>, Option<Record>) {
         if ballot < self.promised {
-            return (
-                Some(Message::Nack {
-                    ballot,
-                    promised: self.promised,
-                }),
-                None,
-            );
+            return (Some(Message::Nack { ballot, promised: self.promised }), None);
         }
         if slot < self.log_start {
             return (None, None);
         }
         self.promised = ballot;
-        let record = Record::Accepted {
-            slot,
-            ballot,
-            value: value.clone(),
-        };
+        let record = Record::Accepted { slot, ballot, value: value.clone() };
         self.accepted.insert(slot, (ballot, value));
         (Some(Message::Accepted { ballot, slot }), Some(record))
     }
@@ -86,11 +54,7 @@ impl Acceptor {
     pub fn restore(&mut self, record: &Record) {
         match record {
             Record::Promised(b) => self.promised = self.promised.max(*b),
-            Record::Accepted {
-                slot,
-                ballot,
-                value,
-            } => {
+            Record::Accepted { slot, ballot, value } => {
                 self.promised = self.promised.max(*ballot);
                 let newer = self.accepted.get(slot).is_none_or(|(b, _)| b <= ballot);
                 if newer && *slot >= self.log_start {

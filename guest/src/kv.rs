@@ -68,14 +68,7 @@ impl Kv {
         };
         if client != 0 {
             let remembered = (!matches!(command, Command::Get(_))).then(|| outcome.clone());
-            if let Some(old) = self.sessions.insert(
-                client,
-                Session {
-                    seq,
-                    outcome: remembered,
-                    last_slot: slot,
-                },
-            ) {
+            if let Some(old) = self.sessions.insert(client, Session { seq, outcome: remembered, last_slot: slot }) {
                 self.lru.remove(&(old.last_slot, client));
             }
             self.lru.insert((slot, client));
@@ -91,10 +84,6 @@ impl Kv {
 
     /// Rebuilds the eviction index after a snapshot was loaded.
     pub fn rebuild_index(&mut self) {
-        self.lru = self
-            .sessions
-            .iter()
-            .map(|(c, s)| (s.last_slot, *c))
-            .collect();
+        self.lru = self.sessions.iter().map(|(c, s)| (s.last_slot, *c)).collect();
     }
 }

@@ -54,9 +54,7 @@ impl Learner {
         while let Some(value) = self.chosen.get(&self.next_apply) {
             if let Value::Batch(commands) = value {
                 for cmd in commands {
-                    let outcome = self
-                        .kv
-                        .apply(self.next_apply, cmd.client, cmd.seq, &cmd.command);
+                    let outcome = self.kv.apply(self.next_apply, cmd.client, cmd.seq, &cmd.command);
                     applied.push((cmd.clone(), outcome));
                 }
             }
@@ -72,30 +70,18 @@ impl Learner {
 
     /// The highest slot known chosen, if any.
     pub fn highest_chosen(&self) -> Option<u64> {
-        self.chosen
-            .last_key_value()
-            .map(|(s, _)| *s)
-            .or(self.next_apply.checked_sub(1))
+        self.chosen.last_key_value().map(|(s, _)| *s).or(self.next_apply.checked_sub(1))
     }
 
     /// Chosen values from `from_slot` on, at most `max` of them (for catch-up); `None` when
     /// `from_slot` was already dropped (the peer needs a snapshot).
-    pub fn chosen_from(
-        &self,
-        from_slot: u64,
-        max_slots: usize,
-        max_bytes: usize,
-    ) -> Option<Vec<(u64, Value)>> {
+    pub fn chosen_from(&self, from_slot: u64, max_slots: usize, max_bytes: usize) -> Option<Vec<(u64, Value)>> {
         if from_slot < self.log_start {
             return None;
         }
         let mut bytes = 0;
         let mut entries = Vec::new();
-        for (slot, value) in self
-            .chosen
-            .range(from_slot..self.next_apply)
-            .take(max_slots)
-        {
+        for (slot, value) in self.chosen.range(from_slot..self.next_apply).take(max_slots) {
             let size = match value {
                 Value::Noop => 8,
                 Value::Batch(commands) => commands.iter().map(crate::proposer::command_bytes).sum(),
@@ -120,10 +106,7 @@ impl Learner {
 
     /// The state machine for a snapshot transfer.
     pub fn app_state(&self) -> AppState {
-        AppState {
-            next_apply: self.next_apply,
-            kv: self.kv.clone(),
-        }
+        AppState { next_apply: self.next_apply, kv: self.kv.clone() }
     }
 
     /// Installs a transferred state machine if it is ahead of ours. Returns whether it was.

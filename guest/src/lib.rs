@@ -44,11 +44,7 @@ mod component {
     struct Component;
 
     impl Guest for Component {
-        fn start(
-            config: Config,
-            snapshot: Option<Vec<u8>>,
-            wal: Vec<Vec<u8>>,
-        ) -> Result<Vec<wit::Effect>, String> {
+        fn start(config: Config, snapshot: Option<Vec<u8>>, wal: Vec<Vec<u8>>) -> Result<Vec<wit::Effect>, String> {
             let config = types::Config {
                 me: config.me,
                 members: config.members,
@@ -67,31 +63,18 @@ mod component {
             REPLICA.with(|r| match r.borrow_mut().as_mut() {
                 Some(replica) => {
                     let events = events.into_iter().map(event_in).collect();
-                    replica
-                        .step(now_ms, events)
-                        .into_iter()
-                        .map(effect_out)
-                        .collect()
+                    replica.step(now_ms, events).into_iter().map(effect_out).collect()
                 }
                 None => vec![wit::Effect::Log("step before start: ignored".to_string())],
             })
         }
 
         fn snapshot() -> Vec<u8> {
-            REPLICA.with(|r| {
-                r.borrow()
-                    .as_ref()
-                    .map(Replica::snapshot)
-                    .unwrap_or_default()
-            })
+            REPLICA.with(|r| r.borrow().as_ref().map(Replica::snapshot).unwrap_or_default())
         }
 
         fn status() -> String {
-            REPLICA.with(|r| {
-                r.borrow()
-                    .as_ref()
-                    .map_or_else(|| "{\"started\":false}".to_string(), Replica::status)
-            })
+            REPLICA.with(|r| r.borrow().as_ref().map_or_else(|| "{\"started\":false}".to_string(), Replica::status))
         }
     }
 
@@ -135,12 +118,9 @@ mod component {
 
     fn effect_out(effect: types::Effect) -> wit::Effect {
         match effect {
-            types::Effect::Send(e) => wit::Effect::Send(wit::Envelope {
-                src: e.src,
-                dst: e.dst,
-                role: role_out(e.role),
-                payload: e.payload,
-            }),
+            types::Effect::Send(e) => {
+                wit::Effect::Send(wit::Envelope { src: e.src, dst: e.dst, role: role_out(e.role), payload: e.payload })
+            }
             types::Effect::Reply(id, outcome) => wit::Effect::Reply((
                 id,
                 match outcome {

@@ -12,9 +12,7 @@ use crate::types::{Command, NodeId};
 pub const FORMAT_VERSION: u8 = 1;
 
 /// A Paxos ballot: totally ordered by `(round, node)`, so two proposers never share one.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Ballot {
     /// Increases with every election attempt.
     pub round: u64,
@@ -180,10 +178,9 @@ impl std::fmt::Display for DecodeError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             DecodeError::Empty => write!(f, "empty payload"),
-            DecodeError::NewerVersion(v) => write!(
-                f,
-                "format version {v} is newer than this build's {FORMAT_VERSION}: upgrade this guest"
-            ),
+            DecodeError::NewerVersion(v) => {
+                write!(f, "format version {v} is newer than this build's {FORMAT_VERSION}: upgrade this guest")
+            }
             DecodeError::Malformed(e) => write!(f, "malformed payload: {e}"),
         }
     }

@@ -106,8 +106,7 @@ impl Proposer {
     /// A follower with no leader yet; its first election deadline is randomized from `now_ms`.
     pub fn new(me: NodeId, members: Vec<NodeId>, seed: u64, now_ms: u64) -> Self {
         let mut rng = Rng::new(seed ^ (u64::from(me) << 32));
-        let election_deadline_ms =
-            now_ms + rng.range(ELECTION_TIMEOUT_MIN_MS, ELECTION_TIMEOUT_MAX_MS);
+        let election_deadline_ms = now_ms + rng.range(ELECTION_TIMEOUT_MIN_MS, ELECTION_TIMEOUT_MAX_MS);
         Proposer {
             me,
             members,
@@ -140,10 +139,7 @@ impl Proposer {
     }
 
     fn reset_election_timer(&mut self, now_ms: u64) {
-        self.election_deadline_ms = now_ms
-            + self
-                .rng
-                .range(ELECTION_TIMEOUT_MIN_MS, ELECTION_TIMEOUT_MAX_MS);
+        self.election_deadline_ms = now_ms + self.rng.range(ELECTION_TIMEOUT_MIN_MS, ELECTION_TIMEOUT_MAX_MS);
     }
 
     fn broadcast(&self, role: Role, message: &Message, out: &mut Vec<Outgoing>) {
@@ -160,10 +156,7 @@ impl Proposer {
             Phase::Leader => {
                 if now_ms >= self.next_heartbeat_ms {
                     self.next_heartbeat_ms = now_ms + HEARTBEAT_INTERVAL_MS;
-                    let hb = Message::Heartbeat {
-                        ballot: self.ballot,
-                        chosen_upto: first_unchosen,
-                    };
+                    let hb = Message::Heartbeat { ballot: self.ballot, chosen_upto: first_unchosen };
                     for &m in &self.members {
                         if m != self.me {
                             out.push((m, Role::Proposer, hb.clone()));
@@ -176,11 +169,7 @@ impl Proposer {
                         flight.sent_ms = now_ms;
                         for &m in &self.members {
                             if !flight.accepts.contains(&m) {
-                                let msg = Message::Accept {
-                                    ballot,
-                                    slot,
-                                    value: flight.value.clone(),
-                                };
+                                let msg = Message::Accept { ballot, slot, value: flight.value.clone() };
                                 out.push((m, Role::Acceptor, msg));
                             }
                         }
@@ -197,23 +186,13 @@ impl Proposer {
 
     /// Phase 1a: a ballot above everything seen, sent to every acceptor (this one included).
     pub fn start_election(&mut self, now_ms: u64, first_unchosen: u64, out: &mut Vec<Outgoing>) {
-        self.ballot = Ballot {
-            round: self.max_seen.round + 1,
-            node: self.me,
-        };
+        self.ballot = Ballot { round: self.max_seen.round + 1, node: self.me };
         self.max_seen = self.ballot;
-        self.phase = Phase::Candidate {
-            promises: BTreeMap::new(),
-            first_slot: first_unchosen,
-            max_log_start: (0, 0),
-        };
+        self.phase = Phase::Candidate { promises: BTreeMap::new(), first_slot: first_unchosen, max_log_start: (0, 0) };
         self.leader = None;
         self.in_flight.clear();
         self.reset_election_timer(now_ms);
-        let prepare = Message::Prepare {
-            ballot: self.ballot,
-            first_slot: first_unchosen,
-        };
+        let prepare = Message::Prepare { ballot: self.ballot, first_slot: first_unchosen };
         self.broadcast(Role::Acceptor, &prepare, out);
     }
 
@@ -234,12 +213,7 @@ impl Proposer {
             return PhaseOne::Pending;
         }
         let quorum = self.quorum();
-        let Phase::Candidate {
-            promises,
-            first_slot,
-            max_log_start,
-        } = &mut self.phase
-        else {
+        let Phase::Candidate { promises, first_slot, max_log_start } = &mut self.phase else {
             return PhaseOne::Pending;
         };
         promises.insert(src, accepted);
@@ -289,20 +263,9 @@ impl Proposer {
     }
 
     fn propose(&mut self, slot: u64, value: Value, now_ms: u64, out: &mut Vec<Outgoing>) {
-        let msg = Message::Accept {
-            ballot: self.ballot,
-            slot,
-            value: value.clone(),
-        };
+        let msg = Message::Accept { ballot: self.ballot, slot, value: value.clone() };
         self.broadcast(Role::Acceptor, &msg, out);
-        self.in_flight.insert(
-            slot,
-            InFlight {
-                value,
-                accepts: BTreeSet::new(),
-                sent_ms: now_ms,
-            },
-        );
+        self.in_flight.insert(slot, InFlight { value, accepts: BTreeSet::new(), sent_ms: now_ms });
     }
 
     /// Phase 2b answer. Returns the slot and value once a majority accepted them: chosen.
@@ -390,9 +353,7 @@ impl Proposer {
             let mut bytes = 0usize;
             while let Some(cmd) = self.queue.front() {
                 let size = command_bytes(cmd);
-                if !batch.is_empty()
-                    && (batch.len() >= BATCH_COMMANDS_MAX || bytes + size > BATCH_BYTES_MAX)
-                {
+                if !batch.is_empty() && (batch.len() >= BATCH_COMMANDS_MAX || bytes + size > BATCH_BYTES_MAX) {
                     break;
                 }
                 bytes += size;

@@ -19,9 +19,7 @@ use crate::kv::Kv;
 use crate::learner::AppState;
 use crate::learner::Learner;
 use crate::message::{self, Ballot, ClientCommand, DecodeError, Message, Record, Value};
-use crate::proposer::{
-    Outgoing, Phase, PhaseOne, Proposer, ELECTION_TIMEOUT_MAX_MS, ELECTION_TIMEOUT_MIN_MS,
-};
+use crate::proposer::{Outgoing, Phase, PhaseOne, Proposer, ELECTION_TIMEOUT_MAX_MS, ELECTION_TIMEOUT_MIN_MS};
 use crate::types::{Command, Config, Effect, Envelope, Event, NodeId, Outcome, Request, Role};
 
 /// The guest build's version, reported by `status`.
@@ -121,10 +119,7 @@ impl Replica {
     /// Starts from an optional snapshot and the records persisted after it.
     pub fn start(config: Config, snapshot: Option<&[u8]>, wal: &[Vec<u8>]) -> Result<Self, String> {
         if !config.members.contains(&config.me) {
-            return Err(format!(
-                "node {} is not in the roster {:?}",
-                config.me, config.members
-            ));
+            return Err(format!("node {} is not in the roster {:?}", config.me, config.members));
         }
         let mut replica = Replica {
             proposer: Proposer::new(config.me, config.members.clone(), config.seed, 0),
@@ -141,16 +136,12 @@ impl Replica {
             last_catchup_ms: None,
             voting: true,
             last_heartbeat_ms: None,
-            rejoin: Rejoin {
-                target: None,
-                since_ms: None,
-            },
+            rejoin: Rejoin { target: None, since_ms: None },
             incoming_snapshot: None,
             snapshot_sent_ms: BTreeMap::new(),
         };
         if let Some(bytes) = snapshot {
-            let state: SnapshotState =
-                message::decode(bytes).map_err(|e| format!("snapshot refused: {e}"))?;
+            let state: SnapshotState = message::decode(bytes).map_err(|e| format!("snapshot refused: {e}"))?;
             replica.acceptor.promised = state.promised;
             replica.acceptor.accepted = state.accepted;
             replica.acceptor.log_start = state.acceptor_log_start;
@@ -162,8 +153,7 @@ impl Replica {
             replica.voting = state.voting;
         }
         for (i, bytes) in wal.iter().enumerate() {
-            let record: Record =
-                message::decode(bytes).map_err(|e| format!("WAL record {i} refused: {e}"))?;
+            let record: Record = message::decode(bytes).map_err(|e| format!("WAL record {i} refused: {e}"))?;
             replica.acceptor.restore(&record);
             match record {
                 Record::Chosen { slot, value } => {
@@ -224,12 +214,7 @@ impl Replica {
             // The first deadline counts from the first step, not from whenever the host's clock
             // started: a restarted replica must not disturb a healthy leader at once.
             self.started = true;
-            self.proposer = Proposer::new(
-                self.config.me,
-                self.config.members.clone(),
-                self.config.seed,
-                self.now_ms,
-            );
+            self.proposer = Proposer::new(self.config.me, self.config.members.clone(), self.config.seed, self.now_ms);
             self.proposer.observe(self.acceptor.promised);
             if let Some(slot) = self.learner.highest_chosen() {
                 self.proposer.note_chosen(slot);
@@ -246,8 +231,7 @@ impl Replica {
         let mut out = Vec::new();
         if self.voting {
             // A replica that cannot vote cannot lead either: it only follows.
-            self.proposer
-                .on_time(self.now_ms, self.learner.next_apply, &mut out);
+            self.proposer.on_time(self.now_ms, self.learner.next_apply, &mut out);
         }
         self.dispatch(out);
         self.drain_local();
@@ -280,12 +264,7 @@ impl Replica {
             self.local.push_back((role, msg));
         } else {
             let payload = message::encode(&msg);
-            self.effects.push(Effect::Send(Envelope {
-                src: self.config.me,
-                dst,
-                role,
-                payload,
-            }));
+            self.effects.push(Effect::Send(Envelope { src: self.config.me, dst, role, payload }));
         }
     }
 
@@ -300,23 +279,15 @@ impl Replica {
         let problem = if key.is_empty() {
             Some("key must not be empty".to_string())
         } else if key.len() > KEY_BYTES_MAX {
-            Some(format!(
-                "key is {} bytes; the limit is {KEY_BYTES_MAX}",
-                key.len()
-            ))
+            Some(format!("key is {} bytes; the limit is {KEY_BYTES_MAX}", key.len()))
         } else if let Command::Put(_, value) = &request.command {
-            (value.len() > VALUE_BYTES_MAX).then(|| {
-                format!(
-                    "value is {} bytes; the limit is {VALUE_BYTES_MAX}",
-                    value.len()
-                )
-            })
+            (value.len() > VALUE_BYTES_MAX)
+                .then(|| format!("value is {} bytes; the limit is {VALUE_BYTES_MAX}", value.len()))
         } else {
             None
         };
         if let Some(problem) = problem {
-            self.effects
-                .push(Effect::Reply(request.id, Outcome::Rejected(problem)));
+            self.effects.push(Effect::Reply(request.id, Outcome::Rejected(problem)));
             return;
         }
         if self.config.test_hooks {
@@ -329,10 +300,8 @@ impl Replica {
             }
         }
         if self.pending.len() >= PENDING_MAX {
-            let reason =
-                format!("overloaded: {PENDING_MAX} requests already waiting at this replica");
-            self.effects
-                .push(Effect::Reply(request.id, Outcome::Rejected(reason)));
+            let reason = format!("overloaded: {PENDING_MAX} requests already waiting at this replica");
+            self.effects.push(Effect::Reply(request.id, Outcome::Rejected(reason)));
             return;
         }
         let command = ClientCommand {
@@ -342,14 +311,8 @@ impl Replica {
             seq: request.seq,
             command: request.command,
         };
-        self.pending.insert(
-            request.id,
-            Pending {
-                command: command.clone(),
-                submitted_ms: self.now_ms,
-                sent_ms: self.now_ms,
-            },
-        );
+        self.pending
+            .insert(request.id, Pending { command: command.clone(), submitted_ms: self.now_ms, sent_ms: self.now_ms });
         self.route(command);
     }
 
@@ -360,8 +323,7 @@ impl Replica {
             for refused in self.proposer.enqueue(vec![command]) {
                 self.pending.remove(&refused.request_id);
                 let reason = "overloaded: the leader's queue is full".to_string();
-                self.effects
-                    .push(Effect::Reply(refused.request_id, Outcome::Rejected(reason)));
+                self.effects.push(Effect::Reply(refused.request_id, Outcome::Rejected(reason)));
             }
         } else if self.proposer.known_leader().is_some() {
             self.to_forward.push(command);
@@ -390,8 +352,7 @@ impl Replica {
         for id in expired {
             self.pending.remove(&id);
             let reason = "timed out waiting for a quorum".to_string();
-            self.effects
-                .push(Effect::Reply(id, Outcome::Rejected(reason)));
+            self.effects.push(Effect::Reply(id, Outcome::Rejected(reason)));
         }
         let due: Vec<ClientCommand> = self
             .pending
@@ -425,36 +386,22 @@ impl Replica {
 
     fn on_envelope(&mut self, envelope: Envelope) {
         if envelope.dst != self.config.me {
-            self.log(format!(
-                "dropped a message for node {} (this is node {})",
-                envelope.dst, self.config.me
-            ));
+            self.log(format!("dropped a message for node {} (this is node {})", envelope.dst, self.config.me));
             return;
         }
         if !self.config.members.contains(&envelope.src) || envelope.src == self.config.me {
-            self.log(format!(
-                "dropped a message from unknown node {}",
-                envelope.src
-            ));
+            self.log(format!("dropped a message from unknown node {}", envelope.src));
             return;
         }
         let msg: Message = match message::decode(&envelope.payload) {
             Ok(msg) => msg,
-            Err(
-                e @ (DecodeError::Empty | DecodeError::Malformed(_) | DecodeError::NewerVersion(_)),
-            ) => {
-                self.log(format!(
-                    "dropped an undecodable message from node {}: {e}",
-                    envelope.src
-                ));
+            Err(e @ (DecodeError::Empty | DecodeError::Malformed(_) | DecodeError::NewerVersion(_))) => {
+                self.log(format!("dropped an undecodable message from node {}: {e}", envelope.src));
                 return;
             }
         };
         if role_of(&msg) != envelope.role {
-            self.log(format!(
-                "dropped a message from node {} labelled for the wrong role",
-                envelope.src
-            ));
+            self.log(format!("dropped a message from node {} labelled for the wrong role", envelope.src));
             return;
         }
         self.handle(envelope.src, envelope.role, msg);
@@ -473,11 +420,7 @@ impl Replica {
                 }
                 self.send(src, Role::Proposer, reply);
             }
-            Message::Accept {
-                ballot,
-                slot,
-                value,
-            } => {
+            Message::Accept { ballot, slot, value } => {
                 self.proposer.observe(ballot);
                 if !self.voting {
                     return;
@@ -490,21 +433,10 @@ impl Replica {
                     self.send(src, Role::Proposer, reply);
                 }
             }
-            Message::Promise {
-                ballot,
-                accepted,
-                log_start,
-            } => {
+            Message::Promise { ballot, accepted, log_start } => {
                 let mut out = Vec::new();
-                let outcome = self.proposer.on_promise(
-                    src,
-                    ballot,
-                    accepted,
-                    log_start,
-                    self.now_ms,
-                    &self.learner,
-                    &mut out,
-                );
+                let outcome =
+                    self.proposer.on_promise(src, ballot, accepted, log_start, self.now_ms, &self.learner, &mut out);
                 self.dispatch(out);
                 if let PhaseOne::Behind(ahead) = outcome {
                     self.log(format!(
@@ -513,19 +445,10 @@ impl Replica {
                         self.learner.next_apply
                     ));
                     self.last_catchup_ms = Some(self.now_ms);
-                    self.send(
-                        ahead,
-                        Role::Learner,
-                        Message::CatchUp {
-                            from_slot: self.learner.next_apply,
-                        },
-                    );
+                    self.send(ahead, Role::Learner, Message::CatchUp { from_slot: self.learner.next_apply });
                 }
                 if outcome == PhaseOne::Won {
-                    self.log(format!(
-                        "node {} leads with ballot {}",
-                        self.config.me, ballot
-                    ));
+                    self.log(format!("node {} leads with ballot {}", self.config.me, ballot));
                     self.reroute_all_pending();
                 }
             }
@@ -540,10 +463,7 @@ impl Replica {
                     self.log(format!("ballot {ballot} lost to {promised}: following"));
                 }
             }
-            Message::Heartbeat {
-                ballot,
-                chosen_upto,
-            } => {
+            Message::Heartbeat { ballot, chosen_upto } => {
                 let before = self.proposer.known_leader();
                 if self.proposer.on_heartbeat(src, ballot, self.now_ms) {
                     self.last_heartbeat_ms = Some(self.now_ms);
@@ -556,19 +476,10 @@ impl Replica {
                         .incoming_snapshot
                         .as_ref()
                         .is_some_and(|s| self.now_ms < s.started_ms + SNAPSHOT_RESEND_MS);
-                    let due = !receiving
-                        && self
-                            .last_catchup_ms
-                            .is_none_or(|t| self.now_ms >= t + CATCHUP_INTERVAL_MS);
+                    let due = !receiving && self.last_catchup_ms.is_none_or(|t| self.now_ms >= t + CATCHUP_INTERVAL_MS);
                     if chosen_upto > self.learner.next_apply && due {
                         self.last_catchup_ms = Some(self.now_ms);
-                        self.send(
-                            src,
-                            Role::Learner,
-                            Message::CatchUp {
-                                from_slot: self.learner.next_apply,
-                            },
-                        );
+                        self.send(src, Role::Learner, Message::CatchUp { from_slot: self.learner.next_apply });
                     }
                 }
             }
@@ -584,10 +495,7 @@ impl Replica {
                 }
             }
             Message::CatchUp { from_slot } => {
-                match self
-                    .learner
-                    .chosen_from(from_slot, CATCHUP_SLOTS_MAX, CATCHUP_BYTES_MAX)
-                {
+                match self.learner.chosen_from(from_slot, CATCHUP_SLOTS_MAX, CATCHUP_BYTES_MAX) {
                     Some(entries) => {
                         if !entries.is_empty() {
                             self.send(src, Role::Learner, Message::Chosen { entries });
@@ -596,12 +504,9 @@ impl Replica {
                     None => self.send_snapshot(src),
                 }
             }
-            Message::SnapshotChunk {
-                next_apply,
-                offset,
-                total,
-                bytes,
-            } => self.on_snapshot_chunk(src, next_apply, offset, total, bytes),
+            Message::SnapshotChunk { next_apply, offset, total, bytes } => {
+                self.on_snapshot_chunk(src, next_apply, offset, total, bytes)
+            }
         }
     }
 
@@ -642,9 +547,7 @@ impl Replica {
             return candidate != self.config.me;
         }
         match (self.proposer.known_leader(), self.last_heartbeat_ms) {
-            (Some(leader), Some(heard)) => {
-                leader != candidate && self.now_ms < heard + ELECTION_TIMEOUT_MIN_MS
-            }
+            (Some(leader), Some(heard)) => leader != candidate && self.now_ms < heard + ELECTION_TIMEOUT_MIN_MS,
             _ => false,
         }
     }
@@ -661,10 +564,7 @@ impl Replica {
 
     /// Sends our state machine to a peer whose missing slots we dropped, in bounded chunks.
     fn send_snapshot(&mut self, dst: NodeId) {
-        let recently = self
-            .snapshot_sent_ms
-            .get(&dst)
-            .is_some_and(|t| self.now_ms < t + SNAPSHOT_RESEND_MS);
+        let recently = self.snapshot_sent_ms.get(&dst).is_some_and(|t| self.now_ms < t + SNAPSHOT_RESEND_MS);
         if recently {
             return;
         }
@@ -687,21 +587,15 @@ impl Replica {
         }
     }
 
-    fn on_snapshot_chunk(
-        &mut self,
-        src: NodeId,
-        next_apply: u64,
-        offset: u64,
-        total: u64,
-        bytes: Vec<u8>,
-    ) {
+    fn on_snapshot_chunk(&mut self, src: NodeId, next_apply: u64, offset: u64, total: u64, bytes: Vec<u8>) {
         if next_apply <= self.learner.next_apply {
             return;
         }
         if offset == 0 {
-            let busy = self.incoming_snapshot.as_ref().is_some_and(|s| {
-                s.next_apply != next_apply && self.now_ms < s.started_ms + SNAPSHOT_RESEND_MS
-            });
+            let busy = self
+                .incoming_snapshot
+                .as_ref()
+                .is_some_and(|s| s.next_apply != next_apply && self.now_ms < s.started_ms + SNAPSHOT_RESEND_MS);
             if busy {
                 return;
             }
@@ -717,10 +611,7 @@ impl Replica {
         let Some(incoming) = self.incoming_snapshot.as_mut() else {
             return;
         };
-        if incoming.from != src
-            || incoming.next_apply != next_apply
-            || incoming.bytes.len() as u64 != offset
-        {
+        if incoming.from != src || incoming.next_apply != next_apply || incoming.bytes.len() as u64 != offset {
             return;
         }
         incoming.bytes.extend_from_slice(&bytes);
@@ -735,8 +626,7 @@ impl Replica {
                 if self.learner.install(state) {
                     self.persist(&Record::Installed(done.bytes));
                     self.acceptor.forget_below(self.learner.next_apply);
-                    self.proposer
-                        .note_chosen(self.learner.next_apply.saturating_sub(1));
+                    self.proposer.note_chosen(self.learner.next_apply.saturating_sub(1));
                     self.log(format!(
                         "installed a snapshot from node {src}: applied up to slot {}, {} keys",
                         self.learner.next_apply,
@@ -745,9 +635,7 @@ impl Replica {
                     self.apply_ready();
                 }
             }
-            Err(e) => self.log(format!(
-                "dropped an undecodable snapshot from node {src}: {e}"
-            )),
+            Err(e) => self.log(format!("dropped an undecodable snapshot from node {src}: {e}")),
         }
     }
 
@@ -767,10 +655,7 @@ impl Replica {
             self.acceptor.promised = self.acceptor.promised.max(self.proposer.max_seen);
             self.persist(&Record::Promised(self.acceptor.promised));
             self.persist(&Record::Voting(true));
-            self.log(format!(
-                "caught up to slot {}: voting again",
-                self.learner.next_apply
-            ));
+            self.log(format!("caught up to slot {}: voting again", self.learner.next_apply));
         }
     }
 
@@ -794,10 +679,7 @@ impl Replica {
             Phase::Candidate { .. } => "candidate",
             Phase::Follower => "follower",
         };
-        let leader = self
-            .proposer
-            .known_leader()
-            .map_or("null".to_string(), |l| l.to_string());
+        let leader = self.proposer.known_leader().map_or("null".to_string(), |l| l.to_string());
         format!(
             "{{\"version\":\"{GUEST_VERSION}\",\"me\":{},\"role\":\"{role}\",\"leader\":{leader},\"ballot\":\"{}\",\"promised\":\"{}\",\"first_unchosen\":{},\"highest_chosen\":{},\"next_slot\":{},\"applied\":{},\"keys\":{},\"pending\":{},\"voting\":{},\"log_start\":{}}}",
             self.config.me,
@@ -829,8 +711,6 @@ pub fn role_of(msg: &Message) -> Role {
         | Message::Nack { .. }
         | Message::Heartbeat { .. }
         | Message::Forward { .. } => Role::Proposer,
-        Message::Chosen { .. } | Message::CatchUp { .. } | Message::SnapshotChunk { .. } => {
-            Role::Learner
-        }
+        Message::Chosen { .. } | Message::CatchUp { .. } | Message::SnapshotChunk { .. } => Role::Learner,
     }
 }

@@ -14,31 +14,16 @@ fn lagging_replica_catches_up_by_snapshot_when_slots_were_dropped() {
     let lagging = (1..=5).find(|&n| n != leader).expect("a follower");
     sim.isolated.insert(lagging);
     for i in 0..60 {
-        assert_eq!(
-            sim.call(leader, 8, i + 1, put(&format!("k{i}"), &format!("v{i}"))),
-            Outcome::Done
-        );
+        assert_eq!(sim.call(leader, 8, i + 1, put(&format!("k{i}"), &format!("v{i}"))), Outcome::Done);
     }
-    assert!(
-        sim.nodes[&leader].learner.log_start > 0,
-        "the leader must have dropped old slots"
-    );
+    assert!(sim.nodes[&leader].learner.log_start > 0, "the leader must have dropped old slots");
     sim.isolated.clear();
-    assert!(
-        sim.run_until(5_000, |s| s.value_at(lagging, "k59").is_some()),
-        "no catch-up"
-    );
+    assert!(sim.run_until(5_000, |s| s.value_at(lagging, "k59").is_some()), "no catch-up");
     for i in 0..60 {
-        assert_eq!(
-            sim.value_at(lagging, &format!("k{i}")),
-            Some(format!("v{i}").into_bytes())
-        );
+        assert_eq!(sim.value_at(lagging, &format!("k{i}")), Some(format!("v{i}").into_bytes()));
     }
     // It serves linearizable reads and writes like everyone else afterwards.
-    assert_eq!(
-        sim.call(lagging, 9, 1, get("k0")),
-        Outcome::Value(Some(b"v0".to_vec()))
-    );
+    assert_eq!(sim.call(lagging, 9, 1, get("k0")), Outcome::Value(Some(b"v0".to_vec())));
 }
 
 #[test]
@@ -48,26 +33,16 @@ fn candidate_behind_compacted_acceptors_does_not_lead() {
     let behind = (1..=3).find(|&n| n != leader).expect("a follower");
     sim.isolated.insert(behind);
     for i in 0..40 {
-        assert_eq!(
-            sim.call(leader, 8, i + 1, put(&format!("k{i}"), "v")),
-            Outcome::Done
-        );
+        assert_eq!(sim.call(leader, 8, i + 1, put(&format!("k{i}"), "v")), Outcome::Done);
     }
     // The lagging node's messages reach the others again, but it is forced to run for leader
     // before it heard any heartbeat: the others forgot slots it lacks, so it must not lead.
     sim.isolated.clear();
     let now = sim.now_ms;
-    sim.nodes
-        .get_mut(&behind)
-        .expect("node")
-        .proposer
-        .election_deadline_ms = now;
+    sim.nodes.get_mut(&behind).expect("node").proposer.election_deadline_ms = now;
     sim.run_for(10);
     sim.run_for(50);
-    assert!(
-        !sim.nodes[&behind].proposer.is_leader(),
-        "a replica missing compacted slots took the lead"
-    );
+    assert!(!sim.nodes[&behind].proposer.is_leader(), "a replica missing compacted slots took the lead");
     // The cluster still agrees and makes progress.
     let leader = sim.wait_for_leader();
     assert_eq!(sim.call(leader, 8, 100, put("after", "x")), Outcome::Done);
@@ -80,43 +55,17 @@ fn wiped_replica_does_not_vote_until_caught_up() {
     let mut sim = Sim::new(5, 23);
     let leader = sim.wait_for_leader();
     for i in 0..10 {
-        assert_eq!(
-            sim.call(leader, 8, i + 1, put(&format!("k{i}"), "v")),
-            Outcome::Done
-        );
+        assert_eq!(sim.call(leader, 8, i + 1, put(&format!("k{i}"), "v")), Outcome::Done);
     }
     let wiped = (1..=5).find(|&n| n != leader).expect("a follower");
     sim.wipe_and_restart(wiped);
     // Right after the restart it ignores prepares (no promise could be trusted).
-    let prepare = message::encode(&Message::Prepare {
-        ballot: Ballot {
-            round: 99,
-            node: leader,
-        },
-        first_slot: 0,
-    });
-    let env = Envelope {
-        src: leader,
-        dst: wiped,
-        role: Role::Acceptor,
-        payload: prepare,
-    };
+    let prepare = message::encode(&Message::Prepare { ballot: Ballot { round: 99, node: leader }, first_slot: 0 });
+    let env = Envelope { src: leader, dst: wiped, role: Role::Acceptor, payload: prepare };
     let now = sim.now_ms;
-    let effects = sim
-        .nodes
-        .get_mut(&wiped)
-        .expect("node")
-        .step(now, vec![Event::Message(env)]);
-    assert!(
-        !effects.iter().any(|e| matches!(e, Effect::Send(_))),
-        "a wiped acceptor answered: {effects:?}"
-    );
+    let effects = sim.nodes.get_mut(&wiped).expect("node").step(now, vec![Event::Message(env)]);
+    assert!(!effects.iter().any(|e| matches!(e, Effect::Send(_))), "a wiped acceptor answered: {effects:?}");
     // Later it has caught up and votes again.
     assert!(sim.run_until(5_000, |s| s.value_at(wiped, "k9").is_some()));
-    assert!(
-        sim.run_until(5_000, |s| s.nodes[&wiped]
-            .status()
-            .contains("\"voting\":true")),
-        "never voted again"
-    );
+    assert!(sim.run_until(5_000, |s| s.nodes[&wiped].status().contains("\"voting\":true")), "never voted again");
 }

@@ -17,13 +17,7 @@ fn b(round: u64, node: u32) -> Ballot {
 }
 
 fn cmd(client: u64, seq: u64, command: Command) -> ClientCommand {
-    ClientCommand {
-        origin: 1,
-        request_id: seq,
-        client,
-        seq,
-        command,
-    }
+    ClientCommand { origin: 1, request_id: seq, client, seq, command }
 }
 
 fn batch(key: &str) -> Value {
@@ -37,19 +31,9 @@ fn promise_refuses_lower_ballot() {
     let mut acceptor = Acceptor::default();
     let (reply, record) = acceptor.on_prepare(b(5, 2), 0);
     assert!(matches!(reply, Message::Promise { ballot, .. } if ballot == b(5, 2)));
-    assert_eq!(
-        record,
-        Some(Record::Promised(b(5, 2))),
-        "a new promise must be persisted"
-    );
+    assert_eq!(record, Some(Record::Promised(b(5, 2))), "a new promise must be persisted");
     let (reply, record) = acceptor.on_prepare(b(4, 3), 0);
-    assert_eq!(
-        reply,
-        Message::Nack {
-            ballot: b(4, 3),
-            promised: b(5, 2)
-        }
-    );
+    assert_eq!(reply, Message::Nack { ballot: b(4, 3), promised: b(5, 2) });
     assert_eq!(record, None);
     // Same round, lower node id: still lower.
     let (reply, _) = acceptor.on_prepare(b(5, 1), 0);
@@ -62,27 +46,12 @@ fn accept_below_promise_is_refused() {
     let mut acceptor = Acceptor::default();
     acceptor.on_prepare(b(3, 1), 0);
     let (reply, record) = acceptor.on_accept(b(2, 2), 0, batch("x"));
-    assert_eq!(
-        reply,
-        Some(Message::Nack {
-            ballot: b(2, 2),
-            promised: b(3, 1)
-        })
-    );
+    assert_eq!(reply, Some(Message::Nack { ballot: b(2, 2), promised: b(3, 1) }));
     assert!(record.is_none());
     assert!(acceptor.accepted.is_empty());
     let (reply, record) = acceptor.on_accept(b(3, 1), 0, batch("x"));
-    assert_eq!(
-        reply,
-        Some(Message::Accepted {
-            ballot: b(3, 1),
-            slot: 0
-        })
-    );
-    assert!(
-        matches!(record, Some(Record::Accepted { slot: 0, .. })),
-        "an accept must be persisted"
-    );
+    assert_eq!(reply, Some(Message::Accepted { ballot: b(3, 1), slot: 0 }));
+    assert!(matches!(record, Some(Record::Accepted { slot: 0, .. })), "an accept must be persisted");
 }
 
 /// A promise reports what was accepted from the candidate's first slot on (§2.2 phase 1b).
@@ -92,9 +61,7 @@ fn promise_reports_accepted_values_from_first_slot() {
     acceptor.on_accept(b(1, 1), 3, batch("three"));
     acceptor.on_accept(b(1, 1), 9, batch("nine"));
     let (reply, _) = acceptor.on_prepare(b(2, 2), 5);
-    let Message::Promise { accepted, .. } = reply else {
-        panic!("expected a promise")
-    };
+    let Message::Promise { accepted, .. } = reply else { panic!("expected a promise") };
     assert_eq!(accepted, vec![(9, b(1, 1), batch("nine"))]);
 }
 
@@ -127,16 +94,8 @@ fn majority_of_accepts_chooses() {
     let ballot = p.ballot;
     assert_eq!(p.on_accepted(1, ballot, slot), None);
     assert_eq!(p.on_accepted(2, ballot, slot), None);
-    assert_eq!(
-        p.on_accepted(2, ballot, slot),
-        None,
-        "the same acceptor twice is still two votes short"
-    );
-    assert_eq!(
-        p.on_accepted(3, b(ballot.round - 1, 3), slot),
-        None,
-        "an accept of another ballot does not count"
-    );
+    assert_eq!(p.on_accepted(2, ballot, slot), None, "the same acceptor twice is still two votes short");
+    assert_eq!(p.on_accepted(3, b(ballot.round - 1, 3), slot), None, "an accept of another ballot does not count");
     let chosen = p.on_accepted(3, ballot, slot);
     assert!(matches!(chosen, Some((s, Value::Batch(_))) if s == slot));
 }
@@ -151,51 +110,20 @@ fn new_leader_adopts_highest_ballot_accepted_value() {
     p.start_election(0, 0, &mut out);
     let ballot = p.ballot;
     assert!(ballot > b(7, 1));
-    p.on_promise(
-        1,
-        ballot,
-        vec![(0, b(3, 1), batch("old"))],
-        0,
-        0,
-        &Learner::default(),
-        &mut out,
-    );
-    p.on_promise(
-        2,
-        ballot,
-        vec![(0, b(6, 3), batch("newest"))],
-        0,
-        0,
-        &Learner::default(),
-        &mut out,
-    );
+    p.on_promise(1, ballot, vec![(0, b(3, 1), batch("old"))], 0, 0, &Learner::default(), &mut out);
+    p.on_promise(2, ballot, vec![(0, b(6, 3), batch("newest"))], 0, 0, &Learner::default(), &mut out);
     out.clear();
-    p.on_promise(
-        3,
-        ballot,
-        vec![(0, b(5, 4), batch("middle"))],
-        0,
-        0,
-        &Learner::default(),
-        &mut out,
-    );
+    p.on_promise(3, ballot, vec![(0, b(5, 4), batch("middle"))], 0, 0, &Learner::default(), &mut out);
     assert!(p.is_leader());
     let proposed: Vec<_> = out
         .iter()
         .filter_map(|(_, _, m)| match m {
-            Message::Accept {
-                slot: 0,
-                value,
-                ballot: bb,
-            } if *bb == ballot => Some(value.clone()),
+            Message::Accept { slot: 0, value, ballot: bb } if *bb == ballot => Some(value.clone()),
             _ => None,
         })
         .collect();
     assert!(!proposed.is_empty());
-    assert!(
-        proposed.iter().all(|v| *v == batch("newest")),
-        "{proposed:?}"
-    );
+    assert!(proposed.iter().all(|v| *v == batch("newest")), "{proposed:?}");
 }
 
 /// §3: gaps in the log below the highest accepted slot are filled with no-ops.
@@ -208,15 +136,7 @@ fn gaps_become_noops() {
     let ballot = p.ballot;
     p.on_promise(1, ballot, vec![], 0, 0, &Learner::default(), &mut out);
     out.clear();
-    p.on_promise(
-        2,
-        ballot,
-        vec![(2, b(1, 3), batch("two"))],
-        0,
-        0,
-        &Learner::default(),
-        &mut out,
-    );
+    p.on_promise(2, ballot, vec![(2, b(1, 3), batch("two"))], 0, 0, &Learner::default(), &mut out);
     let mut proposed = std::collections::BTreeMap::new();
     for (_, _, m) in &out {
         if let Message::Accept { slot, value, .. } = m {
@@ -237,12 +157,7 @@ fn followers_forward_to_leader() {
     let follower = if leader == 1 { 2 } else { 1 };
     sim.run_for(200);
     let node = sim.nodes.get_mut(&follower).expect("follower");
-    let request = Request {
-        id: 99,
-        client: 5,
-        seq: 1,
-        command: put("a", "1"),
-    };
+    let request = Request { id: 99, client: 5, seq: 1, command: put("a", "1") };
     let effects = node.step(sim.now_ms + 1, vec![Event::Request(request)]);
     let forwards: Vec<_> = effects
         .iter()
@@ -250,20 +165,13 @@ fn followers_forward_to_leader() {
             Effect::Send(env) => Some(env),
             _ => None,
         })
-        .filter(|env| {
-            matches!(
-                message::decode::<Message>(&env.payload),
-                Ok(Message::Forward { .. })
-            )
-        })
+        .filter(|env| matches!(message::decode::<Message>(&env.payload), Ok(Message::Forward { .. })))
         .collect();
     assert_eq!(forwards.len(), 1, "{effects:?}");
     assert_eq!(forwards[0].dst, leader);
     assert_eq!(forwards[0].role, Role::Proposer);
     assert!(
-        !effects
-            .iter()
-            .any(|e| matches!(e, Effect::Send(env) if env.role == Role::Acceptor)),
+        !effects.iter().any(|e| matches!(e, Effect::Send(env) if env.role == Role::Acceptor)),
         "a follower must not propose"
     );
 }
@@ -273,10 +181,7 @@ fn followers_forward_to_leader() {
 fn commands_apply_in_slot_order() {
     let mut learner = Learner::default();
     learner.learn(2, Value::Batch(vec![cmd(1, 3, put("k", "third"))]));
-    assert!(
-        learner.apply_ready().is_empty(),
-        "slot 2 must wait for 0 and 1"
-    );
+    assert!(learner.apply_ready().is_empty(), "slot 2 must wait for 0 and 1");
     learner.learn(0, Value::Batch(vec![cmd(1, 1, put("k", "first"))]));
     assert_eq!(learner.apply_ready().len(), 1);
     assert_eq!(learner.kv.data["k"], b"first");
@@ -285,10 +190,7 @@ fn commands_apply_in_slot_order() {
     assert_eq!(applied.len(), 1);
     assert_eq!(learner.kv.data["k"], b"third");
     assert_eq!(learner.next_apply, 3);
-    assert!(
-        !learner.learn(1, Value::Noop),
-        "an applied slot is not learned again"
-    );
+    assert!(!learner.learn(1, Value::Noop), "an applied slot is not learned again");
 }
 
 /// Exactly-once: a retried write (same client and seq) applies once and gets the first answer.
@@ -302,15 +204,8 @@ fn duplicate_client_seq_applies_once() {
     assert_eq!(kv.apply(3, 9, 2, &put("k", "a")), Outcome::Done);
     assert_eq!(kv.data["k"], b"b", "the retry must not apply again");
     assert_eq!(kv.apply(4, 9, 3, &delete("k")), Outcome::Removed(true));
-    assert_eq!(
-        kv.apply(5, 9, 3, &delete("k")),
-        Outcome::Removed(true),
-        "same answer as the first time"
-    );
-    assert!(
-        matches!(kv.apply(6, 9, 1, &put("k", "old")), Outcome::Rejected(_)),
-        "a stale seq never applies"
-    );
+    assert_eq!(kv.apply(5, 9, 3, &delete("k")), Outcome::Removed(true), "same answer as the first time");
+    assert!(matches!(kv.apply(6, 9, 1, &put("k", "old")), Outcome::Rejected(_)), "a stale seq never applies");
     assert!(!kv.data.contains_key("k"));
 }
 
@@ -322,10 +217,7 @@ fn duplicate_request_through_two_replicas_applies_once() {
     assert_eq!(sim.call(1, 77, 1, put("counter", "1")), Outcome::Done);
     assert_eq!(sim.call(2, 78, 1, put("counter", "2")), Outcome::Done);
     assert_eq!(sim.call(3, 77, 1, put("counter", "1")), Outcome::Done);
-    assert_eq!(
-        sim.call(4, 79, 1, get("counter")),
-        Outcome::Value(Some(b"2".to_vec()))
-    );
+    assert_eq!(sim.call(4, 79, 1, get("counter")), Outcome::Value(Some(b"2".to_vec())));
 }
 
 /// Liveness with randomized timeouts: two proposers that start phase 1 at the same moment
@@ -348,10 +240,7 @@ fn duelling_proposers_converge() {
         let outcome = sim.call(leader, 1, 1, put("duel", "won"));
         assert_eq!(outcome, Outcome::Done, "seed {seed}");
         for id in 1..=5 {
-            assert!(
-                sim.run_until(2_000, |s| s.value_at(id, "duel").is_some()),
-                "seed {seed}: node {id} never applied"
-            );
+            assert!(sim.run_until(2_000, |s| s.value_at(id, "duel").is_some()), "seed {seed}: node {id} never applied");
         }
     }
 }
@@ -365,19 +254,14 @@ fn minority_failure_keeps_serving_and_catches_up() {
     for &n in &cut {
         sim.isolated.insert(n);
     }
-    let live = (1..=5)
-        .find(|n| *n != leader && !cut.contains(n))
-        .expect("a live follower");
+    let live = (1..=5).find(|n| *n != leader && !cut.contains(n)).expect("a live follower");
     for i in 0..20 {
         let outcome = sim.call(live, 5, i + 1, put(&format!("k{i}"), "v"));
         assert_eq!(outcome, Outcome::Done);
     }
     sim.isolated.clear();
     for &n in &cut {
-        assert!(
-            sim.run_until(5_000, |s| s.value_at(n, "k19").is_some()),
-            "node {n} did not catch up"
-        );
+        assert!(sim.run_until(5_000, |s| s.value_at(n, "k19").is_some()), "node {n} did not catch up");
     }
 }
 
@@ -388,26 +272,17 @@ fn leader_crash_keeps_acknowledged_writes() {
     let mut sim = Sim::new(5, 9);
     let first = sim.wait_for_leader();
     for i in 0..10 {
-        assert_eq!(
-            sim.call(first, 3, i + 1, put(&format!("k{i}"), &format!("v{i}"))),
-            Outcome::Done
-        );
+        assert_eq!(sim.call(first, 3, i + 1, put(&format!("k{i}"), &format!("v{i}"))), Outcome::Done);
     }
     sim.crash(first);
     let second = sim.wait_for_leader();
     assert_ne!(first, second);
-    assert_eq!(
-        sim.call(second, 4, 1, get("k9")),
-        Outcome::Value(Some(b"v9".to_vec()))
-    );
+    assert_eq!(sim.call(second, 4, 1, get("k9")), Outcome::Value(Some(b"v9".to_vec())));
     assert_eq!(sim.call(second, 4, 2, put("after", "crash")), Outcome::Done);
     sim.restart(first);
     assert!(sim.run_until(5_000, |s| s.value_at(first, "after").is_some()));
     for i in 0..10 {
-        assert_eq!(
-            sim.value_at(first, &format!("k{i}")),
-            Some(format!("v{i}").into_bytes())
-        );
+        assert_eq!(sim.value_at(first, &format!("k{i}")), Some(format!("v{i}").into_bytes()));
     }
 }
 
@@ -415,34 +290,14 @@ fn leader_crash_keeps_acknowledged_writes() {
 /// answer in the step's effects, so the host can make it durable before sending.
 #[test]
 fn acceptor_persists_before_answering() {
-    let config = Config {
-        me: 2,
-        members: vec![1, 2, 3],
-        seed: 1,
-        test_hooks: false,
-        retain_slots: 1_000,
-        rejoining: false,
-    };
+    let config =
+        Config { me: 2, members: vec![1, 2, 3], seed: 1, test_hooks: false, retain_slots: 1_000, rejoining: false };
     let mut replica = Replica::start(config, None, &[]).expect("start");
-    let prepare = message::encode(&Message::Prepare {
-        ballot: b(4, 1),
-        first_slot: 0,
-    });
-    let env = waxos_guest::types::Envelope {
-        src: 1,
-        dst: 2,
-        role: Role::Acceptor,
-        payload: prepare,
-    };
+    let prepare = message::encode(&Message::Prepare { ballot: b(4, 1), first_slot: 0 });
+    let env = waxos_guest::types::Envelope { src: 1, dst: 2, role: Role::Acceptor, payload: prepare };
     let effects = replica.step(10, vec![Event::Message(env)]);
-    let persist = effects
-        .iter()
-        .position(|e| matches!(e, Effect::Persist(_)))
-        .expect("a persist");
-    let send = effects
-        .iter()
-        .position(|e| matches!(e, Effect::Send(_)))
-        .expect("a send");
+    let persist = effects.iter().position(|e| matches!(e, Effect::Persist(_))).expect("a persist");
+    let send = effects.iter().position(|e| matches!(e, Effect::Send(_))).expect("a send");
     assert!(persist < send, "{effects:?}");
     // And a restart from those records remembers the promise.
     let wal: Vec<Vec<u8>> = effects
@@ -452,14 +307,8 @@ fn acceptor_persists_before_answering() {
             _ => None,
         })
         .collect();
-    let config = Config {
-        me: 2,
-        members: vec![1, 2, 3],
-        seed: 1,
-        test_hooks: false,
-        retain_slots: 1_000,
-        rejoining: false,
-    };
+    let config =
+        Config { me: 2, members: vec![1, 2, 3], seed: 1, test_hooks: false, retain_slots: 1_000, rejoining: false };
     let restarted = Replica::start(config, None, &wal).expect("restart");
     assert_eq!(restarted.acceptor.promised, b(4, 1));
 }
@@ -473,14 +322,8 @@ fn snapshot_round_trips_and_refuses_newer_format() {
     let snapshot = sim.nodes[&leader].snapshot();
     let config = sim.nodes[&leader].config().clone();
     let restored = Replica::start(config.clone(), Some(&snapshot), &[]).expect("restore");
-    assert_eq!(
-        restored.learner.kv.data.get("snap"),
-        Some(&b"shot".to_vec())
-    );
-    assert_eq!(
-        restored.acceptor.promised,
-        sim.nodes[&leader].acceptor.promised
-    );
+    assert_eq!(restored.learner.kv.data.get("snap"), Some(&b"shot".to_vec()));
+    assert_eq!(restored.acceptor.promised, sim.nodes[&leader].acceptor.promised);
     let mut newer = snapshot.clone();
     newer[0] = message::FORMAT_VERSION + 1;
     let err = Replica::start(config, Some(&newer), &[]).expect_err("must refuse");
@@ -490,39 +333,21 @@ fn snapshot_round_trips_and_refuses_newer_format() {
 /// Garbage from a peer is logged and dropped; the replica keeps working.
 #[test]
 fn undecodable_and_unknown_sender_messages_are_dropped() {
-    let config = Config {
-        me: 1,
-        members: vec![1, 2, 3],
-        seed: 1,
-        test_hooks: false,
-        retain_slots: 1_000,
-        rejoining: false,
-    };
+    let config =
+        Config { me: 1, members: vec![1, 2, 3], seed: 1, test_hooks: false, retain_slots: 1_000, rejoining: false };
     let mut replica = Replica::start(config, None, &[]).expect("start");
-    let garbage = waxos_guest::types::Envelope {
-        src: 2,
-        dst: 1,
-        role: Role::Acceptor,
-        payload: vec![1, 0xff, 0xff, 0xff],
-    };
+    let garbage =
+        waxos_guest::types::Envelope { src: 2, dst: 1, role: Role::Acceptor, payload: vec![1, 0xff, 0xff, 0xff] };
     let stranger = waxos_guest::types::Envelope {
         src: 9,
         dst: 1,
         role: Role::Acceptor,
-        payload: message::encode(&Message::Prepare {
-            ballot: b(9, 9),
-            first_slot: 0,
-        }),
+        payload: message::encode(&Message::Prepare { ballot: b(9, 9), first_slot: 0 }),
     };
     let effects = replica.step(10, vec![Event::Message(garbage), Event::Message(stranger)]);
-    let logs = effects
-        .iter()
-        .filter(|e| matches!(e, Effect::Log(l) if l.starts_with("dropped")))
-        .count();
+    let logs = effects.iter().filter(|e| matches!(e, Effect::Log(l) if l.starts_with("dropped"))).count();
     assert_eq!(logs, 2, "{effects:?}");
-    assert!(!effects
-        .iter()
-        .any(|e| matches!(e, Effect::Send(_) | Effect::Persist(_))));
+    assert!(!effects.iter().any(|e| matches!(e, Effect::Send(_) | Effect::Persist(_))));
     assert_eq!(replica.acceptor.promised, Ballot::ZERO);
     assert!(matches!(replica.proposer.phase, Phase::Follower));
 }
@@ -530,40 +355,15 @@ fn undecodable_and_unknown_sender_messages_are_dropped() {
 /// Bad input from a client is refused with a reason, never proposed.
 #[test]
 fn oversize_and_empty_keys_are_rejected() {
-    let config = Config {
-        me: 1,
-        members: vec![1],
-        seed: 1,
-        test_hooks: false,
-        retain_slots: 1_000,
-        rejoining: false,
-    };
+    let config = Config { me: 1, members: vec![1], seed: 1, test_hooks: false, retain_slots: 1_000, rejoining: false };
     let mut replica = Replica::start(config, None, &[]).expect("start");
     let long = "k".repeat(1025);
     let events = vec![
-        Event::Request(Request {
-            id: 1,
-            client: 1,
-            seq: 1,
-            command: put("", "v"),
-        }),
-        Event::Request(Request {
-            id: 2,
-            client: 1,
-            seq: 2,
-            command: put(&long, "v"),
-        }),
-        Event::Request(Request {
-            id: 3,
-            client: 1,
-            seq: 3,
-            command: Command::Put("k".into(), vec![0; (1 << 20) + 1]),
-        }),
+        Event::Request(Request { id: 1, client: 1, seq: 1, command: put("", "v") }),
+        Event::Request(Request { id: 2, client: 1, seq: 2, command: put(&long, "v") }),
+        Event::Request(Request { id: 3, client: 1, seq: 3, command: Command::Put("k".into(), vec![0; (1 << 20) + 1]) }),
     ];
     let effects = replica.step(10, events);
-    let rejected = effects
-        .iter()
-        .filter(|e| matches!(e, Effect::Reply(_, Outcome::Rejected(_))))
-        .count();
+    let rejected = effects.iter().filter(|e| matches!(e, Effect::Reply(_, Outcome::Rejected(_)))).count();
     assert_eq!(rejected, 3, "{effects:?}");
 }

@@ -33,13 +33,7 @@ impl Roster {
 
     /// As gRPC members.
     pub fn to_proto(&self) -> Vec<Member> {
-        self.members
-            .iter()
-            .map(|(id, address)| Member {
-                id: *id,
-                address: address.clone(),
-            })
-            .collect()
+        self.members.iter().map(|(id, address)| Member { id: *id, address: address.clone() }).collect()
     }
 
     fn path(data_dir: &Path) -> PathBuf {
@@ -54,55 +48,26 @@ impl Roster {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
-        let value: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not valid JSON", path.display()))?;
+        let value: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
         let me = value["me"].as_u64().and_then(|v| u32::try_from(v).ok());
         let members = value["members"].as_array().map(|ms| {
             ms.iter()
-                .filter_map(|m| {
-                    Some((
-                        u32::try_from(m["id"].as_u64()?).ok()?,
-                        m["address"].as_str()?.to_string(),
-                    ))
-                })
+                .filter_map(|m| Some((u32::try_from(m["id"].as_u64()?).ok()?, m["address"].as_str()?.to_string())))
                 .collect::<Vec<_>>()
         });
         match (me, members) {
-            (Some(me), Some(members)) if members.iter().any(|(id, _)| *id == me) => {
-                Ok(Some(Roster { me, members }))
-            }
-            _ => bail!(
-                "{} is not a valid roster (delete it to register again)",
-                path.display()
-            ),
+            (Some(me), Some(members)) if members.iter().any(|(id, _)| *id == me) => Ok(Some(Roster { me, members })),
+            _ => bail!("{} is not a valid roster (delete it to register again)", path.display()),
         }
     }
 
     /// Writes the roster atomically (temp file, fsync, rename, fsync of the directory).
     pub fn save(&self, data_dir: &Path) -> anyhow::Result<()> {
-        let members: Vec<_> = self
-            .members
-            .iter()
-            .map(|(id, a)| json!({"id": id, "address": a}))
-            .collect();
+        let members: Vec<_> = self.members.iter().map(|(id, a)| json!({"id": id, "address": a})).collect();
         let text = serde_json::to_string_pretty(&json!({"me": self.me, "members": members}))?;
-        write_atomically(&Self::path(data_dir), text.as_bytes())
+        crate::storage::write_atomically(&Self::path(data_dir), text.as_bytes())
     }
-}
-
-/// Replaces `path` with `bytes` so that a crash leaves either the old or the new content.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write;
-    let dir = path.parent().context("path has no parent directory")?;
-    std::fs::create_dir_all(dir)?;
-    let tmp = path.with_extension("tmp");
-    let mut file =
-        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
-    std::fs::File::open(dir)?.sync_all()?;
-    Ok(())
 }
 
 /// The coordinator's registration book, shared with the `Peer.Register` handler.
@@ -110,6 +75,8 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 pub struct Registry {
     /// Members so far, in id order.
     pub members: Vec<(u32, String)>,
+    /// The incarnation each member registered with (0: unknown, e.g. after a restart).
+    pub incarnations: std::collections::HashMap<String, u64>,
     /// How many the cluster has (0: this host is not the coordinator).
     pub replicas: u32,
 }
@@ -119,85 +86,72 @@ pub type SharedRegistry = Arc<Mutex<Registry>>;
 
 impl Registry {
     /// Registers `address` (idempotent) and answers with the roster so far.
-    pub fn register(&mut self, address: &str) -> Result<RegisterResponse, String> {
+    pub fn register(&mut self, address: &str, incarnation: u64) -> Result<RegisterResponse, String> {
         if self.replicas == 0 {
             return Err("this host is not the coordinator".into());
         }
+        let complete = self.members.len() as u32 >= self.replicas;
+        let known = self.incarnations.insert(address.to_string(), incarnation);
+        let mut rejoin = false;
         let id = match self.members.iter().find(|(_, a)| a == address) {
-            Some((id, _)) => *id,
+            Some((id, _)) => {
+                rejoin = complete && known != Some(incarnation);
+                if rejoin {
+                    tracing::warn!(
+                        "{address} (node {id}) registers again with a new incarnation: it lost its state and rejoins"
+                    );
+                }
+                *id
+            }
             None => {
                 if self.members.len() as u32 >= self.replicas {
-                    return Err(format!(
-                        "the roster is full ({} replicas); {address} is not a member",
-                        self.replicas
-                    ));
+                    return Err(format!("the roster is full ({} replicas); {address} is not a member", self.replicas));
                 }
                 let id = self.members.len() as u32 + 1;
                 self.members.push((id, address.to_string()));
-                tracing::info!(
-                    "registered {address} as node {id} ({}/{})",
-                    self.members.len(),
-                    self.replicas
-                );
+                tracing::info!("registered {address} as node {id} ({}/{})", self.members.len(), self.replicas);
                 id
             }
         };
         Ok(RegisterResponse {
             assigned_id: id,
-            members: self
-                .members
-                .iter()
-                .map(|(id, a)| Member {
-                    id: *id,
-                    address: a.clone(),
-                })
-                .collect(),
+            members: self.members.iter().map(|(id, a)| Member { id: *id, address: a.clone() }).collect(),
             replicas: self.replicas,
+            rejoin,
         })
     }
 }
 
-/// Finds this host's roster: persisted, or made by (or obtained from) the coordinator.
+/// Finds this host's roster: persisted, or made by (or obtained from) the coordinator. The flag
+/// is true when this host was a member already and lost its state (it rejoins).
 pub async fn roster(
     data_dir: &Path,
     my_address: &str,
     coordinator_address: Option<&str>,
     replicas: u32,
     registry: &SharedRegistry,
-) -> anyhow::Result<Roster> {
+) -> anyhow::Result<(Roster, bool)> {
     if let Some(roster) = Roster::load(data_dir)? {
-        tracing::info!(
-            "roster from {}: node {} of {:?}",
-            data_dir.display(),
-            roster.me,
-            roster.ids()
-        );
+        tracing::info!("roster from {}: node {} of {:?}", data_dir.display(), roster.me, roster.ids());
         if let Ok(mut reg) = registry.lock() {
             reg.members = roster.members.clone();
             reg.replicas = roster.members.len() as u32;
         }
-        return Ok(roster);
+        return Ok((roster, false));
     }
-    let roster = match coordinator_address {
+    let (roster, rejoin) = match coordinator_address {
         None => {
             {
-                let mut reg = registry
-                    .lock()
-                    .map_err(|_| anyhow::anyhow!("registry lock poisoned"))?;
+                let mut reg = registry.lock().map_err(|_| anyhow::anyhow!("registry lock poisoned"))?;
                 reg.replicas = replicas;
-                reg.register(my_address).map_err(anyhow::Error::msg)?;
+                reg.register(my_address, rand::random()).map_err(anyhow::Error::msg)?;
             }
             tracing::info!("coordinating: waiting for {replicas} replicas to register");
             loop {
                 {
-                    let reg = registry
-                        .lock()
-                        .map_err(|_| anyhow::anyhow!("registry lock poisoned"))?;
+                    let reg = registry.lock().map_err(|_| anyhow::anyhow!("registry lock poisoned"))?;
                     if reg.members.len() as u32 >= replicas {
-                        break Roster {
-                            me: 1,
-                            members: reg.members.clone(),
-                        };
+                        break (Roster { me: 1, members: reg.members.clone() }, false);
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -207,49 +161,34 @@ pub async fn roster(
     };
     roster.save(data_dir)?;
     tracing::info!("roster complete: node {} of {:?}", roster.me, roster.ids());
-    Ok(roster)
+    Ok((roster, rejoin))
 }
 
-async fn register_with(
-    coordinator: &str,
-    my_address: &str,
-    replicas: u32,
-) -> anyhow::Result<Roster> {
+async fn register_with(coordinator: &str, my_address: &str, replicas: u32) -> anyhow::Result<(Roster, bool)> {
     let mut logged_wait = false;
+    let incarnation: u64 = rand::random();
     loop {
         let answer = async {
             let mut client = PeerClient::connect(format!("http://{coordinator}")).await?;
-            let request = RegisterRequest {
-                address: my_address.to_string(),
-                replicas,
-            };
+            let request = RegisterRequest { address: my_address.to_string(), replicas, incarnation };
             anyhow::Ok(client.register(request).await?.into_inner())
         }
         .await;
         match answer {
             Ok(r) if r.members.len() as u32 >= r.replicas && r.replicas > 0 => {
                 let members = r.members.into_iter().map(|m| (m.id, m.address)).collect();
-                return Ok(Roster {
-                    me: r.assigned_id,
-                    members,
-                });
+                return Ok((Roster { me: r.assigned_id, members }, r.rejoin));
             }
             Ok(r) => {
                 if !logged_wait {
-                    tracing::info!(
-                        "registered with {coordinator} as node {}; waiting for the roster",
-                        r.assigned_id
-                    );
+                    tracing::info!("registered with {coordinator} as node {}; waiting for the roster", r.assigned_id);
                     logged_wait = true;
                 }
             }
             Err(e) => {
                 if let Some(status) = e.downcast_ref::<tonic::Status>() {
                     if status.code() == tonic::Code::FailedPrecondition {
-                        bail!(
-                            "coordinator {coordinator} refused registration: {}",
-                            status.message()
-                        );
+                        bail!("coordinator {coordinator} refused registration: {}", status.message());
                     }
                 }
                 tracing::debug!("coordinator {coordinator} not reachable yet: {e}");

@@ -3,12 +3,14 @@
 //! # Layout
 //! - `runtime`: wasmtime — engine, compiled-guest cache, instances with deadlines and limits.
 //! - `step_loop`: the thread that owns the guest and the WAL; persist before send.
-//! - `storage`: the write-ahead log.
+//! - `storage`: the write-ahead log and snapshots.
+//! - `chaos`: failure on purpose (acceptor outages, guest crashes).
 //! - `peer`: host-to-host envelope streams and the `Peer` gRPC service.
 //! - `service`: the client-facing `KeyValue` and `Admin` gRPC services.
 //! - `bootstrap`: the roster, via the coordinator at start-up, persisted afterwards.
 
 mod bootstrap;
+mod chaos;
 mod peer;
 mod runtime;
 mod service;
@@ -51,9 +53,28 @@ struct Args {
     /// The guest component [default: the build under target/ of the repository].
     #[arg(long)]
     guest: Option<PathBuf>,
-    /// Failure injection: off, low or high.
+    /// Failure injection preset: off, low or high (see also the --chaos-* rates).
     #[arg(long, default_value = "off")]
     chaos: String,
+    /// Seed of the failure schedule [default: random, logged].
+    #[arg(long)]
+    chaos_seed: Option<u64>,
+    /// Mean time between acceptor outages in ms, overriding the preset (0: never).
+    #[arg(long)]
+    chaos_outage_every_ms: Option<u64>,
+    /// Mean time between injected guest crashes in ms, overriding the preset (0: never).
+    #[arg(long)]
+    chaos_crash_every_ms: Option<u64>,
+    /// Compact (snapshot, drop covered WAL segments) after this many WAL records.
+    #[arg(long, default_value_t = 20_000)]
+    snapshot_every: u64,
+    /// Size at which a WAL segment is closed and the next one started, in bytes.
+    #[arg(long, default_value_t = 64 << 20)]
+    wal_segment_bytes: u64,
+    /// Applied log slots each replica keeps to serve peers catching up; a peer further behind
+    /// gets a snapshot instead.
+    #[arg(long, default_value_t = 10_000)]
+    retain_slots: u64,
     /// Enables test-only guest commands (a key that makes the guest trap, one that makes it loop).
     #[arg(long, hide = true)]
     test_hooks: bool,
@@ -70,13 +91,7 @@ fn default_guest() -> PathBuf {
     // Next to the binary: target/<profile>/waxosd -> target/wasm32-wasip2/guest/…
     std::env::current_exe()
         .ok()
-        .and_then(|exe| {
-            Some(
-                exe.parent()?
-                    .parent()?
-                    .join("wasm32-wasip2/guest/waxos_guest.wasm"),
-            )
-        })
+        .and_then(|exe| Some(exe.parent()?.parent()?.join("wasm32-wasip2/guest/waxos_guest.wasm")))
         .filter(|p| p.exists())
         .unwrap_or(from_cwd)
 }
@@ -103,51 +118,43 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if args.replicas == 0 || args.replicas > 64 {
         bail!("--replicas must be between 1 and 64");
     }
-    if args.chaos != "off" {
-        tracing::warn!(
-            "--chaos {} is not implemented yet; running without failure injection",
-            args.chaos
+    let chaos_seed = args.chaos_seed.unwrap_or_else(|| rand::rng().random());
+    let mut chaos = chaos::ChaosConfig::preset(&args.chaos, chaos_seed).map_err(anyhow::Error::msg)?;
+    if let Some(ms) = args.chaos_outage_every_ms {
+        chaos.outage_every_ms = ms;
+    }
+    if let Some(ms) = args.chaos_crash_every_ms {
+        chaos.crash_every_ms = ms;
+    }
+    if !chaos.is_off() {
+        tracing::info!(
+            "chaos {}: acceptor outage every ~{} ms, guest crash every ~{} ms (seed {chaos_seed})",
+            args.chaos,
+            chaos.outage_every_ms,
+            chaos.crash_every_ms
         );
     }
-    let data_dir = args
-        .data_dir
-        .clone()
-        .unwrap_or_else(|| Path::new("waxos-data").join(args.listen_port.to_string()));
+    let data_dir = args.data_dir.clone().unwrap_or_else(|| Path::new("waxos-data").join(args.listen_port.to_string()));
     let guest_path = args.guest.clone().unwrap_or_else(default_guest);
     let listen = resolve(&args.host, args.listen_port).await?;
     let my_address = format!("{}:{}", args.host, args.listen_port);
     let is_coordinator = args.coordinator_port == args.listen_port;
-    let coordinator =
-        (!is_coordinator).then(|| format!("{}:{}", args.coordinator_host, args.coordinator_port));
+    let coordinator = (!is_coordinator).then(|| format!("{}:{}", args.coordinator_host, args.coordinator_port));
 
     // Load the guest first: a missing or broken build should fail fast, before registering.
-    let runtime = Arc::new(runtime::Runtime::load(
-        &guest_path,
-        &data_dir.join("guest-cache"),
-    )?);
+    let runtime = Arc::new(runtime::Runtime::load(&guest_path, &data_dir.join("guest-cache"))?);
     tracing::info!("guest {} loaded", guest_path.display());
 
     let (handle, inputs) = step_loop::channel();
     let registry = bootstrap::SharedRegistry::default();
     let members = Arc::new(OnceLock::new());
     let roster_cell = Arc::new(OnceLock::new());
-    let peer_service = peer::PeerService {
-        step_loop: handle.clone(),
-        registry: registry.clone(),
-        members: members.clone(),
-    };
-    let kv_service = service::KeyValueService {
-        step_loop: handle.clone(),
-        replicas: args.replicas,
-    };
-    let admin_service = service::AdminService {
-        step_loop: handle.clone(),
-        roster: roster_cell.clone(),
-    };
+    let peer_service =
+        peer::PeerService { step_loop: handle.clone(), registry: registry.clone(), members: members.clone() };
+    let kv_service = service::KeyValueService { step_loop: handle.clone(), replicas: args.replicas };
+    let admin_service = service::AdminService { step_loop: handle.clone(), roster: roster_cell.clone() };
 
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     tracing::info!(
         "waxosd listening on {listen} (coordinator {}, data {})",
         coordinator.as_deref().unwrap_or("is this host"),
@@ -161,38 +168,50 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .max_encoding_message_size(peer::PEER_MESSAGE_BYTES_MAX),
         )
         .add_service(AdminServer::new(admin_service))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown_signal(),
-        );
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown_signal());
     let server = tokio::spawn(server);
 
-    let roster = tokio::select! {
+    let (roster, rejoining) = tokio::select! {
         roster = bootstrap::roster(&data_dir, &my_address, coordinator.as_deref(), args.replicas, &registry) => roster?,
         _ = shutdown_signal() => return Ok(()),
     };
     let _ = members.set((roster.me, roster.ids()));
     let _ = roster_cell.set(roster.clone());
 
-    let (wal, records) = storage::Wal::open(&data_dir.join("wal"))?;
+    let (storage, durable) = storage::Storage::open(&data_dir, args.wal_segment_bytes)?;
+    if rejoining && (durable.snapshot.is_some() || !durable.records.is_empty()) {
+        bail!(
+            "the coordinator says this host lost its state, but {} holds some: refusing to start",
+            data_dir.display()
+        );
+    }
+    if rejoining {
+        tracing::warn!("rejoining with no state: this replica will not vote until it has caught up");
+    }
     let peers = peer::Peers::start(&roster);
     let config = runtime::GuestConfig {
         me: roster.me,
         members: roster.ids(),
         seed: rand::rng().random(),
         test_hooks: args.test_hooks,
+        retain_slots: args.retain_slots,
+        rejoining,
     };
-    let step_loop = step_loop::StepLoop::new(runtime, config, wal, records, peers)?;
+    let step_loop = step_loop::StepLoop::new(
+        runtime,
+        config,
+        storage,
+        durable,
+        args.snapshot_every,
+        chaos::Chaos::new(chaos, 0),
+        Box::new(peers),
+    )?;
     std::thread::Builder::new()
         .name("step-loop".into())
         .spawn(move || step_loop.run(inputs))
         .context("starting the step loop thread")?;
     step_loop::mark_ready(&handle);
-    tracing::info!(
-        "node {} serving as one of {} replicas",
-        roster.me,
-        roster.members.len()
-    );
+    tracing::info!("node {} serving as one of {} replicas", roster.me, roster.members.len());
 
     match server.await {
         Ok(Ok(())) => {
@@ -209,9 +228,7 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        if let Ok(mut term) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
+        if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             tokio::select! {
                 _ = ctrl_c => {}
                 _ = term.recv() => {}

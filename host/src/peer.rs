@@ -26,11 +26,25 @@ use crate::step_loop::{Input, StepLoopHandle};
 pub const PEER_QUEUE_ENVELOPES_MAX: usize = 8_192;
 /// Envelopes per gRPC message.
 pub const BATCH_ENVELOPES_MAX: usize = 512;
-/// Largest gRPC message between hosts.
-pub const PEER_MESSAGE_BYTES_MAX: usize = 64 << 20;
+/// Payload bytes per gRPC message (a batch closes when it passes this).
+pub const BATCH_BYTES_MAX: usize = 4 << 20;
+/// Largest gRPC message between hosts (one envelope may exceed the batch bound).
+pub const PEER_MESSAGE_BYTES_MAX: usize = 512 << 20;
 /// Reconnect back-off bounds.
 const BACKOFF_MIN_MS: u64 = 50;
 const BACKOFF_MAX_MS: u64 = 1_000;
+
+/// Where the step loop hands envelopes to be sent (the real one is `Peers`; tests watch it).
+pub trait Transport: Send {
+    /// Sends, or drops when that is not possible; never blocks.
+    fn send(&self, envelope: Envelope);
+}
+
+impl Transport for Peers {
+    fn send(&self, envelope: Envelope) {
+        Peers::send(self, envelope)
+    }
+}
 
 /// Outbound queues, one per peer.
 #[derive(Clone)]
@@ -73,9 +87,7 @@ async fn sender(me: u32, peer: u32, address: String, mut queue: mpsc::Receiver<E
     let mut was_connected = true;
     loop {
         let endpoint = match tonic::transport::Endpoint::from_shared(format!("http://{address}")) {
-            Ok(e) => e
-                .connect_timeout(Duration::from_millis(500))
-                .tcp_nodelay(true),
+            Ok(e) => e.connect_timeout(Duration::from_millis(500)).tcp_nodelay(true),
             Err(e) => {
                 tracing::error!("peer {peer}: bad address {address}: {e}");
                 return;
@@ -85,9 +97,7 @@ async fn sender(me: u32, peer: u32, address: String, mut queue: mpsc::Receiver<E
             Ok(channel) => channel,
             Err(e) => {
                 if was_connected {
-                    tracing::warn!(
-                        "peer {peer} at {address} unreachable ({e}); retrying with back-off"
-                    );
+                    tracing::warn!("peer {peer} at {address} unreachable ({e}); retrying with back-off");
                     was_connected = false;
                 }
                 // Drop what queued up meanwhile: stale Paxos messages are useless, and the
@@ -105,16 +115,19 @@ async fn sender(me: u32, peer: u32, address: String, mut queue: mpsc::Receiver<E
             .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
             .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX);
         let (stream_tx, stream_rx) = mpsc::channel::<EnvelopeBatch>(16);
-        let mut call =
-            tokio::spawn(async move { client.exchange(ReceiverStream::new(stream_rx)).await });
+        let mut call = tokio::spawn(async move { client.exchange(ReceiverStream::new(stream_rx)).await });
         loop {
             tokio::select! {
                 first = queue.recv() => {
                     let Some(first) = first else { return };
+                    let mut bytes = first.payload.len();
                     let mut envelopes = vec![to_proto(first)];
-                    while envelopes.len() < BATCH_ENVELOPES_MAX {
+                    while envelopes.len() < BATCH_ENVELOPES_MAX && bytes < BATCH_BYTES_MAX {
                         match queue.try_recv() {
-                            Ok(e) => envelopes.push(to_proto(e)),
+                            Ok(e) => {
+                                bytes += e.payload.len();
+                                envelopes.push(to_proto(e));
+                            }
                             Err(_) => break,
                         }
                     }
@@ -139,12 +152,7 @@ fn to_proto(e: Envelope) -> waxos_proto::Envelope {
         Role::Acceptor => 1,
         Role::Learner => 2,
     };
-    waxos_proto::Envelope {
-        src: e.src,
-        dst: e.dst,
-        role,
-        payload: e.payload,
-    }
+    waxos_proto::Envelope { src: e.src, dst: e.dst, role, payload: e.payload }
 }
 
 fn from_proto(e: waxos_proto::Envelope) -> Option<Envelope> {
@@ -154,12 +162,7 @@ fn from_proto(e: waxos_proto::Envelope) -> Option<Envelope> {
         2 => Role::Learner,
         _ => return None,
     };
-    Some(Envelope {
-        src: e.src,
-        dst: e.dst,
-        role,
-        payload: e.payload,
-    })
+    Some(Envelope { src: e.src, dst: e.dst, role, payload: e.payload })
 }
 
 /// The `Peer` gRPC service.
@@ -174,10 +177,7 @@ pub struct PeerService {
 
 #[tonic::async_trait]
 impl Peer for PeerService {
-    async fn exchange(
-        &self,
-        request: Request<Streaming<EnvelopeBatch>>,
-    ) -> Result<Response<ExchangeClosed>, Status> {
+    async fn exchange(&self, request: Request<Streaming<EnvelopeBatch>>) -> Result<Response<ExchangeClosed>, Status> {
         let remote = request.remote_addr();
         let mut stream = request.into_inner();
         let mut refused_logged = false;
@@ -194,10 +194,7 @@ impl Peer for PeerService {
             };
             if !members.contains(&batch.src) || batch.src == *me {
                 if !refused_logged {
-                    tracing::warn!(
-                        "refused envelopes from unknown node {} at {remote:?}",
-                        batch.src
-                    );
+                    tracing::warn!("refused envelopes from unknown node {} at {remote:?}", batch.src);
                     refused_logged = true;
                 }
                 continue;
@@ -214,32 +211,24 @@ impl Peer for PeerService {
                 }
                 match from_proto(envelope) {
                     Some(e) => self.step_loop.offer(Input::Message(e)),
-                    None => tracing::warn!(
-                        "dropped an envelope with an unknown role from node {}",
-                        batch.src
-                    ),
+                    None => tracing::warn!("dropped an envelope with an unknown role from node {}", batch.src),
                 }
             }
         }
         Ok(Response::new(ExchangeClosed {}))
     }
 
-    async fn register(
-        &self,
-        request: Request<RegisterRequest>,
-    ) -> Result<Response<RegisterResponse>, Status> {
-        let address = request.into_inner().address;
+    async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
+        let request = request.into_inner();
+        let address = request.address;
         tracing::info!("request received op=register address={address}");
         let answer = self
             .registry
             .lock()
             .map_err(|_| Status::internal("registry lock poisoned"))?
-            .register(&address)
+            .register(&address, request.incarnation)
             .map_err(Status::failed_precondition);
-        tracing::info!(
-            "response sent op=register address={address} ok={}",
-            answer.is_ok()
-        );
+        tracing::info!("response sent op=register address={address} ok={}", answer.is_ok());
         answer.map(Response::new)
     }
 }

@@ -48,10 +48,7 @@ pub struct HostState {
 
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView {
-            ctx: &mut self.wasi,
-            table: &mut self.table,
-        }
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
     }
 }
 
@@ -86,65 +83,31 @@ impl Runtime {
             .with_context(|| format!("{} does not link against this host", guest_path.display()))?;
         let pre = ReplicaNodePre::new(pre)
             .map_err(anyhow::Error::from)
-            .with_context(|| {
-                format!(
-                    "{} does not export the waxos replica-node world",
-                    guest_path.display()
-                )
-            })?;
-        Ok(Runtime {
-            engine,
-            pre,
-            guest_path: guest_path.to_path_buf(),
-        })
+            .with_context(|| format!("{} does not export the waxos replica-node world", guest_path.display()))?;
+        Ok(Runtime { engine, pre, guest_path: guest_path.to_path_buf() })
     }
 
     /// A fresh instance (empty memory); call `start` on it next.
     pub fn instantiate(&self) -> Result<Guest, GuestCrash> {
-        let wasi = wasmtime_wasi::WasiCtxBuilder::new()
-            .inherit_stderr()
-            .build();
-        let limits = StoreLimitsBuilder::new()
-            .memory_size(GUEST_MEMORY_BYTES_MAX)
-            .instances(4)
-            .build();
-        let mut store = Store::new(
-            &self.engine,
-            HostState {
-                wasi,
-                table: ResourceTable::new(),
-                limits,
-            },
-        );
+        let wasi = wasmtime_wasi::WasiCtxBuilder::new().inherit_stderr().build();
+        let limits = StoreLimitsBuilder::new().memory_size(GUEST_MEMORY_BYTES_MAX).instances(4).build();
+        let mut store = Store::new(&self.engine, HostState { wasi, table: ResourceTable::new(), limits });
         store.limiter(|s| &mut s.limits);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(START_DEADLINE_MS / EPOCH_TICK_MS);
-        let node = self
-            .pre
-            .instantiate(&mut store)
-            .map_err(|e| crash("instantiate", e))?;
+        let node = self.pre.instantiate(&mut store).map_err(|e| crash("instantiate", e))?;
         Ok(Guest { store, node })
     }
 }
 
 fn crash(call: &'static str, e: wasmtime::Error) -> GuestCrash {
-    GuestCrash {
-        call,
-        reason: format!("{e:?}")
-            .lines()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" | "),
-    }
+    GuestCrash { call, reason: format!("{e:?}").lines().take(3).collect::<Vec<_>>().join(" | ") }
 }
 
 /// Compiles the guest, or loads a cached compilation keyed by the bytes and the engine.
 fn load_component(engine: &Engine, path: &Path, cache_dir: &Path) -> anyhow::Result<Component> {
     let bytes = std::fs::read(path).with_context(|| {
-        format!(
-            "cannot read the guest build {} (build it with `just build`, or pass --guest PATH)",
-            path.display()
-        )
+        format!("cannot read the guest build {} (build it with `just build`, or pass --guest PATH)", path.display())
     })?;
     let key = {
         use std::hash::{Hash, Hasher};
@@ -159,10 +122,7 @@ fn load_component(engine: &Engine, path: &Path, cache_dir: &Path) -> anyhow::Res
         // configuration (the key includes the compatibility hash) into our own data dir.
         match unsafe { Component::deserialize(engine, &serialized) } {
             Ok(component) => return Ok(component),
-            Err(e) => tracing::warn!(
-                "ignoring unusable compiled-guest cache {}: {e}",
-                cached.display()
-            ),
+            Err(e) => tracing::warn!("ignoring unusable compiled-guest cache {}: {e}", cached.display()),
         }
     }
     let component = Component::new(engine, &bytes)
@@ -186,8 +146,7 @@ pub struct Guest {
 
 impl Guest {
     fn arm(&mut self, deadline_ms: u64) {
-        self.store
-            .set_epoch_deadline(deadline_ms.div_ceil(EPOCH_TICK_MS));
+        self.store.set_epoch_deadline(deadline_ms.div_ceil(EPOCH_TICK_MS));
     }
 
     /// `start(config, snapshot, wal)`: `Ok(Err(reason))` when the guest refused the state.
@@ -207,28 +166,18 @@ impl Guest {
     /// One step.
     pub fn step(&mut self, now_ms: u64, events: &[Event]) -> Result<Vec<Effect>, GuestCrash> {
         self.arm(CALL_DEADLINE_MS);
-        self.node
-            .waxos_replica_replica()
-            .call_step(&mut self.store, now_ms, events)
-            .map_err(|e| crash("step", e))
+        self.node.waxos_replica_replica().call_step(&mut self.store, now_ms, events).map_err(|e| crash("step", e))
     }
 
     /// The guest's durable state.
-    #[allow(dead_code)] // used by compaction (next issue)
     pub fn snapshot(&mut self) -> Result<Vec<u8>, GuestCrash> {
         self.arm(CALL_DEADLINE_MS);
-        self.node
-            .waxos_replica_replica()
-            .call_snapshot(&mut self.store)
-            .map_err(|e| crash("snapshot", e))
+        self.node.waxos_replica_replica().call_snapshot(&mut self.store).map_err(|e| crash("snapshot", e))
     }
 
     /// The guest's status JSON.
     pub fn status(&mut self) -> Result<String, GuestCrash> {
         self.arm(CALL_DEADLINE_MS);
-        self.node
-            .waxos_replica_replica()
-            .call_status(&mut self.store)
-            .map_err(|e| crash("status", e))
+        self.node.waxos_replica_replica().call_status(&mut self.store).map_err(|e| crash("status", e))
     }
 }

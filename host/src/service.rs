@@ -15,8 +15,7 @@ use tonic::{Request, Response, Status};
 use waxos_proto::admin_server::Admin;
 use waxos_proto::key_value_server::KeyValue;
 use waxos_proto::{
-    DeleteRequest, DeleteResponse, GetRequest, GetResponse, PutRequest, PutResponse, StatusRequest,
-    StatusResponse,
+    DeleteRequest, DeleteResponse, GetRequest, GetResponse, PutRequest, PutResponse, StatusRequest, StatusResponse,
 };
 
 use crate::bootstrap::Roster;
@@ -50,23 +49,19 @@ fn show_key(key: &str) -> String {
 
 /// The caller's deadline from its `grpc-timeout` header, less a margin to answer in time.
 fn deadline_of<T>(request: &Request<T>) -> Duration {
-    let parsed = request
-        .metadata()
-        .get("grpc-timeout")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
-            let n: u64 = digits.parse().ok()?;
-            Some(match unit {
-                "H" => Duration::from_secs(n * 3600),
-                "M" => Duration::from_secs(n * 60),
-                "S" => Duration::from_secs(n),
-                "m" => Duration::from_millis(n),
-                "u" => Duration::from_micros(n),
-                "n" => Duration::from_nanos(n),
-                _ => return None,
-            })
-        });
+    let parsed = request.metadata().get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(|v| {
+        let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+        let n: u64 = digits.parse().ok()?;
+        Some(match unit {
+            "H" => Duration::from_secs(n * 3600),
+            "M" => Duration::from_secs(n * 60),
+            "S" => Duration::from_secs(n),
+            "m" => Duration::from_millis(n),
+            "u" => Duration::from_micros(n),
+            "n" => Duration::from_nanos(n),
+            _ => return None,
+        })
+    });
     match parsed {
         Some(d) => d.saturating_sub((d / 10).min(Duration::from_millis(200))),
         None => DEFAULT_DEADLINE,
@@ -87,25 +82,12 @@ fn check_key(key: &str) -> Result<(), Status> {
 }
 
 impl KeyValueService {
-    async fn submit(
-        &self,
-        command: Command,
-        client: u64,
-        seq: u64,
-        deadline: Duration,
-    ) -> Result<Outcome, Status> {
+    async fn submit(&self, command: Command, client: u64, seq: u64, deadline: Duration) -> Result<Outcome, Status> {
         if !self.step_loop.ready.load(Ordering::Acquire) {
-            return Err(Status::unavailable(
-                "replica is starting: the cluster roster is not complete yet",
-            ));
+            return Err(Status::unavailable("replica is starting: the cluster roster is not complete yet"));
         }
         let (reply, outcome) = oneshot::channel();
-        self.step_loop.offer(Input::Request {
-            command,
-            client,
-            seq,
-            reply,
-        });
+        self.step_loop.offer(Input::Request { command, client, seq, reply });
         match tokio::time::timeout(deadline, outcome).await {
             Ok(Ok(outcome)) => Ok(outcome),
             Ok(Err(_)) => Err(Status::unavailable("replica dropped the request (restarting); retry")),
@@ -126,26 +108,16 @@ fn unexpected(outcome: Outcome) -> Status {
             Status::invalid_argument(reason)
         }
         Outcome::Rejected(reason) => Status::unavailable(reason),
-        Outcome::Redirect(Some(leader)) => {
-            Status::unavailable(format!("not the leader: try node {leader}"))
-        }
+        Outcome::Redirect(Some(leader)) => Status::unavailable(format!("not the leader: try node {leader}")),
         Outcome::Redirect(None) => Status::unavailable("no leader known yet; retry"),
         other => Status::internal(format!("unexpected outcome {other:?}")),
     }
 }
 
-fn log_response<T: std::fmt::Debug>(
-    op: &str,
-    key: &str,
-    started: Instant,
-    result: &Result<T, Status>,
-) {
+fn log_response<T: std::fmt::Debug>(op: &str, key: &str, started: Instant, result: &Result<T, Status>) {
     let latency_ms = started.elapsed().as_secs_f64() * 1e3;
     match result {
-        Ok(r) => tracing::info!(
-            "response sent op={op} key={} outcome={r:?} latency_ms={latency_ms:.2}",
-            show_key(key)
-        ),
+        Ok(r) => tracing::info!("response sent op={op} key={} outcome={r:?} latency_ms={latency_ms:.2}", show_key(key)),
         Err(s) => tracing::info!(
             "response sent op={op} key={} error={:?} message={:?} latency_ms={latency_ms:.2}",
             show_key(key),
@@ -176,15 +148,7 @@ impl KeyValue for KeyValueService {
                     r.value.len()
                 )));
             }
-            match self
-                .submit(
-                    Command::Put((r.key.clone(), r.value)),
-                    r.client_id,
-                    r.seq,
-                    deadline,
-                )
-                .await?
-            {
+            match self.submit(Command::Put((r.key.clone(), r.value)), r.client_id, r.seq, deadline).await? {
                 Outcome::Done => Ok(PutResponse {}),
                 other => Err(unexpected(other)),
             }
@@ -198,60 +162,32 @@ impl KeyValue for KeyValueService {
         let started = Instant::now();
         let deadline = deadline_of(&request);
         let r = request.into_inner();
-        tracing::info!(
-            "request received op=get key={} client={:#x} seq={}",
-            show_key(&r.key),
-            r.client_id,
-            r.seq
-        );
+        tracing::info!("request received op=get key={} client={:#x} seq={}", show_key(&r.key), r.client_id, r.seq);
         let result = async {
             check_key(&r.key)?;
-            match self
-                .submit(Command::Get(r.key.clone()), r.client_id, r.seq, deadline)
-                .await?
-            {
+            match self.submit(Command::Get(r.key.clone()), r.client_id, r.seq, deadline).await? {
                 Outcome::Value(Some(value)) => Ok(GetResponse { found: true, value }),
-                Outcome::Value(None) => Ok(GetResponse {
-                    found: false,
-                    value: Vec::new(),
-                }),
+                Outcome::Value(None) => Ok(GetResponse { found: false, value: Vec::new() }),
                 other => Err(unexpected(other)),
             }
         }
         .await;
         let shown = result
             .as_ref()
-            .map(|g| {
-                if g.found {
-                    format!("found, {} bytes", g.value.len())
-                } else {
-                    "not found".into()
-                }
-            })
+            .map(|g| if g.found { format!("found, {} bytes", g.value.len()) } else { "not found".into() })
             .map_err(Clone::clone);
         log_response("get", &r.key, started, &shown);
         result.map(Response::new)
     }
 
-    async fn delete(
-        &self,
-        request: Request<DeleteRequest>,
-    ) -> Result<Response<DeleteResponse>, Status> {
+    async fn delete(&self, request: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
         let started = Instant::now();
         let deadline = deadline_of(&request);
         let r = request.into_inner();
-        tracing::info!(
-            "request received op=delete key={} client={:#x} seq={}",
-            show_key(&r.key),
-            r.client_id,
-            r.seq
-        );
+        tracing::info!("request received op=delete key={} client={:#x} seq={}", show_key(&r.key), r.client_id, r.seq);
         let result = async {
             check_key(&r.key)?;
-            match self
-                .submit(Command::Delete(r.key.clone()), r.client_id, r.seq, deadline)
-                .await?
-            {
+            match self.submit(Command::Delete(r.key.clone()), r.client_id, r.seq, deadline).await? {
                 Outcome::Removed(existed) => Ok(DeleteResponse { existed }),
                 other => Err(unexpected(other)),
             }
@@ -272,10 +208,7 @@ pub struct AdminService {
 
 #[tonic::async_trait]
 impl Admin for AdminService {
-    async fn status(
-        &self,
-        _request: Request<StatusRequest>,
-    ) -> Result<Response<StatusResponse>, Status> {
+    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         let started = Instant::now();
         tracing::info!("request received op=status");
         let roster = self.roster.get();

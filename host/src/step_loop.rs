@@ -7,7 +7,10 @@
 //! commit), and only then hands `send` effects to the peer transport and `reply` effects to the
 //! waiting callers. That order is the rule that keeps an acceptor's promises and accepts
 //! across a crash (DESIGN §2). A guest crash (trap, deadline, memory) is logged; the instance is
-//! thrown away and a new one started from the WAL, while the host keeps serving.
+//! thrown away and a new one started from the snapshot and WAL, while the host keeps serving.
+//! Every `snapshot_every` records it compacts: the guest's snapshot becomes the new base and
+//! the WAL segments it covers are dropped. It also runs the chaos schedule (acceptor outages,
+//! injected guest crashes).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,11 +20,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use crate::peer::Peers;
-use crate::runtime::{
-    Command, Effect, Event, Guest, GuestConfig, GuestCrash, Outcome, Request, Runtime,
-};
-use crate::storage::Wal;
+use crate::chaos::{Chaos, ChaosEvent};
+use crate::peer::Transport;
+use crate::runtime::{Command, Effect, Event, Guest, GuestConfig, GuestCrash, Outcome, Request, Role, Runtime};
+use crate::storage::{Durable, Storage};
 
 /// The guest is stepped at least this often (its timers: heartbeats, elections, re-sends).
 pub const TICK_MS: u64 = 10;
@@ -66,9 +68,7 @@ impl StepLoopHandle {
         match self.tx.try_send(input) {
             Ok(()) => {}
             Err(TrySendError::Full(Input::Request { reply, .. })) => {
-                let _ = reply.send(Outcome::Rejected(
-                    "overloaded: the replica's input queue is full".into(),
-                ));
+                let _ = reply.send(Outcome::Rejected("overloaded: the replica's input queue is full".into()));
             }
             Err(TrySendError::Full(Input::Status(reply))) => {
                 let _ = reply.send(Err("overloaded".into()));
@@ -86,13 +86,7 @@ impl StepLoopHandle {
 /// A new channel: the handle for producers, the receiver for `StepLoop::run`.
 pub fn channel() -> (StepLoopHandle, Receiver<Input>) {
     let (tx, rx) = std::sync::mpsc::sync_channel(INPUT_QUEUE_MAX);
-    (
-        StepLoopHandle {
-            tx,
-            ready: Arc::new(AtomicBool::new(false)),
-        },
-        rx,
-    )
+    (StepLoopHandle { tx, ready: Arc::new(AtomicBool::new(false)) }, rx)
 }
 
 /// The loop's state.
@@ -100,8 +94,11 @@ pub struct StepLoop {
     runtime: Arc<Runtime>,
     guest: Option<Guest>,
     config: GuestConfig,
-    wal: Wal,
-    peers: Peers,
+    storage: Storage,
+    snapshot_every: u64,
+    chaos: Chaos,
+    dropped_for_outage: u64,
+    peers: Box<dyn Transport>,
     waiting: HashMap<u64, oneshot::Sender<Outcome>>,
     next_request_id: u64,
     clock: Instant,
@@ -110,22 +107,26 @@ pub struct StepLoop {
 }
 
 impl StepLoop {
-    /// Starts the guest from `wal_records` and returns the loop, ready to `run`.
+    /// Starts the guest from `durable` state and returns the loop, ready to `run`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         runtime: Arc<Runtime>,
         config: GuestConfig,
-        wal: Wal,
-        wal_records: Vec<Vec<u8>>,
-        peers: Peers,
+        storage: Storage,
+        durable: Durable,
+        snapshot_every: u64,
+        chaos: Chaos,
+        peers: Box<dyn Transport>,
     ) -> anyhow::Result<StepLoop> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         let mut step_loop = StepLoop {
             runtime,
             guest: None,
             config,
-            wal,
+            storage,
+            snapshot_every: snapshot_every.max(1),
+            chaos,
+            dropped_for_outage: 0,
             peers,
             waiting: HashMap::new(),
             // Unique across restarts of this host, so a late reply can never match a new request.
@@ -135,28 +136,25 @@ impl StepLoop {
             last_sweep: Instant::now(),
         };
         let started = Instant::now();
-        let guest = step_loop
-            .start_guest(&wal_records)
-            .map_err(anyhow::Error::msg)?;
+        let guest = step_loop.start_guest(&durable).map_err(anyhow::Error::msg)?;
         tracing::info!(
-            "guest {} started from {} WAL records in {} ms",
+            "guest {} started from {} + {} WAL records in {} ms",
             step_loop.runtime.guest_path.display(),
-            wal_records.len(),
+            describe_snapshot(&durable),
+            durable.records.len(),
             started.elapsed().as_millis()
         );
         step_loop.guest = Some(guest);
         Ok(step_loop)
     }
 
-    fn start_guest(&mut self, wal_records: &[Vec<u8>]) -> Result<Guest, String> {
+    fn start_guest(&mut self, durable: &Durable) -> Result<Guest, String> {
         let mut guest = self.runtime.instantiate().map_err(|e| e.to_string())?;
-        match guest.start(&self.config, None, wal_records) {
+        match guest.start(&self.config, durable.snapshot.as_deref(), &durable.records) {
             Ok(Ok(effects)) => {
-                for effect in effects {
-                    if let Effect::Log(line) = effect {
-                        tracing::info!("guest: {line}");
-                    }
-                }
+                // Start-up effects are only logs and records (e.g. a rejoining replica's vote
+                // withdrawal), never messages: nothing has been stepped yet.
+                self.carry_out(effects);
                 Ok(guest)
             }
             Ok(Err(refused)) => Err(format!("guest refused its durable state: {refused}")),
@@ -188,36 +186,31 @@ impl StepLoop {
     }
 
     fn turn(&mut self, inputs: Vec<Input>) {
-        if self.guest.is_none() {
+        self.run_chaos();
+        if self.guest.is_none() && !self.chaos.guest_held_down() {
             self.try_restart();
         }
         let mut events = Vec::with_capacity(inputs.len().max(1));
         let mut statuses = Vec::new();
         for input in inputs {
             match input {
-                Input::Request {
-                    command,
-                    client,
-                    seq,
-                    reply,
-                } => {
+                Input::Request { command, client, seq, reply } => {
                     if self.guest.is_none() {
-                        let _ = reply.send(Outcome::Rejected(
-                            "replica's guest is down (restarting); retry".into(),
-                        ));
+                        let _ = reply.send(Outcome::Rejected("replica's guest is down (restarting); retry".into()));
                         continue;
                     }
                     let id = self.next_request_id;
                     self.next_request_id += 1;
                     self.waiting.insert(id, reply);
-                    events.push(Event::Request(Request {
-                        id,
-                        client,
-                        seq,
-                        command,
-                    }));
+                    events.push(Event::Request(Request { id, client, seq, command }));
                 }
-                Input::Message(envelope) => events.push(Event::Message(envelope)),
+                Input::Message(envelope) => {
+                    if self.chaos.acceptor_down() && envelope.role == Role::Acceptor {
+                        self.dropped_for_outage += 1;
+                    } else {
+                        events.push(Event::Message(envelope));
+                    }
+                }
                 Input::Status(reply) => statuses.push(reply),
             }
         }
@@ -252,15 +245,16 @@ impl StepLoop {
 
     /// Persist (one fdatasync for the step), then send and reply: never the other way round.
     fn carry_out(&mut self, effects: Vec<Effect>) {
-        let mut persisted = false;
+        let mut persisted = 0;
         for effect in &effects {
             if let Effect::Persist(record) = effect {
-                self.wal.append(record);
-                persisted = true;
+                self.storage.wal.append(record);
+                persisted += 1;
             }
         }
-        if persisted {
-            if let Err(e) = self.wal.sync() {
+        if persisted > 0 {
+            self.storage.records_since_snapshot += persisted;
+            if let Err(e) = self.storage.wal.sync() {
                 // Without durable storage this acceptor would break Paxos safety by answering:
                 // stop the host rather than send anything.
                 tracing::error!("cannot make the WAL durable, stopping the host: {e:#}");
@@ -279,42 +273,101 @@ impl StepLoop {
                 Effect::Persist(_) => {}
             }
         }
+        if self.storage.records_since_snapshot >= self.snapshot_every {
+            self.compact();
+        }
+    }
+
+    /// The guest's snapshot becomes the new base; covered WAL segments go.
+    fn compact(&mut self) {
+        let Some(guest) = self.guest.as_mut() else { return };
+        let started = Instant::now();
+        let snapshot = match guest.snapshot() {
+            Ok(snapshot) => snapshot,
+            Err(crash) => return self.on_crash(crash),
+        };
+        let snapshot_ms = started.elapsed().as_secs_f64() * 1e3;
+        let bytes = snapshot.len();
+        let records = self.storage.records_since_snapshot;
+        match self.storage.compact(snapshot) {
+            Ok(()) => tracing::info!(
+                "compacted {records} WAL records into a {bytes}-byte snapshot ({snapshot_ms:.1} ms in the guest, {:.1} ms in all)",
+                started.elapsed().as_secs_f64() * 1e3
+            ),
+            Err(e) => {
+                tracing::error!("cannot write the snapshot, stopping the host: {e:#}");
+                std::process::exit(70);
+            }
+        }
+    }
+
+    fn run_chaos(&mut self) {
+        let now = self.now_ms();
+        for event in self.chaos.poll(now) {
+            match event {
+                ChaosEvent::OutageStart { ms } => {
+                    tracing::warn!("chaos: acceptor outage starts: acceptor messages dropped for {ms} ms")
+                }
+                ChaosEvent::OutageEnd { ms } => {
+                    tracing::warn!(
+                        "chaos: acceptor outage ends after {ms} ms ({} acceptor messages dropped)",
+                        self.dropped_for_outage
+                    );
+                    self.dropped_for_outage = 0;
+                }
+                ChaosEvent::CrashStart { ms } => {
+                    tracing::warn!("chaos: guest crash injected: instance discarded, silent for {ms} ms");
+                    self.discard_guest("the replica's guest crashed (injected) and is restarting; retry");
+                }
+                ChaosEvent::CrashEnd { ms } => {
+                    let started = Instant::now();
+                    self.last_restart_attempt = None;
+                    self.try_restart();
+                    if self.guest.is_some() {
+                        tracing::warn!(
+                            "chaos: guest crash recovered: down {ms} ms, restart took {} ms",
+                            started.elapsed().as_millis()
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn discard_guest(&mut self, reason: &str) {
+        self.guest = None;
+        for (_, reply) in self.waiting.drain() {
+            let _ = reply.send(Outcome::Rejected(reason.to_string()));
+        }
     }
 
     fn on_crash(&mut self, crash: GuestCrash) {
-        tracing::error!("{crash}; discarding the instance and restarting it from the WAL");
-        self.guest = None;
-        for (_, reply) in self.waiting.drain() {
-            let _ = reply.send(Outcome::Rejected(
-                "the replica's guest crashed and is restarting; retry".into(),
-            ));
-        }
+        tracing::error!("{crash}; discarding the instance and restarting it from its snapshot and WAL");
+        self.discard_guest("the replica's guest crashed and is restarting; retry");
         self.try_restart();
     }
 
     fn try_restart(&mut self) {
-        if self
-            .last_restart_attempt
-            .is_some_and(|t| t.elapsed() < Duration::from_millis(RESTART_RETRY_MS))
-        {
+        if self.last_restart_attempt.is_some_and(|t| t.elapsed() < Duration::from_millis(RESTART_RETRY_MS)) {
             return;
         }
         self.last_restart_attempt = Some(Instant::now());
         let started = Instant::now();
-        let records = match self.wal.read_all() {
-            Ok(records) => records,
+        let durable = match self.storage.read_durable() {
+            Ok(durable) => durable,
             Err(e) => {
-                tracing::error!("cannot read the WAL to restart the guest: {e:#}");
+                tracing::error!("cannot read durable state to restart the guest: {e:#}");
                 return;
             }
         };
-        match self.start_guest(&records) {
+        match self.start_guest(&durable) {
             Ok(guest) => {
                 self.guest = Some(guest);
                 self.last_restart_attempt = None;
                 tracing::info!(
-                    "guest restarted from {} WAL records; recovery took {} ms",
-                    records.len(),
+                    "guest restarted from {} + {} WAL records; recovery took {} ms",
+                    describe_snapshot(&durable),
+                    durable.records.len(),
                     started.elapsed().as_millis()
                 );
             }
@@ -328,4 +381,90 @@ impl StepLoop {
 /// Marks the handle ready (the guest is running).
 pub fn mark_ready(handle: &StepLoopHandle) {
     handle.ready.store(true, Ordering::Release);
+}
+
+fn describe_snapshot(durable: &Durable) -> String {
+    durable.snapshot.as_ref().map_or("no snapshot".to_string(), |s| format!("a {}-byte snapshot", s.len()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+
+    use waxos_guest::message::{self, Ballot, Message, Record, Value};
+
+    use super::*;
+    use crate::chaos::ChaosConfig;
+    use crate::runtime::Envelope;
+
+    /// Checks, at the very moment each envelope is handed over for sending, what the WAL on disk
+    /// already holds. If the step loop sent before making the step's records durable, the
+    /// record answered for would not be on disk yet.
+    struct DiskCheckingTransport {
+        wal_dir: PathBuf,
+        seen: Arc<Mutex<Vec<(Envelope, Vec<Record>)>>>,
+    }
+
+    impl Transport for DiskCheckingTransport {
+        fn send(&self, envelope: Envelope) {
+            let on_disk = crate::storage::wal::read_records(&self.wal_dir)
+                .expect("read WAL")
+                .iter()
+                .map(|r| message::decode::<Record>(r).expect("a guest record"))
+                .collect();
+            self.seen.lock().expect("lock").push((envelope, on_disk));
+        }
+    }
+
+    fn guest_path() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip2/guest/waxos_guest.wasm")
+    }
+
+    fn envelope(src: u32, role: Role, msg: &Message) -> Envelope {
+        Envelope { src, dst: 1, role, payload: message::encode(msg) }
+    }
+
+    #[test]
+    fn nothing_is_sent_before_the_records_it_answers_for_are_durable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let runtime =
+            Arc::new(Runtime::load(&guest_path(), &dir.path().join("cache")).expect("guest (run `just build`)"));
+        let (storage, durable) = Storage::open(dir.path(), 1 << 20).expect("storage");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let transport = DiskCheckingTransport { wal_dir: dir.path().join("wal"), seen: seen.clone() };
+        let config = GuestConfig {
+            me: 1,
+            members: vec![1, 2, 3],
+            seed: 1,
+            test_hooks: false,
+            retain_slots: 100,
+            rejoining: false,
+        };
+        let chaos = Chaos::new(ChaosConfig::preset("off", 0).expect("preset"), 0);
+        let mut step_loop =
+            StepLoop::new(runtime, config, storage, durable, 1_000, chaos, Box::new(transport)).expect("start");
+
+        let ballot = Ballot { round: 5, node: 2 };
+        step_loop.turn(vec![Input::Message(envelope(2, Role::Acceptor, &Message::Prepare { ballot, first_slot: 0 }))]);
+        let value = Value::Noop;
+        let accept = Message::Accept { ballot, slot: 0, value: value.clone() };
+        step_loop.turn(vec![Input::Message(envelope(2, Role::Acceptor, &accept))]);
+
+        let seen = seen.lock().expect("lock");
+        let promise = seen
+            .iter()
+            .find(|(e, _)| matches!(message::decode(&e.payload), Ok(Message::Promise { .. })))
+            .expect("a promise was sent");
+        assert!(promise.1.contains(&Record::Promised(ballot)), "promise sent before it was durable: {:?}", promise.1);
+        let accepted = seen
+            .iter()
+            .find(|(e, _)| matches!(message::decode(&e.payload), Ok(Message::Accepted { .. })))
+            .expect("an accepted was sent");
+        assert!(
+            accepted.1.contains(&Record::Accepted { slot: 0, ballot, value }),
+            "accepted sent before it was durable: {:?}",
+            accepted.1
+        );
+    }
 }

@@ -11,26 +11,13 @@ use waxos_proto::{GetRequest, PutRequest};
 fn five_hosts_answer_the_same_through_every_host() {
     let cluster = Cluster::start(5, &[]);
     for i in 0..5 {
-        let out = cluster.client(
-            i,
-            &["put", &format!("key{i}"), &format!("value from host {i}")],
-        );
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "put via host {i}: {}",
-            stderr(&out)
-        );
+        let out = cluster.client(i, &["put", &format!("key{i}"), &format!("value from host {i}")]);
+        assert_eq!(out.status.code(), Some(0), "put via host {i}: {}", stderr(&out));
     }
     for reader in 0..5 {
         for i in 0..5 {
             let out = cluster.client(reader, &["get", &format!("key{i}")]);
-            assert_eq!(
-                out.status.code(),
-                Some(0),
-                "get via host {reader}: {}",
-                stderr(&out)
-            );
+            assert_eq!(out.status.code(), Some(0), "get via host {reader}: {}", stderr(&out));
             assert_eq!(stdout(&out), format!("value from host {i}"));
         }
     }
@@ -38,11 +25,7 @@ fn five_hosts_answer_the_same_through_every_host() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     for reader in 0..5 {
         let out = cluster.client(reader, &["get", "key0"]);
-        assert_eq!(
-            out.status.code(),
-            Some(2),
-            "deleted key must be not found via host {reader}"
-        );
+        assert_eq!(out.status.code(), Some(2), "deleted key must be not found via host {reader}");
         assert!(stderr(&out).contains("not found"));
     }
     let out = cluster.client(4, &["delete", "key0"]);
@@ -57,27 +40,13 @@ fn two_hosts_down_the_other_three_serve() {
     cluster.kill(0);
     cluster.kill(1);
     for i in 2..5 {
-        let out = cluster.client(
-            i,
-            &["--timeout-ms", "5000", "put", &format!("after{i}"), "yes"],
-        );
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "put via host {i}: {}\n{}",
-            stderr(&out),
-            cluster.log_of(i)
-        );
+        let out = cluster.client(i, &["--timeout-ms", "5000", "put", &format!("after{i}"), "yes"]);
+        assert_eq!(out.status.code(), Some(0), "put via host {i}: {}\n{}", stderr(&out), cluster.log_of(i));
     }
     for i in 2..5 {
         for key in ["before", "after2", "after3", "after4"] {
             let out = cluster.client(i, &["get", key]);
-            assert_eq!(
-                out.status.code(),
-                Some(0),
-                "get {key} via host {i}: {}",
-                stderr(&out)
-            );
+            assert_eq!(out.status.code(), Some(0), "get {key} via host {i}: {}", stderr(&out));
         }
     }
 }
@@ -93,16 +62,10 @@ fn three_hosts_down_a_request_fails_cleanly_and_never_hangs() {
     let elapsed = started.elapsed();
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let err = stderr(&out);
-    assert!(
-        err.contains("no quorum") || err.contains("unresponsive"),
-        "unclear message: {err}"
-    );
+    assert!(err.contains("no quorum") || err.contains("unresponsive"), "unclear message: {err}");
     assert!(err.contains("failed"), "{err}");
     // Five members, each tried at most once for at most the timeout.
-    assert!(
-        elapsed < Duration::from_millis(5 * 1500 + 3000),
-        "took {elapsed:?}"
-    );
+    assert!(elapsed < Duration::from_millis(5 * 1500 + 3000), "took {elapsed:?}");
 }
 
 #[test]
@@ -144,20 +107,12 @@ fn hundred_concurrent_clients_then_every_value_from_every_host() {
                     for w in 0..20u64 {
                         let key = format!("c{c}-w{w}");
                         let r = client
-                            .get(GetRequest {
-                                key: key.clone(),
-                                client_id: 0,
-                                seq: 0,
-                            })
+                            .get(GetRequest { key: key.clone(), client_id: 0, seq: 0 })
                             .await
                             .unwrap_or_else(|e| panic!("get {key} on host {host}: {e}"))
                             .into_inner();
                         assert!(r.found, "{key} missing on host {host}");
-                        assert_eq!(
-                            r.value,
-                            format!("{c}:{w}").into_bytes(),
-                            "{key} on host {host}"
-                        );
+                        assert_eq!(r.value, format!("{c}:{w}").into_bytes(), "{key} on host {host}");
                     }
                 }));
             }
@@ -174,27 +129,11 @@ fn a_trapping_or_looping_guest_does_not_take_the_host_down() {
     let out = cluster.client(1, &["put", "kept", "across the crash"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     // Only host 1 traps: the trap happens where the request arrives, not in the replicated log.
-    let out = cluster.client(
-        1,
-        &["--timeout-ms", "3000", "put", "__waxos_test_trap__", "x"],
-    );
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "the trapping request fails: {}",
-        stderr(&out)
-    );
+    let out = cluster.client(1, &["--timeout-ms", "3000", "put", "__waxos_test_trap__", "x"]);
+    assert_eq!(out.status.code(), Some(1), "the trapping request fails: {}", stderr(&out));
     assert!(cluster.alive(1), "host must survive a guest trap");
-    let out = cluster.client(
-        1,
-        &["--timeout-ms", "8000", "put", "__waxos_test_loop__", "x"],
-    );
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "the looping request fails: {}",
-        stderr(&out)
-    );
+    let out = cluster.client(1, &["--timeout-ms", "8000", "put", "__waxos_test_loop__", "x"]);
+    assert_eq!(out.status.code(), Some(1), "the looping request fails: {}", stderr(&out));
     assert!(cluster.alive(1), "host must survive a looping guest");
     // The host serves again, from its restarted guest, with the earlier write intact.
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -204,11 +143,7 @@ fn a_trapping_or_looping_guest_does_not_take_the_host_down() {
             assert_eq!(stdout(&out), "across the crash");
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "host 1 never served again: {}",
-            cluster.log_of(1)
-        );
+        assert!(Instant::now() < deadline, "host 1 never served again: {}", cluster.log_of(1));
         std::thread::sleep(Duration::from_millis(200));
     }
     let log = cluster.log_of(1);

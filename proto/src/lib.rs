@@ -15,18 +15,13 @@ pub mod logging {
 
     impl FormatTime for MillisecondTime {
         fn format_time(&self, w: &mut Writer<'_>) -> std::fmt::Result {
-            write!(
-                w,
-                "{}",
-                chrono::Local::now().format("%Y-%m-%d %H:%M:%S%.3f")
-            )
+            write!(w, "{}", chrono::Local::now().format("%Y-%m-%d %H:%M:%S%.3f"))
         }
     }
 
     /// Logs to stderr at `default_level` unless `RUST_LOG` says otherwise.
     pub fn init(default_level: &str) {
-        let filter =
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+        let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
         let _ = tracing_subscriber::fmt()
             .with_timer(MillisecondTime)
             .with_env_filter(filter)

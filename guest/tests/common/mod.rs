@@ -33,14 +33,8 @@ impl Sim {
         let members: Vec<NodeId> = (1..=n).collect();
         let mut nodes = BTreeMap::new();
         for &me in &members {
-            let config = Config {
-                me,
-                members: members.clone(),
-                seed,
-                test_hooks: false,
-                retain_slots,
-                rejoining: false,
-            };
+            let config =
+                Config { me, members: members.clone(), seed, test_hooks: false, retain_slots, rejoining: false };
             nodes.insert(me, Replica::start(config, None, &[]).expect("start"));
         }
         Sim {
@@ -61,15 +55,7 @@ impl Sim {
     pub fn request(&mut self, node: NodeId, client: u64, seq: u64, command: Command) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
-        self.inbox
-            .entry(node)
-            .or_default()
-            .push(Event::Request(Request {
-                id,
-                client,
-                seq,
-                command,
-            }));
+        self.inbox.entry(node).or_default().push(Event::Request(Request { id, client, seq, command }));
         id
     }
 
@@ -85,11 +71,7 @@ impl Sim {
             if events.is_empty() {
                 events.push(Event::Tick);
             }
-            let effects = self
-                .nodes
-                .get_mut(&id)
-                .expect("node")
-                .step(self.now_ms, events);
+            let effects = self.nodes.get_mut(&id).expect("node").step(self.now_ms, events);
             self.carry_out(id, effects);
         }
     }
@@ -100,9 +82,7 @@ impl Sim {
                 Effect::Persist(record) => self.wal.entry(id).or_default().push(record),
                 Effect::Send(envelope) => {
                     self.sent += 1;
-                    if self.isolated.contains(&envelope.src)
-                        || self.isolated.contains(&envelope.dst)
-                    {
+                    if self.isolated.contains(&envelope.src) || self.isolated.contains(&envelope.dst) {
                         continue;
                     }
                     if self.crashed.contains(&envelope.dst) {
@@ -123,10 +103,7 @@ impl Sim {
     }
 
     pub fn deliver(&mut self, envelope: Envelope) {
-        self.inbox
-            .entry(envelope.dst)
-            .or_default()
-            .push(Event::Message(envelope));
+        self.inbox.entry(envelope.dst).or_default().push(Event::Message(envelope));
     }
 
     /// Advances time until `done` holds (true) or `max_ms` passes (false).
@@ -152,28 +129,20 @@ impl Sim {
     pub fn leaders(&self) -> Vec<NodeId> {
         self.nodes
             .iter()
-            .filter(|(id, r)| {
-                r.proposer.is_leader() && !self.crashed.contains(id) && !self.isolated.contains(id)
-            })
+            .filter(|(id, r)| r.proposer.is_leader() && !self.crashed.contains(id) && !self.isolated.contains(id))
             .map(|(id, _)| *id)
             .collect()
     }
 
     pub fn wait_for_leader(&mut self) -> NodeId {
-        assert!(
-            self.run_until(10_000, |s| s.leaders().len() == 1),
-            "no single leader within 10 s"
-        );
+        assert!(self.run_until(10_000, |s| s.leaders().len() == 1), "no single leader within 10 s");
         self.leaders()[0]
     }
 
     /// Runs a request to completion and returns its outcome.
     pub fn call(&mut self, node: NodeId, client: u64, seq: u64, command: Command) -> Outcome {
         let id = self.request(node, client, seq, command);
-        assert!(
-            self.run_until(10_000, |s| s.replies.contains_key(&id)),
-            "request {id} at node {node} got no reply"
-        );
+        assert!(self.run_until(10_000, |s| s.replies.contains_key(&id)), "request {id} at node {node} got no reply");
         self.replies[&id].clone()
     }
 
@@ -186,10 +155,7 @@ impl Sim {
     pub fn restart(&mut self, id: NodeId) {
         let config = self.nodes[&id].config().clone();
         let wal = self.wal.get(&id).cloned().unwrap_or_default();
-        self.nodes.insert(
-            id,
-            Replica::start(config, None, &wal).expect("restart from WAL"),
-        );
+        self.nodes.insert(id, Replica::start(config, None, &wal).expect("restart from WAL"));
         self.crashed.remove(&id);
     }
 

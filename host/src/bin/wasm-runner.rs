@@ -17,10 +17,7 @@ struct State {
 
 impl WasiView for State {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView {
-            ctx: &mut self.wasi,
-            table: &mut self.table,
-        }
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
     }
 }
 
@@ -36,29 +33,15 @@ fn main() {
 
 fn run() -> anyhow::Result<i32> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let path = args
-        .first()
-        .context("usage: wasm-runner FILE.wasm [ARGS...]")?;
+    let path = args.first().context("usage: wasm-runner FILE.wasm [ARGS...]")?;
     let engine = Engine::new(&Config::new()).map_err(anyhow::Error::from)?;
-    let component = Component::from_file(&engine, path)
-        .map_err(anyhow::Error::from)
-        .with_context(|| format!("loading {path}"))?;
+    let component =
+        Component::from_file(&engine, path).map_err(anyhow::Error::from).with_context(|| format!("loading {path}"))?;
     let mut linker = Linker::<State>::new(&engine);
     wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(anyhow::Error::from)?;
-    let wasi = WasiCtxBuilder::new()
-        .inherit_stdout()
-        .inherit_stderr()
-        .args(&args)
-        .build();
-    let mut store = Store::new(
-        &engine,
-        State {
-            wasi,
-            table: ResourceTable::new(),
-        },
-    );
-    let command =
-        Command::instantiate(&mut store, &component, &linker).map_err(anyhow::Error::from)?;
+    let wasi = WasiCtxBuilder::new().inherit_stdout().inherit_stderr().args(&args).build();
+    let mut store = Store::new(&engine, State { wasi, table: ResourceTable::new() });
+    let command = Command::instantiate(&mut store, &component, &linker).map_err(anyhow::Error::from)?;
     match command.wasi_cli_run().call_run(&mut store) {
         Ok(Ok(())) => Ok(0),
         Ok(Err(())) => Ok(1),

@@ -11,10 +11,7 @@ use waxos_proto::key_value_client::KeyValueClient;
 /// target/<profile>/ — where the binaries of this build are.
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/…")
-        .to_path_buf()
+    exe.parent().and_then(Path::parent).expect("target/<profile>/deps/…").to_path_buf()
 }
 
 pub fn waxosd_path() -> PathBuf {
@@ -23,25 +20,14 @@ pub fn waxosd_path() -> PathBuf {
 
 pub fn waxos_path() -> PathBuf {
     let path = bin_dir().join("waxos");
-    assert!(
-        path.exists(),
-        "{} is missing: build it first (`just build`)",
-        path.display()
-    );
+    assert!(path.exists(), "{} is missing: build it first (`just build`)", path.display());
     path
 }
 
 pub fn guest_path() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("repo root")
-        .to_path_buf();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf();
     let path = root.join("target/wasm32-wasip2/guest/waxos_guest.wasm");
-    assert!(
-        path.exists(),
-        "{} is missing: build it first (`just build`)",
-        path.display()
-    );
+    assert!(path.exists(), "{} is missing: build it first (`just build`)", path.display());
     path
 }
 
@@ -79,12 +65,7 @@ impl Cluster {
         for (i, port) in ports.iter().enumerate() {
             let data_dir = cluster.dir.path().join(format!("data{}", i + 1));
             let log = cluster.dir.path().join(format!("{}.log", i + 1));
-            cluster.hosts.push(Host {
-                port: *port,
-                data_dir,
-                log,
-                child: None,
-            });
+            cluster.hosts.push(Host { port: *port, data_dir, log, child: None });
         }
         for i in 0..n {
             cluster.spawn(i);
@@ -95,11 +76,7 @@ impl Cluster {
 
     fn spawn(&mut self, i: usize) {
         let host = &mut self.hosts[i];
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&host.log)
-            .expect("log file");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&host.log).expect("log file");
         let child = Command::new(waxosd_path())
             .arg(self.coordinator_port.to_string())
             .arg(host.port.to_string())
@@ -182,9 +159,7 @@ impl Cluster {
 
     /// A gRPC KeyValue client of host `i`.
     pub async fn grpc(&self, i: usize) -> KeyValueClient<tonic::transport::Channel> {
-        KeyValueClient::connect(self.addr(i))
-            .await
-            .expect("connect")
+        KeyValueClient::connect(self.addr(i)).await.expect("connect")
     }
 }
 

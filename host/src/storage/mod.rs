@@ -1,0 +1,83 @@
+//! Durable storage of a host: the write-ahead log of the guest's `persist` records, the latest
+//! snapshot of the guest's state, and atomic file replacement.
+//!
+//! Start-up state is the latest valid snapshot plus every WAL record after it. Compaction
+//! (`Storage::compact`) rolls the WAL to a fresh segment, writes the snapshot atomically naming
+//! that segment as the first one it does not cover, and only then deletes the covered
+//! segments, so a crash at any point leaves a consistent pair.
+
+pub mod snapshot;
+pub mod wal;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+
+pub use snapshot::Snapshot;
+pub use wal::Wal;
+
+/// The storage of one host.
+pub struct Storage {
+    dir: PathBuf,
+    /// The write-ahead log.
+    pub wal: Wal,
+    /// Records appended since the last snapshot.
+    pub records_since_snapshot: u64,
+}
+
+/// What a guest starts from.
+pub struct Durable {
+    /// The latest snapshot's bytes, if any.
+    pub snapshot: Option<Vec<u8>>,
+    /// Records after it, in order.
+    pub records: Vec<Vec<u8>>,
+}
+
+impl Storage {
+    /// Opens (creating) the storage in `dir` and returns it with the durable state.
+    pub fn open(dir: &Path, segment_bytes_max: u64) -> anyhow::Result<(Storage, Durable)> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating data dir {}", dir.display()))?;
+        let snapshot = Snapshot::load(dir)?;
+        let first_segment = snapshot.as_ref().map_or(0, |s| s.first_segment);
+        let (wal, records) = Wal::open(&dir.join("wal"), first_segment, segment_bytes_max)?;
+        let storage = Storage { dir: dir.to_path_buf(), wal, records_since_snapshot: records.len() as u64 };
+        Ok((storage, Durable { snapshot: snapshot.map(|s| s.bytes), records }))
+    }
+
+    /// Everything durable now (to restart a crashed guest).
+    pub fn read_durable(&self) -> anyhow::Result<Durable> {
+        let snapshot = Snapshot::load(&self.dir)?;
+        let records = self.wal.read_all()?;
+        Ok(Durable { snapshot: snapshot.map(|s| s.bytes), records })
+    }
+
+    /// Makes `snapshot` (the guest's state after every record appended so far) the new base
+    /// and drops the WAL segments it covers.
+    pub fn compact(&mut self, snapshot: Vec<u8>) -> anyhow::Result<()> {
+        self.wal.sync()?;
+        let first_segment = self.wal.roll()?;
+        Snapshot { first_segment, bytes: snapshot }.save(&self.dir)?;
+        self.wal.drop_segments_before(first_segment)?;
+        self.records_since_snapshot = 0;
+        Ok(())
+    }
+}
+
+/// Replaces `path` with `bytes` so that a crash leaves either the old or the new content:
+/// temp file, fsync, rename, fsync of the directory.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().context("path has no parent directory")?;
+    std::fs::create_dir_all(dir)?;
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    file.write_all(bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    file.sync_all().with_context(|| format!("fsync of {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
+    sync_dir(dir)
+}
+
+/// fsync of a directory, so a rename or a new file in it is durable.
+pub fn sync_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("fsync of directory {}", dir.display()))
+}
