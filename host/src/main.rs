@@ -203,7 +203,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         storage,
         durable,
         args.snapshot_every,
-        chaos::Chaos::new(chaos, 0),
+        // Each replica draws its own schedule from the one seed.
+        chaos::Chaos::new(
+            chaos::ChaosConfig { seed: chaos.seed ^ u64::from(roster.me).wrapping_mul(0x9E37_79B9_7F4A_7C15), ..chaos },
+            0,
+        ),
         Box::new(peers),
     )?;
     std::thread::Builder::new()

@@ -31,10 +31,19 @@ pub fn guest_path() -> PathBuf {
     path
 }
 
-/// An unused TCP port on 127.0.0.1.
+/// An unused TCP port on 127.0.0.1, below Linux's ephemeral range (32768+) so that no
+/// outgoing connection of another test's hosts can take it between now and the bind.
 pub fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("local addr").port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ =
+        NEXT.compare_exchange(0, 20_000 + (std::process::id() % 40) as u16 * 300, Ordering::SeqCst, Ordering::SeqCst);
+    loop {
+        let port = NEXT.fetch_add(1, Ordering::SeqCst);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 pub struct Host {
@@ -107,6 +116,16 @@ impl Cluster {
             if out.status.code() == Some(0) {
                 return;
             }
+            for (n, host) in self.hosts.iter().enumerate() {
+                if let Some(Ok(Some(status))) = host.child.as_ref().map(|c| {
+                    // A host that exited on its own (e.g. its port was taken) will never serve.
+                    let pid = c.id();
+                    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                        .map(|stat| stat.split_whitespace().nth(2).filter(|s| *s == "Z").map(|_| pid))
+                }) {
+                    panic!("host {n} (pid {status}) exited during start-up; log:\n{}", self.log_of(n));
+                }
+            }
             assert!(
                 Instant::now() < deadline,
                 "host {i} not ready within 30 s: {}\nlog:\n{}",
@@ -177,4 +196,78 @@ pub fn stdout(out: &Output) -> String {
 
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+/// Index of the host whose guest leads, from `waxos status --json` through host `via`.
+pub fn leader_index(cluster: &Cluster, via: usize) -> Option<usize> {
+    let out = cluster.client(via, &["--json", "status"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let leader = status["members"].as_array()?.iter().find(|m| m["guest"]["role"] == "leader")?;
+    let address = leader["address"].as_str()?;
+    cluster.hosts.iter().position(|h| address.ends_with(&format!(":{}", h.port)))
+}
+
+/// A writer that retries a failed write with the same (client, seq) on the next host, as the
+/// real client does. Returns the writes that were acknowledged.
+pub async fn write_with_retries(
+    addrs: Vec<String>,
+    client_id: u64,
+    keys: Vec<(String, Vec<u8>)>,
+    pause: Duration,
+) -> Vec<(String, Vec<u8>)> {
+    let mut acked = Vec::new();
+    let mut host = (client_id as usize) % addrs.len();
+    for (i, (key, value)) in keys.into_iter().enumerate() {
+        let request = waxos_proto::PutRequest { key: key.clone(), value: value.clone(), client_id, seq: i as u64 + 1 };
+        for _attempt in 0..40 {
+            let result = async {
+                let channel = tonic::transport::Endpoint::from_shared(addrs[host].clone())
+                    .map_err(|e| tonic::Status::internal(e.to_string()))?
+                    .connect_timeout(Duration::from_millis(500))
+                    .connect()
+                    .await
+                    .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+                let mut r = tonic::Request::new(request.clone());
+                r.set_timeout(Duration::from_millis(2_000));
+                KeyValueClient::new(channel).put(r).await
+            }
+            .await;
+            match result {
+                Ok(_) => {
+                    acked.push((key.clone(), value.clone()));
+                    break;
+                }
+                Err(_) => {
+                    host = (host + 1) % addrs.len();
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        tokio::time::sleep(pause).await;
+    }
+    acked
+}
+
+/// Reads `key` from host `i`, retrying transient failures for up to `patience`.
+pub async fn read_eventually(addr: &str, key: &str, patience: Duration) -> Result<Option<Vec<u8>>, String> {
+    let deadline = Instant::now() + patience;
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        let result = async {
+            let mut client = KeyValueClient::connect(addr.to_string()).await.map_err(|e| e.to_string())?;
+            let mut r = tonic::Request::new(waxos_proto::GetRequest { key: key.to_string(), client_id: 0, seq: 0 });
+            r.set_timeout(Duration::from_millis(2_000));
+            client.get(r).await.map_err(|e| e.to_string())
+        }
+        .await;
+        match result {
+            Ok(r) => {
+                let r = r.into_inner();
+                return Ok(r.found.then_some(r.value));
+            }
+            Err(e) => last = e,
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(format!("no answer for {key} from {addr}: {last}"))
 }
