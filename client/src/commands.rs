@@ -21,15 +21,15 @@ pub async fn run(args: Args) -> i32 {
         Some(Cmd::Delete { key }) => single(&mut session, Op::Delete(key)).await,
         Some(Cmd::Demo) => demo(&mut session).await,
         Some(Cmd::Status) => status(&mut session, args.json).await,
-        None => {
-            eprintln!("waxos: the interactive shell is not available yet; give a command (see --help)");
-            EXIT_FAILURE
+        Some(Cmd::Bench(bench)) => {
+            crate::bench::run(&mut session, &bench, args.json, std::time::Duration::from_millis(args.timeout_ms)).await
         }
+        None => crate::shell::run(&mut session, args.json).await,
     }
 }
 
 /// Runs one operation and maps its result to output and an exit status.
-async fn single(session: &mut Session, op: Op) -> i32 {
+pub async fn single(session: &mut Session, op: Op) -> i32 {
     match session.request(&op).await {
         Ok(Reply::Stored) => EXIT_OK,
         Ok(Reply::Value(Some(value))) => {
@@ -115,7 +115,7 @@ async fn demo(session: &mut Session) -> i32 {
 }
 
 /// A table (or JSON) of every member's state.
-async fn status(session: &mut Session, json: bool) -> i32 {
+pub async fn status(session: &mut Session, json: bool) -> i32 {
     let first = session.server().to_string();
     let members = match session.status_of(&first).await {
         Ok(status) => status.members,

@@ -4,10 +4,13 @@
 //! - `session`: one logical client (identity, sequence numbers, the server it talks to, the
 //!   members it can fail over to) and the request/timeout/retry logic.
 //! - `commands`: what each command does and prints.
+//! - `shell`: the interactive shell; `bench`: the load generator.
 //! - this file: argument parsing and exit codes (0 ok, 2 key not found, 1 any failure).
 
+mod bench;
 mod commands;
 mod session;
+mod shell;
 
 use clap::{Parser, Subcommand};
 
@@ -23,7 +26,7 @@ pub struct Args {
     /// the request goes to another member with the same (client, seq).
     #[arg(long, default_value_t = 2000, global = true)]
     pub timeout_ms: u64,
-    /// Machine-readable output (status).
+    /// Machine-readable output (status, bench).
     #[arg(long, global = true)]
     pub json: bool,
     /// What to do; none opens an interactive shell.
@@ -55,6 +58,8 @@ pub enum Cmd {
     Demo,
     /// Show every member: id, address, up/down, role, ballot, slots, keys, guest version.
     Status,
+    /// Load the cluster for a while and print ops/s and latency percentiles.
+    Bench(bench::BenchArgs),
 }
 
 fn main() {

@@ -27,7 +27,7 @@ pub enum Reply {
 }
 
 /// What a client can ask.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
     /// Put.
     Put(String, Vec<u8>),

@@ -137,9 +137,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let data_dir = args.data_dir.clone().unwrap_or_else(|| Path::new("waxos-data").join(args.listen_port.to_string()));
     let guest_path = args.guest.clone().unwrap_or_else(default_guest);
     let listen = resolve(&args.host, args.listen_port).await?;
-    let my_address = format!("{}:{}", args.host, args.listen_port);
+    // An IPv6 literal needs brackets in host:port form.
+    let bracket = |h: &str| if h.contains(':') && !h.starts_with('[') { format!("[{h}]") } else { h.to_string() };
+    let my_address = format!("{}:{}", bracket(&args.host), args.listen_port);
     let is_coordinator = args.coordinator_port == args.listen_port;
-    let coordinator = (!is_coordinator).then(|| format!("{}:{}", args.coordinator_host, args.coordinator_port));
+    let coordinator = (!is_coordinator).then(|| format!("{}:{}", bracket(&args.coordinator_host), args.coordinator_port));
 
     // Load the guest first: a missing or broken build should fail fast, before registering.
     let runtime = Arc::new(runtime::Runtime::load(&guest_path, &data_dir.join("guest-cache"))?);

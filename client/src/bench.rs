@@ -1,0 +1,241 @@
+//! `waxos bench`: a bounded closed-loop load generator.
+//!
+//! N clients, each with its own connection, identity and sequence numbers, run requests back
+//! to back for a fixed duration, with an operation mix over a fixed key space. Load is spread
+//! over every member (learned from `Admin.Status`) or aimed at one (`--target`). It prints
+//! ops/s, latency percentiles and errors, or one line of JSON. Every request has a deadline, so
+//! the run always ends.
+
+use std::time::{Duration, Instant};
+
+use rand::{RngExt, SeedableRng};
+use tonic::transport::Endpoint;
+use waxos_proto::key_value_client::KeyValueClient;
+use waxos_proto::{DeleteRequest, GetRequest, PutRequest};
+
+use crate::session::Session;
+
+/// What `bench` was asked to do.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Concurrent clients (one connection each).
+    #[arg(long, default_value_t = 16)]
+    pub clients: usize,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Bytes per written value.
+    #[arg(long, default_value_t = 100)]
+    pub value_size: usize,
+    /// Size of the key space.
+    #[arg(long, default_value_t = 10_000)]
+    pub keys: u64,
+    /// Operation mix in percent, e.g. put=50,get=50 or put=40,get=40,delete=20.
+    #[arg(long, default_value = "put=50,get=50")]
+    pub mix: String,
+    /// Send everything to this node id instead of spreading over all members.
+    #[arg(long)]
+    pub target: Option<u32>,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Put,
+    Get,
+    Delete,
+}
+
+fn parse_mix(mix: &str) -> Result<Vec<(Kind, u32)>, String> {
+    let mut out = Vec::new();
+    for part in mix.split(',').filter(|p| !p.is_empty()) {
+        let (name, pct) = part.split_once('=').ok_or_else(|| format!("bad --mix part {part:?}: use op=percent"))?;
+        let pct: u32 = pct.trim().parse().map_err(|_| format!("bad percentage in {part:?}"))?;
+        let kind = match name.trim() {
+            "put" => Kind::Put,
+            "get" => Kind::Get,
+            "delete" => Kind::Delete,
+            other => return Err(format!("unknown operation {other:?} in --mix (put, get, delete)")),
+        };
+        out.push((kind, pct));
+    }
+    let total: u32 = out.iter().map(|(_, p)| p).sum();
+    if total != 100 {
+        return Err(format!("--mix percentages add up to {total}, not 100"));
+    }
+    Ok(out)
+}
+
+/// Results of one run.
+#[derive(Debug, Default)]
+struct Tally {
+    latencies_us: Vec<u32>,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+/// Runs the benchmark; returns the exit status.
+pub async fn run(session: &mut Session, args: &BenchArgs, json: bool, timeout: Duration) -> i32 {
+    let mix = match parse_mix(&args.mix) {
+        Ok(mix) => mix,
+        Err(e) => {
+            eprintln!("waxos: {e}");
+            return 1;
+        }
+    };
+    if args.clients == 0 || args.duration <= 0.0 || args.keys == 0 {
+        eprintln!("waxos: --clients, --duration and --keys must be positive");
+        return 1;
+    }
+    let first = session.server().to_string();
+    let status = match session.status_of(&first).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("waxos: cannot get the members from {first}: {}", e.message());
+            return 1;
+        }
+    };
+    let mut targets: Vec<String> = match args.target {
+        Some(id) => status.members.iter().filter(|m| m.id == id).map(|m| m.address.clone()).collect(),
+        None => status.members.iter().map(|m| m.address.clone()).collect(),
+    };
+    if targets.is_empty() {
+        if let Some(id) = args.target {
+            eprintln!("waxos: no member with id {id}");
+            return 1;
+        }
+        targets.push(first);
+    }
+    let duration = Duration::from_secs_f64(args.duration);
+    let value = vec![b'x'; args.value_size];
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut tasks = Vec::new();
+    for c in 0..args.clients {
+        let address = targets[c % targets.len()].clone();
+        let mix = mix.clone();
+        let value = value.clone();
+        let keys = args.keys;
+        tasks.push(tokio::spawn(async move { client_loop(address, mix, value, keys, deadline, timeout).await }));
+    }
+    let mut tally = Tally::default();
+    for t in tasks {
+        if let Ok(t) = t.await {
+            tally.latencies_us.extend(t.latencies_us);
+            tally.errors += t.errors;
+            if tally.first_error.is_none() {
+                tally.first_error = t.first_error;
+            }
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    report(args, &targets, tally, elapsed, json);
+    0
+}
+
+async fn client_loop(
+    address: String,
+    mix: Vec<(Kind, u32)>,
+    value: Vec<u8>,
+    keys: u64,
+    deadline: Instant,
+    timeout: Duration,
+) -> Tally {
+    let mut tally = Tally::default();
+    let channel = match Endpoint::from_shared(format!("http://{address}")) {
+        Ok(e) => e.connect_timeout(timeout).tcp_nodelay(true).connect_lazy(),
+        Err(e) => {
+            tally.errors += 1;
+            tally.first_error = Some(e.to_string());
+            return tally;
+        }
+    };
+    let mut client = KeyValueClient::new(channel);
+    let client_id: u64 = rand::rng().random::<u64>() | 1;
+    let mut seq = 0u64;
+    let mut rng = rand::rngs::StdRng::from_rng(&mut rand::rng());
+    while Instant::now() < deadline {
+        seq += 1;
+        let key = format!("bench:{}", rng.random_range(0..keys));
+        let roll = rng.random_range(0..100u32);
+        let mut acc = 0;
+        let kind = mix.iter().find(|(_, p)| {
+            acc += p;
+            roll < acc
+        });
+        let kind = kind.map_or(Kind::Get, |(k, _)| *k);
+        let t = Instant::now();
+        let result = match kind {
+            Kind::Put => {
+                let mut r = tonic::Request::new(PutRequest { key, value: value.clone(), client_id, seq });
+                r.set_timeout(timeout);
+                client.put(r).await.map(|_| ())
+            }
+            Kind::Get => {
+                let mut r = tonic::Request::new(GetRequest { key, client_id, seq });
+                r.set_timeout(timeout);
+                client.get(r).await.map(|_| ())
+            }
+            Kind::Delete => {
+                let mut r = tonic::Request::new(DeleteRequest { key, client_id, seq });
+                r.set_timeout(timeout);
+                client.delete(r).await.map(|_| ())
+            }
+        };
+        match result {
+            Ok(()) => tally.latencies_us.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32),
+            Err(e) => {
+                tally.errors += 1;
+                if tally.first_error.is_none() {
+                    tally.first_error = Some(format!("{:?}: {}", e.code(), e.message()));
+                }
+            }
+        }
+    }
+    tally
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    f64::from(sorted[rank.min(sorted.len() - 1)]) / 1e3
+}
+
+fn report(args: &BenchArgs, targets: &[String], mut tally: Tally, elapsed: f64, json: bool) {
+    tally.latencies_us.sort_unstable();
+    let ops = tally.latencies_us.len();
+    let ops_per_s = ops as f64 / elapsed.max(1e-9);
+    let (p50, p90, p99) = (
+        percentile(&tally.latencies_us, 50.0),
+        percentile(&tally.latencies_us, 90.0),
+        percentile(&tally.latencies_us, 99.0),
+    );
+    let max = tally.latencies_us.last().map_or(0.0, |m| f64::from(*m) / 1e3);
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "clients": args.clients, "duration_s": elapsed, "value_size": args.value_size, "keys": args.keys,
+                "mix": args.mix, "targets": targets, "ops": ops, "ops_per_s": ops_per_s,
+                "p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "max_ms": max, "errors": tally.errors,
+                "first_error": tally.first_error,
+            })
+        );
+    } else {
+        println!(
+            "bench: {} clients, {:.1} s, mix {}, {}-byte values, {} keys, {} target(s)",
+            args.clients,
+            elapsed,
+            args.mix,
+            args.value_size,
+            args.keys,
+            targets.len()
+        );
+        println!("  ops/s   {ops_per_s:>10.0}   ({ops} ok, {} errors)", tally.errors);
+        println!("  latency p50 {p50:.2} ms  p90 {p90:.2} ms  p99 {p99:.2} ms  max {max:.2} ms");
+        if let Some(e) = tally.first_error {
+            println!("  first error: {e}");
+        }
+    }
+}
