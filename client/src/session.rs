@@ -160,7 +160,12 @@ impl Session {
             let started = Instant::now();
             let result = self.attempt(op, seq).await;
             match result {
-                Ok(reply) => return Ok(reply),
+                Ok(reply) => {
+                    // Learn where else to go while the cluster answers, so that a member that
+                    // dies later (even this one) can be failed over from.
+                    self.learn_members().await;
+                    return Ok(reply);
+                }
                 Err(status) if status.code() == Code::InvalidArgument => {
                     return Err(RequestError::Invalid(status.message().to_string()));
                 }

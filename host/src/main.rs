@@ -141,7 +141,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let bracket = |h: &str| if h.contains(':') && !h.starts_with('[') { format!("[{h}]") } else { h.to_string() };
     let my_address = format!("{}:{}", bracket(&args.host), args.listen_port);
     let is_coordinator = args.coordinator_port == args.listen_port;
-    let coordinator = (!is_coordinator).then(|| format!("{}:{}", bracket(&args.coordinator_host), args.coordinator_port));
+    let coordinator =
+        (!is_coordinator).then(|| format!("{}:{}", bracket(&args.coordinator_host), args.coordinator_port));
 
     // Load the guest first: a missing or broken build should fail fast, before registering.
     let runtime = Arc::new(runtime::Runtime::load(&guest_path, &data_dir.join("guest-cache"))?);
