@@ -62,6 +62,17 @@ pub struct InFlight {
     pub sent_ms: u64,
 }
 
+/// An acceptor's phase-1b answer, as the proposer takes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Promise {
+    /// The ballot promised.
+    pub ballot: Ballot,
+    /// `(slot, accepted ballot, value)` from the candidate's first slot on.
+    pub accepted: Vec<(u64, Ballot, Value)>,
+    /// The acceptor forgot every slot below this one.
+    pub log_start: u64,
+}
+
 /// What a promise did to a candidacy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PhaseOne {
@@ -202,13 +213,12 @@ impl Proposer {
     pub fn on_promise(
         &mut self,
         src: NodeId,
-        ballot: Ballot,
-        accepted: Vec<(u64, Ballot, Value)>,
-        log_start: u64,
+        promise: Promise,
         now_ms: u64,
         learner: &Learner,
         out: &mut Vec<Outgoing>,
     ) -> PhaseOne {
+        let Promise { ballot, accepted, log_start } = promise;
         if ballot != self.ballot {
             return PhaseOne::Pending;
         }

@@ -19,7 +19,7 @@ use crate::kv::Kv;
 use crate::learner::AppState;
 use crate::learner::Learner;
 use crate::message::{self, Ballot, ClientCommand, DecodeError, Message, Record, Value};
-use crate::proposer::{Outgoing, Phase, PhaseOne, Proposer, ELECTION_TIMEOUT_MAX_MS, ELECTION_TIMEOUT_MIN_MS};
+use crate::proposer::{Outgoing, Phase, PhaseOne, Promise, Proposer, ELECTION_TIMEOUT_MAX_MS, ELECTION_TIMEOUT_MIN_MS};
 use crate::types::{Command, Config, Effect, Envelope, Event, NodeId, Outcome, Request, Role};
 
 /// The guest build's version, reported by `status`.
@@ -435,8 +435,13 @@ impl Replica {
             }
             Message::Promise { ballot, accepted, log_start } => {
                 let mut out = Vec::new();
-                let outcome =
-                    self.proposer.on_promise(src, ballot, accepted, log_start, self.now_ms, &self.learner, &mut out);
+                let outcome = self.proposer.on_promise(
+                    src,
+                    Promise { ballot, accepted, log_start },
+                    self.now_ms,
+                    &self.learner,
+                    &mut out,
+                );
                 self.dispatch(out);
                 if let PhaseOne::Behind(ahead) = outcome {
                     self.log(format!(

@@ -8,7 +8,7 @@ use waxos_guest::acceptor::Acceptor;
 use waxos_guest::kv::Kv;
 use waxos_guest::learner::Learner;
 use waxos_guest::message::{self, Ballot, ClientCommand, Message, Record, Value};
-use waxos_guest::proposer::{Phase, Proposer};
+use waxos_guest::proposer::{Phase, Promise, Proposer};
 use waxos_guest::replica::Replica;
 use waxos_guest::types::{Command, Config, Effect, Event, Outcome, Request, Role};
 
@@ -70,7 +70,7 @@ fn leader_of(members: &[u32], me: u32) -> (Proposer, Vec<(u32, Role, Message)>) 
     let mut out = Vec::new();
     p.start_election(0, 0, &mut out);
     for &m in members.iter().take(members.len() / 2 + 1) {
-        p.on_promise(m, p.ballot, vec![], 0, 0, &Learner::default(), &mut out);
+        p.on_promise(m, Promise { ballot: p.ballot, accepted: vec![], log_start: 0 }, 0, &Learner::default(), &mut out);
     }
     assert!(p.is_leader());
     (p, out)
@@ -110,10 +110,28 @@ fn new_leader_adopts_highest_ballot_accepted_value() {
     p.start_election(0, 0, &mut out);
     let ballot = p.ballot;
     assert!(ballot > b(7, 1));
-    p.on_promise(1, ballot, vec![(0, b(3, 1), batch("old"))], 0, 0, &Learner::default(), &mut out);
-    p.on_promise(2, ballot, vec![(0, b(6, 3), batch("newest"))], 0, 0, &Learner::default(), &mut out);
+    p.on_promise(
+        1,
+        Promise { ballot, accepted: vec![(0, b(3, 1), batch("old"))], log_start: 0 },
+        0,
+        &Learner::default(),
+        &mut out,
+    );
+    p.on_promise(
+        2,
+        Promise { ballot, accepted: vec![(0, b(6, 3), batch("newest"))], log_start: 0 },
+        0,
+        &Learner::default(),
+        &mut out,
+    );
     out.clear();
-    p.on_promise(3, ballot, vec![(0, b(5, 4), batch("middle"))], 0, 0, &Learner::default(), &mut out);
+    p.on_promise(
+        3,
+        Promise { ballot, accepted: vec![(0, b(5, 4), batch("middle"))], log_start: 0 },
+        0,
+        &Learner::default(),
+        &mut out,
+    );
     assert!(p.is_leader());
     let proposed: Vec<_> = out
         .iter()
@@ -134,9 +152,15 @@ fn gaps_become_noops() {
     let mut out = Vec::new();
     p.start_election(0, 0, &mut out);
     let ballot = p.ballot;
-    p.on_promise(1, ballot, vec![], 0, 0, &Learner::default(), &mut out);
+    p.on_promise(1, Promise { ballot, accepted: vec![], log_start: 0 }, 0, &Learner::default(), &mut out);
     out.clear();
-    p.on_promise(2, ballot, vec![(2, b(1, 3), batch("two"))], 0, 0, &Learner::default(), &mut out);
+    p.on_promise(
+        2,
+        Promise { ballot, accepted: vec![(2, b(1, 3), batch("two"))], log_start: 0 },
+        0,
+        &Learner::default(),
+        &mut out,
+    );
     let mut proposed = std::collections::BTreeMap::new();
     for (_, _, m) in &out {
         if let Message::Accept { slot, value, .. } = m {

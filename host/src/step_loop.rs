@@ -403,8 +403,11 @@ mod tests {
     /// record answered for would not be on disk yet.
     struct DiskCheckingTransport {
         wal_dir: PathBuf,
-        seen: Arc<Mutex<Vec<(Envelope, Vec<Record>)>>>,
+        seen: Arc<Mutex<Vec<SendSeen>>>,
     }
+
+    /// An envelope handed over, and the WAL records on disk at that moment.
+    type SendSeen = (Envelope, Vec<Record>);
 
     impl Transport for DiskCheckingTransport {
         fn send(&self, envelope: Envelope) {

@@ -268,6 +268,7 @@ fn ipv6_literal_hosts_work() {
     }
     let out = Command::new(waxos_path()).args(["::1", &port.to_string(), "get", "v6"]).output().expect("run");
     let _ = host.kill();
+    let _ = host.wait();
     assert!(ok, "no write over IPv6");
     assert_eq!(stdout(&out), "yes");
 }
