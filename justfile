@@ -19,8 +19,14 @@ cluster chaos="low": build
 
 # Everything: guest unit tests under wasmtime, host and client tests, real-process cluster tests.
 test: build
+    scripts/guest-variants.sh
     cargo test --release --target wasm32-wasip2 -p waxos-guest
     cargo test --release -p waxos-host -p waxos-client -p waxos-proto
+
+# Hot-swap a guest build (default: build the current guest) into all five `just cluster` hosts,
+# one at a time, waiting for each to serve again.
+swap path="":
+    scripts/swap.sh "{{path}}"
 
 # Format and lint (CI runs these too).
 lint:

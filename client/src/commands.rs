@@ -24,6 +24,7 @@ pub async fn run(args: Args) -> i32 {
         Some(Cmd::Bench(bench)) => {
             crate::bench::run(&mut session, &bench, args.json, std::time::Duration::from_millis(args.timeout_ms)).await
         }
+        Some(Cmd::Swap { path }) => swap(&session, &path, args.json).await,
         None => crate::shell::run(&mut session, args.json).await,
     }
 }
@@ -114,6 +115,40 @@ async fn demo(session: &mut Session) -> i32 {
     }
 }
 
+/// Uploads a build to the host and swaps it in; prints the versions and the pause.
+async fn swap(session: &Session, path: &std::path::Path, json: bool) -> i32 {
+    let server = session.server().to_string();
+    let wasm = match std::fs::read(path) {
+        Ok(wasm) => wasm,
+        Err(e) => {
+            eprintln!("waxos: cannot read {}: {e}", path.display());
+            return EXIT_FAILURE;
+        }
+    };
+    match session.swap(wasm).await {
+        Ok(r) => {
+            let pause_ms = r.pause_us as f64 / 1e3;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"server": server, "old_version": r.old_version, "new_version": r.new_version,
+                        "build": r.build_hash, "pause_ms": pause_ms})
+                );
+            } else {
+                println!(
+                    "{server}: swapped {} -> {} (build {}), pause {pause_ms:.2} ms",
+                    r.old_version, r.new_version, r.build_hash
+                );
+            }
+            EXIT_OK
+        }
+        Err(status) => {
+            eprintln!("waxos: swap on {server} failed: {}", status.message());
+            EXIT_FAILURE
+        }
+    }
+}
+
 /// A table (or JSON) of every member's state.
 pub async fn status(session: &mut Session, json: bool) -> i32 {
     let first = session.server().to_string();
@@ -131,7 +166,7 @@ pub async fn status(session: &mut Session, json: bool) -> i32 {
             Ok(s) => {
                 let guest: serde_json::Value =
                     serde_json::from_str(&s.guest_status_json).unwrap_or(serde_json::Value::Null);
-                serde_json::json!({"id": m.id, "address": m.address, "up": !s.guest_down, "guest": guest})
+                serde_json::json!({"id": m.id, "address": m.address, "up": !s.guest_down, "guest": guest, "build": s.guest_build})
             }
             Err(e) => {
                 serde_json::json!({"id": m.id, "address": m.address, "up": false, "error": e.message()})
@@ -144,8 +179,8 @@ pub async fn status(session: &mut Session, json: bool) -> i32 {
         return EXIT_OK;
     }
     println!(
-        "{:<4} {:<22} {:<5} {:<10} {:<8} {:>10} {:>10} {:>8} {:<8}",
-        "ID", "ADDRESS", "UP", "ROLE", "BALLOT", "CHOSEN", "APPLIED", "KEYS", "VERSION"
+        "{:<4} {:<22} {:<5} {:<10} {:<8} {:>10} {:>10} {:>8} {:<16} {:<16}",
+        "ID", "ADDRESS", "UP", "ROLE", "BALLOT", "CHOSEN", "APPLIED", "KEYS", "VERSION", "BUILD"
     );
     for r in &rows {
         let g = &r["guest"];
@@ -155,7 +190,7 @@ pub async fn status(session: &mut Session, json: bool) -> i32 {
             other => other.to_string(),
         };
         println!(
-            "{:<4} {:<22} {:<5} {:<10} {:<8} {:>10} {:>10} {:>8} {:<8}",
+            "{:<4} {:<22} {:<5} {:<10} {:<8} {:>10} {:>10} {:>8} {:<16} {:<16}",
             text(&r["id"]),
             text(&r["address"]),
             if r["up"].as_bool() == Some(true) { "up" } else { "down" },
@@ -165,6 +200,7 @@ pub async fn status(session: &mut Session, json: bool) -> i32 {
             text(&g["applied"]),
             text(&g["keys"]),
             text(&g["version"]),
+            text(&r["build"]),
         );
     }
     EXIT_OK

@@ -60,6 +60,11 @@ pub enum Cmd {
     Status,
     /// Load the cluster for a while and print ops/s and latency percentiles.
     Bench(bench::BenchArgs),
+    /// Hot-swap this host's guest for the build at PATH, without restarting it.
+    Swap {
+        /// A guest component (.wasm).
+        path: std::path::PathBuf,
+    },
 }
 
 fn main() {

@@ -130,6 +130,22 @@ impl Session {
         Ok(AdminClient::new(channel).status(request).await?.into_inner())
     }
 
+    /// `Admin.SwapGuest` on the current server (compiling a build takes a while: the deadline
+    /// is at least 60 s).
+    pub async fn swap(&self, wasm: Vec<u8>) -> Result<waxos_proto::SwapGuestResponse, Status> {
+        let address = self.server().to_string();
+        let timeout = self.timeout.max(Duration::from_secs(60));
+        let endpoint = self.endpoint(&address)?.timeout(timeout);
+        let channel = tokio::time::timeout(self.timeout, endpoint.connect())
+            .await
+            .map_err(|_| Status::deadline_exceeded("connect timed out"))?
+            .map_err(|e| Status::unavailable(format!("cannot connect: {e}")))?;
+        let mut request = tonic::Request::new(waxos_proto::SwapGuestRequest { wasm });
+        request.set_timeout(timeout);
+        let mut client = AdminClient::new(channel).max_encoding_message_size(128 << 20);
+        Ok(client.swap_guest(request).await?.into_inner())
+    }
+
     /// Learns the other members from the first server that answers `Status`, so a failed
     /// request can go elsewhere.
     pub async fn learn_members(&mut self) {

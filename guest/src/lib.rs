@@ -69,8 +69,8 @@ mod component {
             })
         }
 
-        fn snapshot() -> Vec<u8> {
-            REPLICA.with(|r| r.borrow().as_ref().map(Replica::snapshot).unwrap_or_default())
+        fn snapshot(handover: bool) -> Vec<u8> {
+            REPLICA.with(|r| r.borrow().as_ref().map(|r| r.snapshot(handover)).unwrap_or_default())
         }
 
         fn status() -> String {

@@ -169,7 +169,12 @@ pub enum DecodeError {
     /// No bytes at all.
     Empty,
     /// Written by a newer build than this one.
-    NewerVersion(u8),
+    NewerVersion {
+        /// The version found.
+        found: u8,
+        /// The newest version this build reads.
+        newest: u8,
+    },
     /// Not a valid encoding.
     Malformed(String),
 }
@@ -178,17 +183,31 @@ impl std::fmt::Display for DecodeError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             DecodeError::Empty => write!(f, "empty payload"),
-            DecodeError::NewerVersion(v) => {
-                write!(f, "format version {v} is newer than this build's {FORMAT_VERSION}: upgrade this guest")
-            }
+            DecodeError::NewerVersion { found, newest } => write!(
+                f,
+                "format version {found} is newer than this build reads (up to {newest}): it needs a newer guest build"
+            ),
             DecodeError::Malformed(e) => write!(f, "malformed payload: {e}"),
         }
     }
 }
 
+/// The snapshot format version this build writes (a test-only feature writes a newer one, to
+/// check that an older build refuses it).
+#[cfg(not(feature = "test-snapshot-v2"))]
+pub const SNAPSHOT_VERSION: u8 = 1;
+/// The snapshot format version this build writes.
+#[cfg(feature = "test-snapshot-v2")]
+pub const SNAPSHOT_VERSION: u8 = 2;
+
 /// Encodes a value behind the format version byte.
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    let mut out = vec![FORMAT_VERSION];
+    encode_as(FORMAT_VERSION, value)
+}
+
+/// Encodes a value behind the given format version byte.
+pub fn encode_as<T: Serialize>(version: u8, value: &T) -> Vec<u8> {
+    let mut out = vec![version];
     // postcard into a Vec cannot fail for these types (no maps with non-string keys, no I/O).
     let body = postcard::to_allocvec(value).unwrap_or_default();
     out.extend_from_slice(&body);
@@ -197,9 +216,14 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 
 /// Decodes what `encode` wrote.
 pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, DecodeError> {
+    decode_up_to(FORMAT_VERSION, bytes)
+}
+
+/// Decodes what `encode_as` wrote with a version up to `newest`.
+pub fn decode_up_to<T: for<'de> Deserialize<'de>>(newest: u8, bytes: &[u8]) -> Result<T, DecodeError> {
     let (&version, body) = bytes.split_first().ok_or(DecodeError::Empty)?;
-    if version > FORMAT_VERSION {
-        return Err(DecodeError::NewerVersion(version));
+    if version > newest {
+        return Err(DecodeError::NewerVersion { found: version, newest });
     }
     postcard::from_bytes(body).map_err(|e| DecodeError::Malformed(e.to_string()))
 }

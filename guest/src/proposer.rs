@@ -10,6 +10,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+use serde::{Deserialize, Serialize};
+
 use crate::learner::Learner;
 use crate::message::{Ballot, ClientCommand, Message, Value};
 use crate::rng::Rng;
@@ -34,7 +36,7 @@ pub const BATCH_BYTES_MAX: usize = 2 * 1024 * 1024;
 pub const QUEUE_COMMANDS_MAX: usize = 50_000;
 
 /// Where this proposer stands.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Phase {
     /// Following a leader (or waiting for one).
     Follower,
@@ -52,7 +54,7 @@ pub enum Phase {
 }
 
 /// A slot proposed and not yet chosen.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct InFlight {
     /// The proposed value.
     pub value: Value,
@@ -89,7 +91,7 @@ pub enum PhaseOne {
 pub type Outgoing = (NodeId, Role, Message);
 
 /// The proposer's state.
-#[derive(Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Proposer {
     me: NodeId,
     members: Vec<NodeId>,

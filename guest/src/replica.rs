@@ -22,8 +22,14 @@ use crate::message::{self, Ballot, ClientCommand, DecodeError, Message, Record, 
 use crate::proposer::{Outgoing, Phase, PhaseOne, Promise, Proposer, ELECTION_TIMEOUT_MAX_MS, ELECTION_TIMEOUT_MIN_MS};
 use crate::types::{Command, Config, Effect, Envelope, Event, NodeId, Outcome, Request, Role};
 
-/// The guest build's version, reported by `status`.
-pub const GUEST_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The guest build's version, reported by `status`: the crate version, plus the build label
+/// `WAXOS_BUILD_LABEL` given at compile time, if any (`0.1.0+canary`).
+pub fn guest_version() -> String {
+    match option_env!("WAXOS_BUILD_LABEL") {
+        Some(label) if !label.is_empty() => format!("{}+{label}", env!("CARGO_PKG_VERSION")),
+        _ => env!("CARGO_PKG_VERSION").to_string(),
+    }
+}
 /// Longest key accepted, in bytes.
 pub const KEY_BYTES_MAX: usize = 1024;
 /// Largest value accepted, in bytes.
@@ -50,7 +56,7 @@ pub const TEST_TRAP_KEY: &str = "__waxos_test_trap__";
 pub const TEST_LOOP_KEY: &str = "__waxos_test_loop__";
 
 /// A request of this host's, waiting for its command to be applied.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 struct Pending {
     command: ClientCommand,
     submitted_ms: u64,
@@ -68,6 +74,22 @@ struct SnapshotState {
     next_apply: u64,
     kv: Kv,
     voting: bool,
+    /// Present only in a hand-over snapshot (hot swap): the state that is not durable.
+    volatile: Option<Volatile>,
+}
+
+/// What a hot swap hands over beyond the durable state, so that the new build continues exactly
+/// where the old one stopped: a leader stays leader with its slots in flight, requests waiting
+/// at this replica are still answered. Never part of a crash restart: a restarted leader must
+/// not reuse its ballot for slots it may have proposed after the snapshot.
+#[derive(Serialize, Deserialize)]
+struct Volatile {
+    now_ms: u64,
+    proposer: Proposer,
+    pending: BTreeMap<u64, Pending>,
+    last_catchup_ms: Option<u64>,
+    last_heartbeat_ms: Option<u64>,
+    rejoin: Rejoin,
 }
 
 /// A snapshot being received from a peer.
@@ -81,7 +103,7 @@ struct IncomingSnapshot {
 }
 
 /// How a rejoining replica (lost its disk) earns its vote back.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 struct Rejoin {
     /// The leader's `chosen_upto` when first heard of; caught up means applied to here.
     target: Option<u64>,
@@ -118,6 +140,9 @@ pub struct Replica {
 impl Replica {
     /// Starts from an optional snapshot and the records persisted after it.
     pub fn start(config: Config, snapshot: Option<&[u8]>, wal: &[Vec<u8>]) -> Result<Self, String> {
+        if cfg!(feature = "test-trap-on-start") {
+            panic!("this build traps in start (test-trap-on-start)");
+        }
         if !config.members.contains(&config.me) {
             return Err(format!("node {} is not in the roster {:?}", config.me, config.members));
         }
@@ -141,7 +166,8 @@ impl Replica {
             snapshot_sent_ms: BTreeMap::new(),
         };
         if let Some(bytes) = snapshot {
-            let state: SnapshotState = message::decode(bytes).map_err(|e| format!("snapshot refused: {e}"))?;
+            let state: SnapshotState = message::decode_up_to(message::SNAPSHOT_VERSION, bytes)
+                .map_err(|e| format!("snapshot refused: {e}"))?;
             replica.acceptor.promised = state.promised;
             replica.acceptor.accepted = state.accepted;
             replica.acceptor.log_start = state.acceptor_log_start;
@@ -151,6 +177,15 @@ impl Replica {
             replica.learner.kv = state.kv;
             replica.learner.kv.rebuild_index();
             replica.voting = state.voting;
+            if let Some(v) = state.volatile {
+                replica.now_ms = v.now_ms;
+                replica.started = true;
+                replica.proposer = v.proposer;
+                replica.pending = v.pending;
+                replica.last_catchup_ms = v.last_catchup_ms;
+                replica.last_heartbeat_ms = v.last_heartbeat_ms;
+                replica.rejoin = v.rejoin;
+            }
         }
         for (i, bytes) in wal.iter().enumerate() {
             let record: Record = message::decode(bytes).map_err(|e| format!("WAL record {i} refused: {e}"))?;
@@ -188,18 +223,31 @@ impl Replica {
         Ok(replica)
     }
 
-    /// Everything durable, versioned.
-    pub fn snapshot(&self) -> Vec<u8> {
-        message::encode(&SnapshotState {
-            promised: self.acceptor.promised,
-            accepted: self.acceptor.accepted.clone(),
-            acceptor_log_start: self.acceptor.log_start,
-            chosen: self.learner.chosen.clone(),
-            learner_log_start: self.learner.log_start,
-            next_apply: self.learner.next_apply,
-            kv: self.learner.kv.clone(),
-            voting: self.voting,
-        })
+    /// Everything durable, versioned; with `handover`, also the volatile state a hot-swapped
+    /// build needs to continue without a pause.
+    pub fn snapshot(&self, handover: bool) -> Vec<u8> {
+        let volatile = handover.then(|| Volatile {
+            now_ms: self.now_ms,
+            proposer: self.proposer.clone(),
+            pending: self.pending.clone(),
+            last_catchup_ms: self.last_catchup_ms,
+            last_heartbeat_ms: self.last_heartbeat_ms,
+            rejoin: self.rejoin,
+        });
+        message::encode_as(
+            message::SNAPSHOT_VERSION,
+            &SnapshotState {
+                promised: self.acceptor.promised,
+                accepted: self.acceptor.accepted.clone(),
+                acceptor_log_start: self.acceptor.log_start,
+                chosen: self.learner.chosen.clone(),
+                learner_log_start: self.learner.log_start,
+                next_apply: self.learner.next_apply,
+                kv: self.learner.kv.clone(),
+                voting: self.voting,
+                volatile,
+            },
+        )
     }
 
     /// Takes the effects produced so far (start-up logs).
@@ -395,7 +443,7 @@ impl Replica {
         }
         let msg: Message = match message::decode(&envelope.payload) {
             Ok(msg) => msg,
-            Err(e @ (DecodeError::Empty | DecodeError::Malformed(_) | DecodeError::NewerVersion(_))) => {
+            Err(e @ (DecodeError::Empty | DecodeError::Malformed(_) | DecodeError::NewerVersion { .. })) => {
                 self.log(format!("dropped an undecodable message from node {}: {e}", envelope.src));
                 return;
             }
@@ -686,7 +734,8 @@ impl Replica {
         };
         let leader = self.proposer.known_leader().map_or("null".to_string(), |l| l.to_string());
         format!(
-            "{{\"version\":\"{GUEST_VERSION}\",\"me\":{},\"role\":\"{role}\",\"leader\":{leader},\"ballot\":\"{}\",\"promised\":\"{}\",\"first_unchosen\":{},\"highest_chosen\":{},\"next_slot\":{},\"applied\":{},\"keys\":{},\"pending\":{},\"voting\":{},\"log_start\":{}}}",
+            "{{\"version\":\"{}\",\"me\":{},\"role\":\"{role}\",\"leader\":{leader},\"ballot\":\"{}\",\"promised\":\"{}\",\"first_unchosen\":{},\"highest_chosen\":{},\"next_slot\":{},\"applied\":{},\"keys\":{},\"pending\":{},\"voting\":{},\"log_start\":{}}}",
+            guest_version(),
             self.config.me,
             self.proposer.max_seen,
             self.acceptor.promised,

@@ -2,7 +2,7 @@
 //! its own, so that a run is replayable from its seed.
 
 /// SplitMix64: tiny, fast, good enough for election timeouts.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Rng {
     state: u64,
 }

@@ -343,7 +343,7 @@ fn snapshot_round_trips_and_refuses_newer_format() {
     let mut sim = Sim::new(3, 21);
     let leader = sim.wait_for_leader();
     assert_eq!(sim.call(leader, 1, 1, put("snap", "shot")), Outcome::Done);
-    let snapshot = sim.nodes[&leader].snapshot();
+    let snapshot = sim.nodes[&leader].snapshot(false);
     let config = sim.nodes[&leader].config().clone();
     let restored = Replica::start(config.clone(), Some(&snapshot), &[]).expect("restore");
     assert_eq!(restored.learner.kv.data.get("snap"), Some(&b"shot".to_vec()));

@@ -6,9 +6,11 @@
 //! - `storage`: the write-ahead log and snapshots.
 //! - `chaos`: failure on purpose (acceptor outages, guest crashes).
 //! - `peer`: host-to-host envelope streams and the `Peer` gRPC service.
-//! - `service`: the client-facing `KeyValue` and `Admin` gRPC services.
+//! - `service`: the client-facing `KeyValue` gRPC service.
+//! - `admin`: the `Admin` gRPC service (status, hot swap) and `--watch`.
 //! - `bootstrap`: the roster, via the coordinator at start-up, persisted afterwards.
 
+mod admin;
 mod bootstrap;
 mod chaos;
 mod peer;
@@ -75,6 +77,9 @@ struct Args {
     /// gets a snapshot instead.
     #[arg(long, default_value_t = 10_000)]
     retain_slots: u64,
+    /// Swap the guest in again whenever its file changes (same path as `waxos … swap`).
+    #[arg(long)]
+    watch: bool,
     /// Enables test-only guest commands (a key that makes the guest trap, one that makes it loop).
     #[arg(long, hide = true)]
     test_hooks: bool,
@@ -135,7 +140,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     let data_dir = args.data_dir.clone().unwrap_or_else(|| Path::new("waxos-data").join(args.listen_port.to_string()));
-    let guest_path = args.guest.clone().unwrap_or_else(default_guest);
+    let guest_dir = data_dir.join("guest");
+    let watched_path = args.guest.clone().unwrap_or_else(default_guest);
+    let guest_path = admin::installed_build(&guest_dir, watched_path.clone());
     let listen = resolve(&args.host, args.listen_port).await?;
     // An IPv6 literal needs brackets in host:port form.
     let bracket = |h: &str| if h.contains(':') && !h.starts_with('[') { format!("[{h}]") } else { h.to_string() };
@@ -145,7 +152,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         (!is_coordinator).then(|| format!("{}:{}", bracket(&args.coordinator_host), args.coordinator_port));
 
     // Load the guest first: a missing or broken build should fail fast, before registering.
-    let runtime = Arc::new(runtime::Runtime::load(&guest_path, &data_dir.join("guest-cache"))?);
+    let runtime = Arc::new(runtime::Runtime::new(&data_dir.join("guest-cache"))?);
+    let build = runtime.load(&guest_path)?;
     tracing::info!("guest {} loaded", guest_path.display());
 
     let (handle, inputs) = step_loop::channel();
@@ -155,7 +163,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let peer_service =
         peer::PeerService { step_loop: handle.clone(), registry: registry.clone(), members: members.clone() };
     let kv_service = service::KeyValueService { step_loop: handle.clone(), replicas: args.replicas };
-    let admin_service = service::AdminService { step_loop: handle.clone(), roster: roster_cell.clone() };
+    let admin_service = admin::AdminService {
+        step_loop: handle.clone(),
+        roster: roster_cell.clone(),
+        runtime: runtime.clone(),
+        guest_dir: guest_dir.clone(),
+    };
 
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     tracing::info!(
@@ -170,7 +183,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .max_decoding_message_size(peer::PEER_MESSAGE_BYTES_MAX)
                 .max_encoding_message_size(peer::PEER_MESSAGE_BYTES_MAX),
         )
-        .add_service(AdminServer::new(admin_service))
+        .add_service(
+            AdminServer::new(admin_service)
+                .max_decoding_message_size(admin::GUEST_BYTES_MAX + 1024)
+                .max_encoding_message_size(admin::GUEST_BYTES_MAX + 1024),
+        )
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown_signal());
     let server = tokio::spawn(server);
 
@@ -201,7 +218,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         rejoining,
     };
     let step_loop = step_loop::StepLoop::new(
-        runtime,
+        build,
+        guest_dir.clone(),
         config,
         storage,
         durable,
@@ -218,6 +236,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .spawn(move || step_loop.run(inputs))
         .context("starting the step loop thread")?;
     step_loop::mark_ready(&handle);
+    if args.watch {
+        tokio::spawn(admin::watch(watched_path, runtime.clone(), guest_dir.clone(), handle.clone()));
+    }
     tracing::info!("node {} serving as one of {} replicas", roster.me, roster.members.len());
 
     match server.await {

@@ -52,17 +52,37 @@ impl WasiView for HostState {
     }
 }
 
-/// The engine and a compiled guest build ready to instantiate.
+/// The engine (one per host) and the linker every guest build is linked with.
 pub struct Runtime {
     engine: Engine,
+    linker: Linker<HostState>,
+    cache_dir: PathBuf,
+}
+
+/// One compiled, linked guest build, ready to instantiate.
+pub struct GuestBuild {
+    engine: Engine,
     pre: ReplicaNodePre<HostState>,
-    /// Where the build came from.
-    pub guest_path: PathBuf,
+    /// Where the build came from (a path, or "swap").
+    pub source: String,
+    /// A hash of the build's bytes, shown by `status`.
+    pub hash: String,
+}
+
+/// FNV-1a, 64 bits: a stable short fingerprint of a build (not a security measure).
+pub fn build_hash(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
 }
 
 impl Runtime {
-    /// Loads (from cache when possible) and links the guest at `guest_path`.
-    pub fn load(guest_path: &Path, cache_dir: &Path) -> anyhow::Result<Self> {
+    /// The engine (epoch interruption on, with its ticker thread) and the WASI linker with
+    /// nothing granted.
+    pub fn new(cache_dir: &Path) -> anyhow::Result<Runtime> {
         let mut cfg = EngineConfig::new();
         cfg.epoch_interruption(true);
         let engine = Engine::new(&cfg).map_err(anyhow::Error::from)?;
@@ -74,19 +94,36 @@ impl Runtime {
                 ticker.increment_epoch();
             })
             .context("starting the epoch ticker thread")?;
-        let component = load_component(&engine, guest_path, cache_dir)?;
         let mut linker = Linker::<HostState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(anyhow::Error::from)?;
-        let pre = linker
-            .instantiate_pre(&component)
-            .map_err(anyhow::Error::from)
-            .with_context(|| format!("{} does not link against this host", guest_path.display()))?;
-        let pre = ReplicaNodePre::new(pre)
-            .map_err(anyhow::Error::from)
-            .with_context(|| format!("{} does not export the waxos replica-node world", guest_path.display()))?;
-        Ok(Runtime { engine, pre, guest_path: guest_path.to_path_buf() })
+        Ok(Runtime { engine, linker, cache_dir: cache_dir.to_path_buf() })
     }
 
+    /// Reads and compiles the build at `path`.
+    pub fn load(&self, path: &Path) -> anyhow::Result<GuestBuild> {
+        let bytes = std::fs::read(path).with_context(|| {
+            format!("cannot read the guest build {} (build it with `just build`, or pass --guest PATH)", path.display())
+        })?;
+        self.compile(&bytes, &path.display().to_string())
+    }
+
+    /// Compiles (or loads from the cache) and links a build; refuses anything that is not a
+    /// component exporting the `replica-node` world.
+    pub fn compile(&self, bytes: &[u8], source: &str) -> anyhow::Result<GuestBuild> {
+        let component = load_component(&self.engine, bytes, source, &self.cache_dir)?;
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(anyhow::Error::from)
+            .with_context(|| format!("{source} does not link against this host (it may import more than WASI)"))?;
+        let pre = ReplicaNodePre::new(pre)
+            .map_err(anyhow::Error::from)
+            .with_context(|| format!("{source} does not export the waxos replica-node world"))?;
+        Ok(GuestBuild { engine: self.engine.clone(), pre, source: source.to_string(), hash: build_hash(bytes) })
+    }
+}
+
+impl GuestBuild {
     /// A fresh instance (empty memory); call `start` on it next.
     pub fn instantiate(&self) -> Result<Guest, GuestCrash> {
         let wasi = wasmtime_wasi::WasiCtxBuilder::new().inherit_stderr().build();
@@ -104,11 +141,8 @@ fn crash(call: &'static str, e: wasmtime::Error) -> GuestCrash {
     GuestCrash { call, reason: format!("{e:?}").lines().take(3).collect::<Vec<_>>().join(" | ") }
 }
 
-/// Compiles the guest, or loads a cached compilation keyed by the bytes and the engine.
-fn load_component(engine: &Engine, path: &Path, cache_dir: &Path) -> anyhow::Result<Component> {
-    let bytes = std::fs::read(path).with_context(|| {
-        format!("cannot read the guest build {} (build it with `just build`, or pass --guest PATH)", path.display())
-    })?;
+/// Compiles a build, or loads a cached compilation keyed by its bytes and the engine.
+fn load_component(engine: &Engine, bytes: &[u8], source: &str, cache_dir: &Path) -> anyhow::Result<Component> {
     let key = {
         use std::hash::{Hash, Hasher};
         let mut h = std::hash::DefaultHasher::new();
@@ -125,9 +159,9 @@ fn load_component(engine: &Engine, path: &Path, cache_dir: &Path) -> anyhow::Res
             Err(e) => tracing::warn!("ignoring unusable compiled-guest cache {}: {e}", cached.display()),
         }
     }
-    let component = Component::new(engine, &bytes)
+    let component = Component::new(engine, bytes)
         .map_err(anyhow::Error::from)
-        .with_context(|| format!("{} is not a valid wasm component", path.display()))?;
+        .with_context(|| format!("{source} is not a valid wasm component"))?;
     if let Ok(serialized) = component.serialize() {
         let _ = std::fs::create_dir_all(cache_dir);
         let tmp = cached.with_extension("tmp");
@@ -169,10 +203,10 @@ impl Guest {
         self.node.waxos_replica_replica().call_step(&mut self.store, now_ms, events).map_err(|e| crash("step", e))
     }
 
-    /// The guest's durable state.
-    pub fn snapshot(&mut self) -> Result<Vec<u8>, GuestCrash> {
+    /// The guest's durable state (with `handover`, its volatile state too, for a hot swap).
+    pub fn snapshot(&mut self, handover: bool) -> Result<Vec<u8>, GuestCrash> {
         self.arm(CALL_DEADLINE_MS);
-        self.node.waxos_replica_replica().call_snapshot(&mut self.store).map_err(|e| crash("snapshot", e))
+        self.node.waxos_replica_replica().call_snapshot(&mut self.store, handover).map_err(|e| crash("snapshot", e))
     }
 
     /// The guest's status JSON.

@@ -1,4 +1,4 @@
-//! The client-facing gRPC services: `KeyValue` (PUT/GET/DELETE) and `Admin` (status).
+//! The client-facing `KeyValue` gRPC service (PUT/GET/DELETE).
 //!
 //! Each handler validates its input (bad input is `INVALID_ARGUMENT` and never reaches the
 //! guest), logs the request, hands it to the step loop, waits for the outcome until just before
@@ -7,18 +7,13 @@
 //! its own timeout.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
-use waxos_proto::admin_server::Admin;
 use waxos_proto::key_value_server::KeyValue;
-use waxos_proto::{
-    DeleteRequest, DeleteResponse, GetRequest, GetResponse, PutRequest, PutResponse, StatusRequest, StatusResponse,
-};
+use waxos_proto::{DeleteRequest, DeleteResponse, GetRequest, GetResponse, PutRequest, PutResponse};
 
-use crate::bootstrap::Roster;
 use crate::runtime::{Command, Outcome};
 use crate::step_loop::{Input, StepLoopHandle};
 
@@ -195,44 +190,5 @@ impl KeyValue for KeyValueService {
         .await;
         log_response("delete", &r.key, started, &result);
         result.map(Response::new)
-    }
-}
-
-/// The `Admin` service.
-pub struct AdminService {
-    /// Where status questions go.
-    pub step_loop: StepLoopHandle,
-    /// This host's roster, once known.
-    pub roster: Arc<std::sync::OnceLock<Roster>>,
-}
-
-#[tonic::async_trait]
-impl Admin for AdminService {
-    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
-        let started = Instant::now();
-        tracing::info!("request received op=status");
-        let roster = self.roster.get();
-        let (guest_status_json, guest_down) = if self.step_loop.ready.load(Ordering::Acquire) {
-            let (reply, answer) = oneshot::channel();
-            self.step_loop.offer(Input::Status(reply));
-            match tokio::time::timeout(Duration::from_secs(2), answer).await {
-                Ok(Ok(Ok(json))) => (json, false),
-                Ok(Ok(Err(reason))) => (format!("{{\"down\":{:?}}}", reason), true),
-                _ => ("{\"down\":\"no answer\"}".to_string(), true),
-            }
-        } else {
-            ("{\"starting\":true}".to_string(), true)
-        };
-        let response = StatusResponse {
-            node_id: roster.map_or(0, |r| r.me),
-            members: roster.map(Roster::to_proto).unwrap_or_default(),
-            guest_status_json,
-            guest_down,
-        };
-        tracing::info!(
-            "response sent op=status guest_down={guest_down} latency_ms={:.2}",
-            started.elapsed().as_secs_f64() * 1e3
-        );
-        Ok(Response::new(response))
     }
 }

@@ -13,6 +13,7 @@
 //! injected guest crashes).
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
@@ -22,7 +23,7 @@ use tokio::sync::oneshot;
 
 use crate::chaos::{Chaos, ChaosEvent};
 use crate::peer::Transport;
-use crate::runtime::{Command, Effect, Event, Guest, GuestConfig, GuestCrash, Outcome, Request, Role, Runtime};
+use crate::runtime::{Command, Effect, Event, Guest, GuestBuild, GuestConfig, GuestCrash, Outcome, Request, Role};
 use crate::storage::{Durable, Storage};
 
 /// The guest is stepped at least this often (its timers: heartbeats, elections, re-sends).
@@ -49,8 +50,28 @@ pub enum Input {
     },
     /// A peer's envelope.
     Message(crate::runtime::Envelope),
-    /// The guest's status JSON (or why there is none).
-    Status(oneshot::Sender<Result<String, String>>),
+    /// The guest's status JSON and build hash (or why there is none).
+    Status(oneshot::Sender<Result<(String, String), String>>),
+    /// Replace the guest by `build` between two steps (hot swap).
+    Swap {
+        /// The new build, compiled and linked off the step loop.
+        build: GuestBuild,
+        /// Where the outcome goes.
+        reply: oneshot::Sender<Result<SwapReport, String>>,
+    },
+}
+
+/// What a hot swap did.
+#[derive(Clone, Debug)]
+pub struct SwapReport {
+    /// Version of the build replaced.
+    pub old_version: String,
+    /// Version now running.
+    pub new_version: String,
+    /// Hash of the build now running.
+    pub build_hash: String,
+    /// Last step on the old instance to the new instance ready for its first step.
+    pub pause: Duration,
 }
 
 /// The sending side, cloned into every handler.
@@ -73,6 +94,9 @@ impl StepLoopHandle {
             Err(TrySendError::Full(Input::Status(reply))) => {
                 let _ = reply.send(Err("overloaded".into()));
             }
+            Err(TrySendError::Full(Input::Swap { reply, .. })) => {
+                let _ = reply.send(Err("overloaded: the replica's input queue is full; retry".into()));
+            }
             Err(TrySendError::Full(Input::Message(_))) => {
                 tracing::debug!("input queue full: envelope dropped")
             }
@@ -91,7 +115,9 @@ pub fn channel() -> (StepLoopHandle, Receiver<Input>) {
 
 /// The loop's state.
 pub struct StepLoop {
-    runtime: Arc<Runtime>,
+    build: GuestBuild,
+    /// Where a swapped-in build is kept, so a restarted host runs it.
+    guest_dir: PathBuf,
     guest: Option<Guest>,
     config: GuestConfig,
     storage: Storage,
@@ -110,7 +136,8 @@ impl StepLoop {
     /// Starts the guest from `durable` state and returns the loop, ready to `run`.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        runtime: Arc<Runtime>,
+        build: GuestBuild,
+        guest_dir: PathBuf,
         config: GuestConfig,
         storage: Storage,
         durable: Durable,
@@ -120,7 +147,8 @@ impl StepLoop {
     ) -> anyhow::Result<StepLoop> {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         let mut step_loop = StepLoop {
-            runtime,
+            build,
+            guest_dir,
             guest: None,
             config,
             storage,
@@ -139,7 +167,7 @@ impl StepLoop {
         let guest = step_loop.start_guest(&durable).map_err(anyhow::Error::msg)?;
         tracing::info!(
             "guest {} started from {} + {} WAL records in {} ms",
-            step_loop.runtime.guest_path.display(),
+            step_loop.build.source,
             describe_snapshot(&durable),
             durable.records.len(),
             started.elapsed().as_millis()
@@ -149,7 +177,7 @@ impl StepLoop {
     }
 
     fn start_guest(&mut self, durable: &Durable) -> Result<Guest, String> {
-        let mut guest = self.runtime.instantiate().map_err(|e| e.to_string())?;
+        let mut guest = self.build.instantiate().map_err(|e| e.to_string())?;
         match guest.start(&self.config, durable.snapshot.as_deref(), &durable.records) {
             Ok(Ok(effects)) => {
                 // Start-up effects are only logs and records (e.g. a rejoining replica's vote
@@ -192,6 +220,7 @@ impl StepLoop {
         }
         let mut events = Vec::with_capacity(inputs.len().max(1));
         let mut statuses = Vec::new();
+        let mut swaps = Vec::new();
         for input in inputs {
             match input {
                 Input::Request { command, client, seq, reply } => {
@@ -212,6 +241,7 @@ impl StepLoop {
                     }
                 }
                 Input::Status(reply) => statuses.push(reply),
+                Input::Swap { build, reply } => swaps.push((build, reply)),
             }
         }
         if events.is_empty() {
@@ -224,9 +254,13 @@ impl StepLoop {
                 Err(crash) => self.on_crash(crash),
             }
         }
+        for (build, reply) in swaps {
+            let _ = reply.send(self.swap(build));
+        }
         for reply in statuses {
+            let hash = self.build.hash.clone();
             let status = match self.guest.as_mut() {
-                Some(guest) => guest.status().map_err(|e| e.to_string()),
+                Some(guest) => guest.status().map(|json| (json, hash)).map_err(|e| e.to_string()),
                 None => Err("guest down".to_string()),
             };
             if let Err(reason) = &status {
@@ -282,7 +316,7 @@ impl StepLoop {
     fn compact(&mut self) {
         let Some(guest) = self.guest.as_mut() else { return };
         let started = Instant::now();
-        let snapshot = match guest.snapshot() {
+        let snapshot = match guest.snapshot(false) {
             Ok(snapshot) => snapshot,
             Err(crash) => return self.on_crash(crash),
         };
@@ -299,6 +333,64 @@ impl StepLoop {
                 std::process::exit(70);
             }
         }
+    }
+
+    /// Hot swap, between two steps: hand-over snapshot of the old instance, `start` of the new
+    /// one from it, replace. If anything fails the old instance keeps running untouched.
+    fn swap(&mut self, build: GuestBuild) -> Result<SwapReport, String> {
+        let next = self.guest_dir.join("next.wasm");
+        let refuse = |reason: String| {
+            let _ = std::fs::remove_file(&next);
+            tracing::warn!("swap to {} refused: {reason}", build.hash);
+            Err(reason)
+        };
+        let Some(old) = self.guest.as_mut() else {
+            return refuse("the current guest is down (restarting); retry the swap".into());
+        };
+        let old_version = version_of(&old.status().unwrap_or_default());
+        let started = Instant::now();
+        let handover = match old.snapshot(true) {
+            Ok(bytes) => bytes,
+            Err(crash) => {
+                let reason = format!("the current guest failed its hand-over snapshot: {crash}");
+                self.on_crash(crash);
+                return refuse(reason);
+            }
+        };
+        let mut new = match build.instantiate() {
+            Ok(new) => new,
+            Err(crash) => return refuse(format!("the new build cannot be instantiated: {crash}")),
+        };
+        let effects = match new.start(&self.config, Some(&handover), &[]) {
+            Ok(Ok(effects)) => effects,
+            Ok(Err(refused)) => return refuse(format!("the new build refused the current state: {refused}")),
+            Err(crash) => return refuse(format!("the new build crashed in start: {crash}")),
+        };
+        let new_version = match new.status() {
+            Ok(json) => version_of(&json),
+            Err(crash) => return refuse(format!("the new build crashed in status: {crash}")),
+        };
+        let pause = started.elapsed();
+        // Persist the choice: a restarted host runs this build.
+        let current = self.guest_dir.join("current.wasm");
+        if let Err(e) = std::fs::rename(&next, &current)
+            .map_err(anyhow::Error::from)
+            .and_then(|_| crate::storage::sync_dir(&self.guest_dir))
+        {
+            return refuse(format!("cannot persist the new build: {e:#}"));
+        }
+        self.guest = Some(new);
+        let report = SwapReport { old_version, new_version, build_hash: build.hash.clone(), pause };
+        self.build = build;
+        self.carry_out(effects);
+        tracing::info!(
+            "hot swap: {} -> {} (build {}), pause {:.2} ms",
+            report.old_version,
+            report.new_version,
+            report.build_hash,
+            pause.as_secs_f64() * 1e3
+        );
+        Ok(report)
     }
 
     fn run_chaos(&mut self) {
@@ -431,8 +523,8 @@ mod tests {
     #[test]
     fn nothing_is_sent_before_the_records_it_answers_for_are_durable() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let runtime =
-            Arc::new(Runtime::load(&guest_path(), &dir.path().join("cache")).expect("guest (run `just build`)"));
+        let runtime = crate::runtime::Runtime::new(&dir.path().join("cache")).expect("engine");
+        let build = runtime.load(&guest_path()).expect("guest (run `just build`)");
         let (storage, durable) = Storage::open(dir.path(), 1 << 20).expect("storage");
         let seen = Arc::new(Mutex::new(Vec::new()));
         let transport = DiskCheckingTransport { wal_dir: dir.path().join("wal"), seen: seen.clone() };
@@ -446,7 +538,8 @@ mod tests {
         };
         let chaos = Chaos::new(ChaosConfig::preset("off", 0).expect("preset"), 0);
         let mut step_loop =
-            StepLoop::new(runtime, config, storage, durable, 1_000, chaos, Box::new(transport)).expect("start");
+            StepLoop::new(build, dir.path().join("guest"), config, storage, durable, 1_000, chaos, Box::new(transport))
+                .expect("start");
 
         let ballot = Ballot { round: 5, node: 2 };
         step_loop.turn(vec![Input::Message(envelope(2, Role::Acceptor, &Message::Prepare { ballot, first_slot: 0 }))]);
@@ -470,4 +563,12 @@ mod tests {
             accepted.1
         );
     }
+}
+
+/// The `version` field of a guest status JSON.
+fn version_of(status_json: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(status_json)
+        .ok()
+        .and_then(|v| v["version"].as_str().map(str::to_string))
+        .unwrap_or_else(|| "unknown".to_string())
 }

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Builds the guest variants the hot-swap tests swap in, into target/guest-variants/:
+#   relabeled.wasm      the same code with version "0.1.0+swap-test"
+#   snapshot-v2.wasm    writes snapshot format 2 (an older build must refuse it), "+snapshot-v2"
+#   trap-on-start.wasm  traps in start (a broken build)
+#   not-a-world.wasm    a valid, empty component that exports nothing
+#   not-wasm.wasm       not wasm at all
+# They use their own target dir so the real guest build is never disturbed, and are rebuilt
+# only when the guest's sources changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=target/guest-variants
+mkdir -p "$out"
+newest_source=$(find guest/src guest/Cargo.toml wit -type f -newer "$out/trap-on-start.wasm" 2>/dev/null | head -n 1 || true)
+if [ -f "$out/trap-on-start.wasm" ] && [ -z "$newest_source" ]; then
+  echo "guest variants are up to date"
+else
+  build() { # name label features
+    WAXOS_BUILD_LABEL="$2" CARGO_TARGET_DIR=target/variants CARGO_PROFILE_RELEASE_DEBUG=false CARGO_PROFILE_RELEASE_STRIP=true \
+      cargo build -q --release --target wasm32-wasip2 -p waxos-guest ${3:+--features "$3"}
+    cp target/variants/wasm32-wasip2/release/waxos_guest.wasm "$out/$1.wasm"
+  }
+  build relabeled swap-test ""
+  build snapshot-v2 snapshot-v2 test-snapshot-v2
+  build trap-on-start trap-on-start test-trap-on-start
+fi
+printf '\0asm\x0d\x00\x01\x00' > "$out/not-a-world.wasm"
+printf 'this is not a wasm component\n' > "$out/not-wasm.wasm"
+ls -l "$out"
