@@ -479,6 +479,14 @@ fn describe_snapshot(durable: &Durable) -> String {
     durable.snapshot.as_ref().map_or("no snapshot".to_string(), |s| format!("a {}-byte snapshot", s.len()))
 }
 
+/// The `version` field of a guest status JSON.
+fn version_of(status_json: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(status_json)
+        .ok()
+        .and_then(|v| v["version"].as_str().map(str::to_string))
+        .unwrap_or_else(|| "unknown".to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::{Path, PathBuf};
@@ -563,12 +571,4 @@ mod tests {
             accepted.1
         );
     }
-}
-
-/// The `version` field of a guest status JSON.
-fn version_of(status_json: &str) -> String {
-    serde_json::from_str::<serde_json::Value>(status_json)
-        .ok()
-        .and_then(|v| v["version"].as_str().map(str::to_string))
-        .unwrap_or_else(|| "unknown".to_string())
 }
