@@ -10,6 +10,7 @@
 //! the leader changes or a resend interval passes). Retries are harmless because the state
 //! machine deduplicates by `(client, seq)`.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
@@ -63,19 +64,20 @@ struct Pending {
     sent_ms: u64,
 }
 
-/// Everything a snapshot holds (format version 1).
+/// Everything a snapshot holds (format version 1). Borrowed when written (no copy of the
+/// state on the way out), owned when read.
 #[derive(Serialize, Deserialize)]
-struct SnapshotState {
+struct SnapshotState<'a> {
     promised: Ballot,
-    accepted: BTreeMap<u64, (Ballot, Value)>,
+    accepted: Cow<'a, BTreeMap<u64, (Ballot, Value)>>,
     acceptor_log_start: u64,
-    chosen: BTreeMap<u64, Value>,
+    chosen: Cow<'a, BTreeMap<u64, Value>>,
     learner_log_start: u64,
     next_apply: u64,
-    kv: Kv,
+    kv: Cow<'a, Kv>,
     voting: bool,
     /// Present only in a hand-over snapshot (hot swap): the state that is not durable.
-    volatile: Option<Volatile>,
+    volatile: Option<Volatile<'a>>,
 }
 
 /// What a hot swap hands over beyond the durable state, so that the new build continues exactly
@@ -83,10 +85,10 @@ struct SnapshotState {
 /// at this replica are still answered. Never part of a crash restart: a restarted leader must
 /// not reuse its ballot for slots it may have proposed after the snapshot.
 #[derive(Serialize, Deserialize)]
-struct Volatile {
+struct Volatile<'a> {
     now_ms: u64,
-    proposer: Proposer,
-    pending: BTreeMap<u64, Pending>,
+    proposer: Cow<'a, Proposer>,
+    pending: Cow<'a, BTreeMap<u64, Pending>>,
     last_catchup_ms: Option<u64>,
     last_heartbeat_ms: Option<u64>,
     rejoin: Rejoin,
@@ -169,19 +171,19 @@ impl Replica {
             let state: SnapshotState = message::decode_up_to(message::SNAPSHOT_VERSION, bytes)
                 .map_err(|e| format!("snapshot refused: {e}"))?;
             replica.acceptor.promised = state.promised;
-            replica.acceptor.accepted = state.accepted;
+            replica.acceptor.accepted = state.accepted.into_owned();
             replica.acceptor.log_start = state.acceptor_log_start;
-            replica.learner.chosen = state.chosen;
+            replica.learner.chosen = state.chosen.into_owned();
             replica.learner.log_start = state.learner_log_start;
             replica.learner.next_apply = state.next_apply;
-            replica.learner.kv = state.kv;
+            replica.learner.kv = state.kv.into_owned();
             replica.learner.kv.rebuild_index();
             replica.voting = state.voting;
             if let Some(v) = state.volatile {
                 replica.now_ms = v.now_ms;
                 replica.started = true;
-                replica.proposer = v.proposer;
-                replica.pending = v.pending;
+                replica.proposer = v.proposer.into_owned();
+                replica.pending = v.pending.into_owned();
                 replica.last_catchup_ms = v.last_catchup_ms;
                 replica.last_heartbeat_ms = v.last_heartbeat_ms;
                 replica.rejoin = v.rejoin;
@@ -228,8 +230,8 @@ impl Replica {
     pub fn snapshot(&self, handover: bool) -> Vec<u8> {
         let volatile = handover.then(|| Volatile {
             now_ms: self.now_ms,
-            proposer: self.proposer.clone(),
-            pending: self.pending.clone(),
+            proposer: Cow::Borrowed(&self.proposer),
+            pending: Cow::Borrowed(&self.pending),
             last_catchup_ms: self.last_catchup_ms,
             last_heartbeat_ms: self.last_heartbeat_ms,
             rejoin: self.rejoin,
@@ -238,12 +240,12 @@ impl Replica {
             message::SNAPSHOT_VERSION,
             &SnapshotState {
                 promised: self.acceptor.promised,
-                accepted: self.acceptor.accepted.clone(),
+                accepted: Cow::Borrowed(&self.acceptor.accepted),
                 acceptor_log_start: self.acceptor.log_start,
-                chosen: self.learner.chosen.clone(),
+                chosen: Cow::Borrowed(&self.learner.chosen),
                 learner_log_start: self.learner.log_start,
                 next_apply: self.learner.next_apply,
-                kv: self.learner.kv.clone(),
+                kv: Cow::Borrowed(&self.learner.kv),
                 voting: self.voting,
                 volatile,
             },

@@ -75,7 +75,7 @@ struct Args {
     wal_segment_bytes: u64,
     /// Applied log slots each replica keeps to serve peers catching up; a peer further behind
     /// gets a snapshot instead.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 2_000)]
     retain_slots: u64,
     /// Swap the guest in again whenever its file changes (same path as `waxos … swap`).
     #[arg(long)]

@@ -357,6 +357,7 @@ impl StepLoop {
                 return refuse(reason);
             }
         };
+        let snapshot_done = started.elapsed();
         let mut new = match build.instantiate() {
             Ok(new) => new,
             Err(crash) => return refuse(format!("the new build cannot be instantiated: {crash}")),
@@ -366,6 +367,7 @@ impl StepLoop {
             Ok(Err(refused)) => return refuse(format!("the new build refused the current state: {refused}")),
             Err(crash) => return refuse(format!("the new build crashed in start: {crash}")),
         };
+        let start_done = started.elapsed();
         let new_version = match new.status() {
             Ok(json) => version_of(&json),
             Err(crash) => return refuse(format!("the new build crashed in status: {crash}")),
@@ -384,11 +386,14 @@ impl StepLoop {
         self.build = build;
         self.carry_out(effects);
         tracing::info!(
-            "hot swap: {} -> {} (build {}), pause {:.2} ms",
+            "hot swap: {} -> {} (build {}), pause {:.2} ms (hand-over snapshot of {} bytes {:.2} ms, start {:.2} ms)",
             report.old_version,
             report.new_version,
             report.build_hash,
-            pause.as_secs_f64() * 1e3
+            pause.as_secs_f64() * 1e3,
+            handover.len(),
+            snapshot_done.as_secs_f64() * 1e3,
+            (start_done - snapshot_done).as_secs_f64() * 1e3,
         );
         Ok(report)
     }
