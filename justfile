@@ -28,6 +28,14 @@ test: build
 swap path="":
     scripts/swap.sh "{{path}}"
 
+# The standard load scenarios against a fresh five-host cluster (chaos off), as one table.
+bench: build
+    scripts/bench.sh --group-commit-compare
+
+# Storage and restart figures: fdatasync latency, group commit, restart from 100k/1M-key snapshots.
+bench-storage: build
+    cargo run -q --release -p waxos-host --example storage_bench
+
 # Format and lint (CI runs these too).
 lint:
     cargo fmt --all -- --check

@@ -68,6 +68,12 @@ pub enum Cmd {
 }
 
 fn main() {
+    // Like any Unix filter: a closed stdout (`waxos … | head`) ends the process quietly
+    // instead of panicking on the failed write.
+    // SAFETY: called first thing, before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     waxos_proto::logging::init("info");
     let args = Args::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

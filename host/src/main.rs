@@ -1,23 +1,7 @@
 //! `waxosd <coordinator-port> <listen-port>`: one waxos replica host.
 //!
-//! # Layout
-//! - `runtime`: wasmtime — engine, compiled-guest cache, instances with deadlines and limits.
-//! - `step_loop`: the thread that owns the guest and the WAL; persist before send.
-//! - `storage`: the write-ahead log and snapshots.
-//! - `chaos`: failure on purpose (acceptor outages, guest crashes).
-//! - `peer`: host-to-host envelope streams and the `Peer` gRPC service.
-//! - `service`: the client-facing `KeyValue` gRPC service.
-//! - `admin`: the `Admin` gRPC service (status, hot swap) and `--watch`.
-//! - `bootstrap`: the roster, via the coordinator at start-up, persisted afterwards.
-
-mod admin;
-mod bootstrap;
-mod chaos;
-mod peer;
-mod runtime;
-mod service;
-mod step_loop;
-mod storage;
+//! Thin: argument parsing and wiring. The parts live in the `waxos_host` library (see its
+//! layout).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -26,6 +10,7 @@ use std::sync::{Arc, OnceLock};
 use anyhow::{bail, Context};
 use clap::Parser;
 use rand::RngExt;
+use waxos_host::{admin, bootstrap, chaos, peer, runtime, service, step_loop, storage};
 use waxos_proto::admin_server::AdminServer;
 use waxos_proto::key_value_server::KeyValueServer;
 use waxos_proto::peer_server::PeerServer;
@@ -80,6 +65,9 @@ struct Args {
     /// Swap the guest in again whenever its file changes (same path as `waxos … swap`).
     #[arg(long)]
     watch: bool,
+    /// Benchmarks only: one fdatasync per WAL record instead of one per step (no group commit).
+    #[arg(long, hide = true)]
+    sync_every_record: bool,
     /// Enables test-only guest commands (a key that makes the guest trap, one that makes it loop).
     #[arg(long, hide = true)]
     test_hooks: bool,
@@ -113,10 +101,15 @@ async fn resolve(host: &str, port: u16) -> anyhow::Result<SocketAddr> {
 async fn main() {
     waxos_proto::logging::init("info");
     let args = Args::parse();
-    if let Err(e) = run(args).await {
-        tracing::error!("waxosd stopped: {e:#}");
-        std::process::exit(1);
-    }
+    let code = match run(args).await {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::error!("waxosd stopped: {e:#}");
+            1
+        }
+    };
+    // Exit without waiting for connections and threads to wind down (see `run`).
+    std::process::exit(code);
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -188,12 +181,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .max_decoding_message_size(admin::GUEST_BYTES_MAX + 1024)
                 .max_encoding_message_size(admin::GUEST_BYTES_MAX + 1024),
         )
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown_signal());
-    let server = tokio::spawn(server);
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+    // No graceful drain on shutdown: peer streams never end by themselves, and nothing needs
+    // draining — every step's records are durable before anything of it was sent or answered.
+    let mut server = tokio::spawn(server);
 
     let (roster, rejoining) = tokio::select! {
         roster = bootstrap::roster(&data_dir, &my_address, coordinator.as_deref(), args.replicas, &registry) => roster?,
-        _ = shutdown_signal() => return Ok(()),
+        _ = shutdown_signal() => {
+            tracing::info!("waxosd stopping (signal) before the roster was complete");
+            return Ok(());
+        }
     };
     let _ = members.set((roster.me, roster.ids()));
     let _ = roster_cell.set(roster.clone());
@@ -230,7 +228,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             0,
         ),
         Box::new(peers),
-    )?;
+    )?
+    .with_sync_every_record(args.sync_every_record);
     std::thread::Builder::new()
         .name("step-loop".into())
         .spawn(move || step_loop.run(inputs))
@@ -241,13 +240,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     tracing::info!("node {} serving as one of {} replicas", roster.me, roster.members.len());
 
-    match server.await {
-        Ok(Ok(())) => {
-            tracing::info!("waxosd stopped");
+    tokio::select! {
+        _ = shutdown_signal() => {
+            tracing::info!("waxosd stopping (signal)");
             Ok(())
         }
-        Ok(Err(e)) => Err(e).context("gRPC server failed"),
-        Err(e) => Err(e).context("gRPC server task failed"),
+        result = &mut server => match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e).context("gRPC server failed"),
+            Err(e) => Err(e).context("gRPC server task failed"),
+        },
     }
 }
 

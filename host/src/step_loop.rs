@@ -124,6 +124,8 @@ pub struct StepLoop {
     snapshot_every: u64,
     chaos: Chaos,
     dropped_for_outage: u64,
+    /// Benchmark switch: one fdatasync per record instead of per step (no group commit).
+    sync_every_record: bool,
     peers: Box<dyn Transport>,
     waiting: HashMap<u64, oneshot::Sender<Outcome>>,
     next_request_id: u64,
@@ -155,6 +157,7 @@ impl StepLoop {
             snapshot_every: snapshot_every.max(1),
             chaos,
             dropped_for_outage: 0,
+            sync_every_record: false,
             peers,
             waiting: HashMap::new(),
             // Unique across restarts of this host, so a late reply can never match a new request.
@@ -174,6 +177,13 @@ impl StepLoop {
         );
         step_loop.guest = Some(guest);
         Ok(step_loop)
+    }
+
+    /// One fdatasync per record instead of one per step: only to measure what group commit
+    /// saves (`waxosd --sync-every-record`).
+    pub fn with_sync_every_record(mut self, on: bool) -> Self {
+        self.sync_every_record = on;
+        self
     }
 
     fn start_guest(&mut self, durable: &Durable) -> Result<Guest, String> {
@@ -284,6 +294,12 @@ impl StepLoop {
             if let Effect::Persist(record) = effect {
                 self.storage.wal.append(record);
                 persisted += 1;
+                if self.sync_every_record {
+                    if let Err(e) = self.storage.wal.sync() {
+                        tracing::error!("cannot make the WAL durable, stopping the host: {e:#}");
+                        std::process::exit(70);
+                    }
+                }
             }
         }
         if persisted > 0 {

@@ -1,0 +1,20 @@
+//! waxos host library: everything `waxosd` is made of, one module per capability.
+//!
+//! # Layout
+//! - `runtime`: wasmtime — engine, compiled-guest cache, instances with deadlines and limits.
+//! - `step_loop`: the thread that owns the guest and the WAL; persist before send.
+//! - `storage`: the write-ahead log and snapshots.
+//! - `chaos`: failure on purpose (acceptor outages, guest crashes).
+//! - `peer`: host-to-host envelope streams and the `Peer` gRPC service.
+//! - `service`: the client-facing `KeyValue` gRPC service.
+//! - `admin`: the `Admin` gRPC service (status, hot swap) and `--watch`.
+//! - `bootstrap`: the roster, via the coordinator at start-up, persisted afterwards.
+
+pub mod admin;
+pub mod bootstrap;
+pub mod chaos;
+pub mod peer;
+pub mod runtime;
+pub mod service;
+pub mod step_loop;
+pub mod storage;
