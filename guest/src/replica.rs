@@ -228,7 +228,7 @@ impl Replica {
     /// Everything durable, versioned; with `handover`, also the volatile state a hot-swapped
     /// build needs to continue without a pause.
     pub fn snapshot(&self, handover: bool) -> Vec<u8> {
-        let volatile = handover.then(|| Volatile {
+        let volatile = handover.then_some(Volatile {
             now_ms: self.now_ms,
             proposer: Cow::Borrowed(&self.proposer),
             pending: Cow::Borrowed(&self.pending),
