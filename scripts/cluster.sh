@@ -16,8 +16,9 @@ stop() {
 trap stop INT TERM EXIT
 for n in 1 2 3 4 5; do
   port=$((50050 + n))
-  ( ./target/release/waxosd 50051 "$port" --data-dir ".cluster/data/$n" --chaos "$chaos" 2>&1 \
-      | tee ".cluster/logs/$n.log" | sed -u "s/^/[$n] /" ) &
+  # $! is waxosd itself (its output goes through a process substitution), so stop() reaches it.
+  ./target/release/waxosd 50051 "$port" --data-dir ".cluster/data/$n" --chaos "$chaos" \
+    > >(tee ".cluster/logs/$n.log" | sed -u "s/^/[$n] /") 2>&1 &
   pids+=($!)
   sleep 0.3  # register in order, so node N listens on port 5005N
 done
