@@ -11,7 +11,7 @@ default:
 # Build the guest component, the host (waxosd) and the client (waxos), release.
 build:
     cargo build --target wasm32-wasip2 --profile guest -p waxos-guest
-    cargo build --release -p waxos-host -p waxos-client
+    cargo build --release -p waxos-host -p waxos-client -p waxos-sim
 
 # Start five hosts on 127.0.0.1:50051-50055 (50051 coordinates); Ctrl-C stops all five.
 cluster chaos="low": build
@@ -21,7 +21,7 @@ cluster chaos="low": build
 test: build
     scripts/guest-variants.sh
     cargo test --release --target wasm32-wasip2 -p waxos-guest
-    cargo test --release -p waxos-host -p waxos-client -p waxos-proto
+    cargo test --release -p waxos-host -p waxos-client -p waxos-proto -p waxos-sim
 
 # Hot-swap a guest build (default: build the current guest) into all five `just cluster` hosts,
 # one at a time, waiting for each to serve again.
@@ -36,8 +36,14 @@ bench: build
 bench-storage: build
     cargo run -q --release -p waxos-host --example storage_bench
 
+# Deterministic simulation of the real guest .wasm (N seeds, default 1000; faults, hot swaps,
+# linearizability check). Replay one: just sim --seed S --trace
+sim *args="1000": build
+    scripts/guest-variants.sh > /dev/null
+    ./target/release/waxos-sim --swap-with target/guest-variants/relabeled.wasm {{args}}
+
 # Format and lint (CI runs these too).
 lint:
     cargo fmt --all -- --check
-    cargo clippy --release --all-targets -p waxos-host -p waxos-client -p waxos-proto -- -D warnings
+    cargo clippy --release --all-targets -p waxos-host -p waxos-client -p waxos-proto -p waxos-sim -- -D warnings
     cargo clippy --release --target wasm32-wasip2 -p waxos-guest --all-targets -- -D warnings

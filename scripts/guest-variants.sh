@@ -5,6 +5,7 @@
 #   trap-on-start.wasm  traps in start (a broken build)
 #   not-a-world.wasm    a valid, empty component that exports nothing
 #   not-wasm.wasm       not wasm at all
+#   bug-*.wasm          planted bugs the simulator must catch
 # They use their own target dir so the real guest build is never disturbed, and are rebuilt
 # only when the guest's sources changed.
 set -euo pipefail
@@ -22,6 +23,10 @@ else
   }
   build relabeled swap-test ""
   build snapshot-v2 snapshot-v2 test-snapshot-v2
+  build bug-forget-promise bug-forget-promise bug-forget-promise
+  build bug-skip-phase1 bug-skip-phase1 bug-skip-phase1
+  build bug-apply-out-of-order bug-apply-out-of-order bug-apply-out-of-order
+  # Last: its timestamp is what "up to date" is judged by.
   build trap-on-start trap-on-start test-trap-on-start
 fi
 printf '\0asm\x0d\x00\x01\x00' > "$out/not-a-world.wasm"

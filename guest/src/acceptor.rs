@@ -53,9 +53,13 @@ impl Acceptor {
     /// Replays a persisted record (start-up).
     pub fn restore(&mut self, record: &Record) {
         match record {
+            // Planted bug (simulator test builds only): forget promises across a restart.
+            Record::Promised(_) if cfg!(feature = "bug-forget-promise") => {}
             Record::Promised(b) => self.promised = self.promised.max(*b),
             Record::Accepted { slot, ballot, value } => {
-                self.promised = self.promised.max(*ballot);
+                if !cfg!(feature = "bug-forget-promise") {
+                    self.promised = self.promised.max(*ballot);
+                }
                 let newer = self.accepted.get(slot).is_none_or(|(b, _)| b <= ballot);
                 if newer && *slot >= self.log_start {
                     self.accepted.insert(*slot, (*ballot, value.clone()));

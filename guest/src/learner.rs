@@ -24,6 +24,16 @@ pub struct AppState {
     pub kv: Kv,
 }
 
+/// Applies one slot's commands to the state machine.
+fn apply_value(kv: &mut Kv, slot: u64, value: &Value, applied: &mut Vec<(ClientCommand, Outcome)>) {
+    if let Value::Batch(commands) = value {
+        for cmd in commands {
+            let outcome = kv.apply(slot, cmd.client, cmd.seq, &cmd.command);
+            applied.push((cmd.clone(), outcome));
+        }
+    }
+}
+
 /// A learner and the state machine it feeds.
 #[derive(Clone, Debug, Default)]
 pub struct Learner {
@@ -52,13 +62,15 @@ impl Learner {
     pub fn apply_ready(&mut self) -> Vec<(ClientCommand, Outcome)> {
         let mut applied = Vec::new();
         while let Some(value) = self.chosen.get(&self.next_apply) {
-            if let Value::Batch(commands) = value {
-                for cmd in commands {
-                    let outcome = self.kv.apply(self.next_apply, cmd.client, cmd.seq, &cmd.command);
-                    applied.push((cmd.clone(), outcome));
-                }
-            }
+            apply_value(&mut self.kv, self.next_apply, value, &mut applied);
             self.next_apply += 1;
+        }
+        if cfg!(feature = "bug-apply-out-of-order") {
+            // Planted bug (simulator test builds only): apply whatever is chosen, gaps or not.
+            while let Some((&slot, value)) = self.chosen.range(self.next_apply..).next() {
+                apply_value(&mut self.kv, slot, value, &mut applied);
+                self.next_apply = slot + 1;
+            }
         }
         applied
     }

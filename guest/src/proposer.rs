@@ -205,6 +205,14 @@ impl Proposer {
         self.leader = None;
         self.in_flight.clear();
         self.reset_election_timer(now_ms);
+        if cfg!(feature = "bug-skip-phase1") {
+            // Planted bug (simulator test builds only): lead without running phase 1.
+            self.phase = Phase::Leader;
+            self.leader = Some((self.me, self.ballot));
+            self.next_slot = self.next_slot.max(first_unchosen);
+            self.next_heartbeat_ms = now_ms;
+            return;
+        }
         let prepare = Message::Prepare { ballot: self.ballot, first_slot: first_unchosen };
         self.broadcast(Role::Acceptor, &prepare, out);
     }
