@@ -165,11 +165,14 @@ pub struct World<'a> {
     history: Vec<Entry>,
     stats: Stats,
     trace: Option<Vec<String>>,
+    liveness: Option<String>,
 }
 
 const TICK_MS: u64 = 5;
 const ATTEMPT_TIMEOUT_MS: u64 = 400;
 const GIVE_UP_MS: u64 = 4_000;
+/// Time allowed after the fault window for the cluster to settle (elections, catch-up).
+const RECOVERY_MS: u64 = 2_000;
 /// Mean pause between a client's operations, so a run spans the fault window.
 const THINK_MS: u64 = 120;
 
@@ -219,6 +222,7 @@ impl<'a> World<'a> {
             history: Vec::new(),
             stats: Stats::default(),
             trace: trace.then(Vec::new),
+            liveness: None,
         };
         for i in 0..world.nodes.len() {
             world.boot(i)?;
@@ -417,6 +421,14 @@ impl<'a> World<'a> {
             let now = self.now;
             let Some(current) = self.clients[c].current.as_ref() else { continue };
             if now >= current.give_up_at {
+                if now > self.config.fault_window_ms + RECOVERY_MS + GIVE_UP_MS && self.liveness.is_none() {
+                    // Everything healed long ago: a request that still cannot complete is a
+                    // liveness failure, not bad luck.
+                    self.liveness = Some(format!(
+                        "client {c} gave up on {} {:?} at {now} ms, after every fault healed",
+                        current.key, current.op
+                    ));
+                }
                 self.stats.unknown += 1;
                 self.clients[c].current = None;
                 self.clients[c].done += 1;
@@ -501,6 +513,9 @@ impl<'a> World<'a> {
     pub fn run(mut self) -> Result<Run, (Failure, Vec<String>)> {
         let end = self.config.fault_window_ms + self.config.liveness_ms;
         while !self.all_done() {
+            if let Some(problem) = self.liveness.take() {
+                return Err((Failure::Liveness(problem), self.trace.unwrap_or_default()));
+            }
             if self.now > end {
                 let pending =
                     self.clients.iter().filter(|c| c.current.is_some() || c.done < self.config.ops_per_client).count();
