@@ -378,6 +378,7 @@ impl StepLoop {
             Ok(new) => new,
             Err(crash) => return refuse(format!("the new build cannot be instantiated: {crash}")),
         };
+        let instantiate_done = started.elapsed();
         let effects = match new.start(&self.config, Some(&handover), &[]) {
             Ok(Ok(effects)) => effects,
             Ok(Err(refused)) => return refuse(format!("the new build refused the current state: {refused}")),
@@ -402,14 +403,15 @@ impl StepLoop {
         self.build = build;
         self.carry_out(effects);
         tracing::info!(
-            "hot swap: {} -> {} (build {}), pause {:.2} ms (hand-over snapshot of {} bytes {:.2} ms, start {:.2} ms)",
+            "hot swap: {} -> {} (build {}), pause {:.2} ms (hand-over snapshot of {} bytes {:.2} ms, instantiate {:.2} ms, start {:.2} ms)",
             report.old_version,
             report.new_version,
             report.build_hash,
             pause.as_secs_f64() * 1e3,
             handover.len(),
             snapshot_done.as_secs_f64() * 1e3,
-            (start_done - snapshot_done).as_secs_f64() * 1e3,
+            (instantiate_done - snapshot_done).as_secs_f64() * 1e3,
+            (start_done - instantiate_done).as_secs_f64() * 1e3,
         );
         Ok(report)
     }
