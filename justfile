@@ -23,8 +23,7 @@ test: build
     cargo test --release --target wasm32-wasip2 -p waxos-guest
     cargo test --release -p waxos-host -p waxos-client -p waxos-proto -p waxos-sim
 
-# Hot-swap a guest build (default: build the current guest) into all five `just cluster` hosts,
-# one at a time, waiting for each to serve again.
+# Hot-swap a guest build (default: the current guest, rebuilt) into the five `just cluster` hosts, one by one.
 swap path="":
     scripts/swap.sh "{{path}}"
 
@@ -36,8 +35,7 @@ bench: build
 bench-storage: build
     cargo run -q --release -p waxos-host --example storage_bench
 
-# Deterministic simulation of the real guest .wasm (N seeds, default 1000; faults, hot swaps,
-# linearizability check). Replay one: just sim --seed S --trace
+# Simulate the real guest .wasm under faults for N seeds (default 1000); replay: just sim --seed S --trace
 sim *args="1000": build
     scripts/guest-variants.sh > /dev/null
     ./target/release/waxos-sim --swap-with target/guest-variants/relabeled.wasm {{args}}
