@@ -87,7 +87,10 @@ pub enum PhaseOne {
     Behind(NodeId),
 }
 
-/// A message to send: destination, role there, message.
+/// Destination of a message meant for every member, this one included (node ids start at 1).
+pub const EVERY_MEMBER: NodeId = 0;
+
+/// A message to send: destination (or `EVERY_MEMBER`), role there, message.
 pub type Outgoing = (NodeId, Role, Message);
 
 /// The proposer's state.
@@ -155,10 +158,9 @@ impl Proposer {
         self.election_deadline_ms = now_ms + self.rng.range(ELECTION_TIMEOUT_MIN_MS, ELECTION_TIMEOUT_MAX_MS);
     }
 
+    /// One outgoing entry for every member (this one included); the replica encodes it once.
     fn broadcast(&self, role: Role, message: &Message, out: &mut Vec<Outgoing>) {
-        for &m in &self.members {
-            out.push((m, role, message.clone()));
-        }
+        out.push((EVERY_MEMBER, role, message.clone()));
     }
 
     /// Timers: start an election when the leader went quiet; as leader, heartbeat and re-send

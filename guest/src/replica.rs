@@ -20,7 +20,9 @@ use crate::kv::Kv;
 use crate::learner::AppState;
 use crate::learner::Learner;
 use crate::message::{self, Ballot, ClientCommand, DecodeError, Message, Record, Value};
-use crate::proposer::{Outgoing, Phase, PhaseOne, Promise, Proposer, ELECTION_TIMEOUT_MAX_MS, ELECTION_TIMEOUT_MIN_MS};
+use crate::proposer::{
+    Outgoing, Phase, PhaseOne, Promise, Proposer, ELECTION_TIMEOUT_MAX_MS, ELECTION_TIMEOUT_MIN_MS, EVERY_MEMBER,
+};
 use crate::types::{Command, Config, Effect, Envelope, Event, NodeId, Outcome, Request, Role};
 
 /// The guest build's version, reported by `status`: the crate version, plus the build label
@@ -305,7 +307,27 @@ impl Replica {
 
     fn dispatch(&mut self, out: Vec<Outgoing>) {
         for (dst, role, msg) in out {
-            self.send(dst, role, msg);
+            if dst == EVERY_MEMBER {
+                self.broadcast(role, msg, true);
+            } else {
+                self.send(dst, role, msg);
+            }
+        }
+    }
+
+    /// Sends `msg` to every member (and to this replica when `include_me`), encoding it once:
+    /// accept and chosen batches are the largest messages, sent to everyone every slot.
+    fn broadcast(&mut self, role: Role, msg: Message, include_me: bool) {
+        let me = self.config.me;
+        let payload = message::encode(&msg);
+        for i in 0..self.config.members.len() {
+            let dst = self.config.members[i];
+            if dst != me {
+                let envelope = Envelope { src: me, dst, role, payload: payload.clone() };
+                self.effects.push(Effect::Send(envelope));
+            } else if include_me {
+                self.local.push_back((role, msg.clone()));
+            }
         }
     }
 
@@ -719,12 +741,7 @@ impl Replica {
             return;
         }
         let entries = std::mem::take(&mut self.to_announce);
-        let msg = Message::Chosen { entries };
-        for &m in &self.config.members.clone() {
-            if m != self.config.me {
-                self.send(m, Role::Learner, msg.clone());
-            }
-        }
+        self.broadcast(Role::Learner, Message::Chosen { entries }, false);
     }
 
     /// A JSON object describing this replica.
