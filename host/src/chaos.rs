@@ -61,76 +61,91 @@ pub enum ChaosEvent {
 
 /// The schedule.
 pub struct Chaos {
-    config: ChaosConfig,
     rng: StdRng,
-    next_outage_ms: Option<u64>,
-    outage: Option<(u64, u64)>,
-    next_crash_ms: Option<u64>,
-    crash: Option<(u64, u64)>,
+    outage: Schedule,
+    crash: Schedule,
+}
+
+/// One kind of failure: when the next one starts, and the one in progress (start, end).
+struct Schedule {
+    every_ms: u64,
+    duration_ms: (u64, u64),
+    next_ms: Option<u64>,
+    active: Option<(u64, u64)>,
+}
+
+/// A failure starting (lasting `ms`) or ending (after `ms`).
+enum Change {
+    Start(u64),
+    End(u64),
+}
+
+impl Schedule {
+    fn new(every_ms: u64, duration_ms: (u64, u64), rng: &mut StdRng, now_ms: u64) -> Schedule {
+        let mut schedule = Schedule { every_ms, duration_ms, next_ms: None, active: None };
+        schedule.next_ms = schedule.after(rng, now_ms);
+        schedule
+    }
+
+    /// Uniform in [½, 1½] × the mean from now; never when the mean is 0.
+    fn after(&self, rng: &mut StdRng, now_ms: u64) -> Option<u64> {
+        let mean = self.every_ms;
+        (mean > 0).then(|| now_ms + rng.random_range(mean / 2..=mean + mean / 2))
+    }
+
+    fn poll(&mut self, rng: &mut StdRng, now_ms: u64) -> Option<Change> {
+        if let Some((start, until)) = self.active {
+            if now_ms < until {
+                return None;
+            }
+            self.active = None;
+            self.next_ms = self.after(rng, now_ms);
+            return Some(Change::End(now_ms - start));
+        }
+        if self.next_ms.is_none_or(|t| now_ms < t) {
+            return None;
+        }
+        let (low, high) = self.duration_ms;
+        let ms = rng.random_range(low.min(high)..=high.max(low));
+        self.active = Some((now_ms, now_ms + ms));
+        self.next_ms = None;
+        Some(Change::Start(ms))
+    }
 }
 
 impl Chaos {
     /// A schedule starting at `now_ms`.
     pub fn new(config: ChaosConfig, now_ms: u64) -> Chaos {
-        let mut chaos = Chaos {
-            rng: StdRng::seed_from_u64(config.seed),
-            config,
-            next_outage_ms: None,
-            outage: None,
-            next_crash_ms: None,
-            crash: None,
-        };
-        chaos.next_outage_ms = chaos.after(now_ms, chaos.config.outage_every_ms);
-        chaos.next_crash_ms = chaos.after(now_ms, chaos.config.crash_every_ms);
-        chaos
-    }
-
-    fn after(&mut self, now_ms: u64, mean_ms: u64) -> Option<u64> {
-        (mean_ms > 0).then(|| now_ms + self.rng.random_range(mean_ms / 2..=mean_ms + mean_ms / 2))
-    }
-
-    fn duration(&mut self, (low, high): (u64, u64)) -> u64 {
-        self.rng.random_range(low.min(high)..=high.max(low))
+        let mut rng = StdRng::seed_from_u64(config.seed);
+        let outage = Schedule::new(config.outage_every_ms, config.outage_ms, &mut rng, now_ms);
+        let crash = Schedule::new(config.crash_every_ms, config.crash_down_ms, &mut rng, now_ms);
+        Chaos { rng, outage, crash }
     }
 
     /// What starts or ends at `now_ms`.
     pub fn poll(&mut self, now_ms: u64) -> Vec<ChaosEvent> {
         let mut events = Vec::new();
-        if let Some((start, until)) = self.outage {
-            if now_ms >= until {
-                self.outage = None;
-                events.push(ChaosEvent::OutageEnd { ms: now_ms - start });
-                self.next_outage_ms = self.after(now_ms, self.config.outage_every_ms);
-            }
-        } else if self.next_outage_ms.is_some_and(|t| now_ms >= t) {
-            let ms = self.duration(self.config.outage_ms);
-            self.outage = Some((now_ms, now_ms + ms));
-            self.next_outage_ms = None;
-            events.push(ChaosEvent::OutageStart { ms });
+        match self.outage.poll(&mut self.rng, now_ms) {
+            Some(Change::Start(ms)) => events.push(ChaosEvent::OutageStart { ms }),
+            Some(Change::End(ms)) => events.push(ChaosEvent::OutageEnd { ms }),
+            None => {}
         }
-        if let Some((start, until)) = self.crash {
-            if now_ms >= until {
-                self.crash = None;
-                events.push(ChaosEvent::CrashEnd { ms: now_ms - start });
-                self.next_crash_ms = self.after(now_ms, self.config.crash_every_ms);
-            }
-        } else if self.next_crash_ms.is_some_and(|t| now_ms >= t) {
-            let ms = self.duration(self.config.crash_down_ms);
-            self.crash = Some((now_ms, now_ms + ms));
-            self.next_crash_ms = None;
-            events.push(ChaosEvent::CrashStart { ms });
+        match self.crash.poll(&mut self.rng, now_ms) {
+            Some(Change::Start(ms)) => events.push(ChaosEvent::CrashStart { ms }),
+            Some(Change::End(ms)) => events.push(ChaosEvent::CrashEnd { ms }),
+            None => {}
         }
         events
     }
 
     /// True while the acceptor is offline.
     pub fn acceptor_down(&self) -> bool {
-        self.outage.is_some()
+        self.outage.active.is_some()
     }
 
     /// True while the guest is held down after an injected crash.
     pub fn guest_held_down(&self) -> bool {
-        self.crash.is_some()
+        self.crash.active.is_some()
     }
 }
 
