@@ -79,6 +79,27 @@ pub struct Registry {
     pub incarnations: std::collections::HashMap<String, u64>,
     /// How many the cluster has (0: this host is not the coordinator).
     pub replicas: u32,
+    /// Whether this host knows yet if it coordinates. The server listens before the roster is
+    /// read, so a registration can arrive first; it is told to retry rather than refused.
+    pub settled: bool,
+}
+
+/// Why a registration was not accepted.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RegisterError {
+    /// This host is still starting; ask again shortly.
+    NotYet,
+    /// A permanent refusal: not the coordinator, or the roster is full.
+    Refused(String),
+}
+
+impl std::fmt::Display for RegisterError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RegisterError::NotYet => write!(f, "this host is still starting; retry"),
+            RegisterError::Refused(reason) => write!(f, "{reason}"),
+        }
+    }
 }
 
 /// Shared registry.
@@ -86,9 +107,12 @@ pub type SharedRegistry = Arc<Mutex<Registry>>;
 
 impl Registry {
     /// Registers `address` (idempotent) and answers with the roster so far.
-    pub fn register(&mut self, address: &str, incarnation: u64) -> Result<RegisterResponse, String> {
+    pub fn register(&mut self, address: &str, incarnation: u64) -> Result<RegisterResponse, RegisterError> {
+        if !self.settled {
+            return Err(RegisterError::NotYet);
+        }
         if self.replicas == 0 {
-            return Err("this host is not the coordinator".into());
+            return Err(RegisterError::Refused("this host is not the coordinator".into()));
         }
         let complete = self.members.len() as u32 >= self.replicas;
         let known = self.incarnations.insert(address.to_string(), incarnation);
@@ -105,7 +129,10 @@ impl Registry {
             }
             None => {
                 if self.members.len() as u32 >= self.replicas {
-                    return Err(format!("the roster is full ({} replicas); {address} is not a member", self.replicas));
+                    return Err(RegisterError::Refused(format!(
+                        "the roster is full ({} replicas); {address} is not a member",
+                        self.replicas
+                    )));
                 }
                 let id = self.members.len() as u32 + 1;
                 self.members.push((id, address.to_string()));
@@ -136,6 +163,7 @@ pub async fn roster(
         if let Ok(mut reg) = registry.lock() {
             reg.members = roster.members.clone();
             reg.replicas = roster.members.len() as u32;
+            reg.settled = true;
         }
         return Ok((roster, false));
     }
@@ -144,7 +172,8 @@ pub async fn roster(
             {
                 let mut reg = registry.lock().map_err(|_| anyhow::anyhow!("registry lock poisoned"))?;
                 reg.replicas = replicas;
-                reg.register(my_address, rand::random()).map_err(anyhow::Error::msg)?;
+                reg.settled = true;
+                reg.register(my_address, rand::random()).map_err(|e| anyhow::anyhow!("{e}"))?;
             }
             tracing::info!("coordinating: waiting for {replicas} replicas to register");
             loop {
@@ -157,7 +186,12 @@ pub async fn roster(
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
-        Some(coordinator) => register_with(coordinator, my_address, replicas).await?,
+        Some(coordinator) => {
+            if let Ok(mut reg) = registry.lock() {
+                reg.settled = true;
+            }
+            register_with(coordinator, my_address, replicas).await?
+        }
     };
     roster.save(data_dir)?;
     tracing::info!("roster complete: node {} of {:?}", roster.me, roster.ids());
@@ -195,5 +229,24 @@ async fn register_with(coordinator: &str, my_address: &str, replicas: u32) -> an
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_registration_before_the_role_is_known_is_told_to_retry_not_refused() {
+        let mut registry = Registry::default();
+        assert_eq!(registry.register("127.0.0.1:2", 7).err(), Some(RegisterError::NotYet));
+        registry.settled = true;
+        assert!(matches!(registry.register("127.0.0.1:2", 7), Err(RegisterError::Refused(_))));
+        registry.replicas = 2;
+        let first = registry.register("127.0.0.1:2", 7).expect("registers");
+        let again = registry.register("127.0.0.1:2", 7).expect("idempotent");
+        assert_eq!((first.assigned_id, again.assigned_id), (1, 1));
+        assert_eq!(registry.register("127.0.0.1:3", 8).expect("second").assigned_id, 2);
+        assert!(matches!(registry.register("127.0.0.1:4", 9), Err(RegisterError::Refused(_))));
     }
 }

@@ -18,7 +18,7 @@ use waxos_proto::peer_client::PeerClient;
 use waxos_proto::peer_server::Peer;
 use waxos_proto::{EnvelopeBatch, ExchangeClosed, RegisterRequest, RegisterResponse};
 
-use crate::bootstrap::{Roster, SharedRegistry};
+use crate::bootstrap::{RegisterError, Roster, SharedRegistry};
 use crate::runtime::{Envelope, Role};
 use crate::step_loop::{Input, StepLoopHandle};
 
@@ -227,7 +227,10 @@ impl Peer for PeerService {
             .lock()
             .map_err(|_| Status::internal("registry lock poisoned"))?
             .register(&address, request.incarnation)
-            .map_err(Status::failed_precondition);
+            .map_err(|e| match e {
+                RegisterError::NotYet => Status::unavailable(e.to_string()),
+                RegisterError::Refused(reason) => Status::failed_precondition(reason),
+            });
         tracing::info!("response sent op=register address={address} ok={}", answer.is_ok());
         answer.map(Response::new)
     }
