@@ -27,9 +27,17 @@ test: build
 swap path="":
     scripts/swap.sh "{{path}}"
 
-# The standard load scenarios against a fresh five-host cluster (chaos off), as one table.
+# The standard load scenarios against a fresh five-host cluster (chaos off, traffic to the leader), as one table.
 bench: build
     scripts/bench.sh --group-commit-compare
+
+# The same scenarios against a five-member etcd on loopback (installs etcd-server if missing).
+bench-etcd:
+    scripts/bench-etcd.sh
+
+# waxos and etcd back to back, REPS rounds: median (min-max) table and the ratios against the targets.
+bench-compare reps="3": build
+    scripts/bench-compare.sh {{reps}}
 
 # Storage and restart figures: fdatasync latency, group commit, restart from 100k/1M-key snapshots.
 bench-storage: build

@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
-# `just bench`: a fresh five-host cluster (chaos off) on 127.0.0.1:50061-50065 in a temp dir,
-# the standard scenarios through `waxos bench`, one table. Every run is bounded in time, and the
-# cluster is stopped at the end. BENCH_SECONDS sets the length of each scenario (default 10).
-# With --group-commit-compare it also runs the 64-client PUT against a cluster that fsyncs
-# every WAL record (no group commit).
+# `just bench`: the standard scenarios against a fresh five-host waxos cluster (chaos off, on
+# 127.0.0.1:50061-50065, data in a temp dir), one fresh cluster per scenario, all traffic sent
+# to the leader (as the etcd side does). Prints one table; with BENCH_RESULTS=FILE it also
+# appends one JSON line per scenario there (for `just bench-compare`).
+#   BENCH_SECONDS  measured seconds per scenario (default 10)   BENCH_WARMUP  unmeasured (2)
+#   --group-commit-compare  also a 64-client PUT run against hosts that fsync every record
+# Every run is bounded in time; the hosts are stopped at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs="${BENCH_SECONDS:-10}"
+warmup="${BENCH_WARMUP:-2}"
 compare=false
 [ "${1:-}" = "--group-commit-compare" ] && compare=true
 waxos=./target/release/waxos
 dir=$(mktemp -d /tmp/waxos-bench.XXXXXX)
+results="${BENCH_RESULTS:-$dir/results.jsonl}"
 pids=()
 stop() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap 'stop; rm -rf "$dir"' EXIT
 
-start_cluster() { # extra waxosd args...
+start_cluster() { # extra waxosd args (may be none)...
   stop; pids=(); rm -rf "$dir/data"
   for n in 1 2 3 4 5; do
     ./target/release/waxosd 50061 $((50060 + n)) --data-dir "$dir/data/$n" --chaos off --snapshot-every 1000000 "$@" \
@@ -30,27 +34,41 @@ start_cluster() { # extra waxosd args...
   echo "bench: cluster did not come up; logs in $dir" >&2; exit 1
 }
 
-row() { # name, then waxos bench args
+rss_mb() { # largest resident size among the hosts, MiB
+  local max=0 kb
+  for p in "${pids[@]}"; do
+    kb=$(awk '/^VmRSS/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0)
+    [ "${kb:-0}" -gt "$max" ] && max=$kb
+  done
+  echo $((max / 1024))
+}
+
+scenario() { # name, then waxos bench args
   local name="$1"; shift
+  start_cluster "${host_args[@]}"
   local json
-  json=$(RUST_LOG=off "$waxos" 127.0.0.1 50061 bench --duration "$secs" --json "$@")
-  python3 - "$name" "$json" <<'PY'
+  json=$(RUST_LOG=off timeout $((secs + warmup + 120)) "$waxos" 127.0.0.1 50061 --timeout-ms 5000 bench \
+    --duration "$secs" --warmup "$warmup" --keys 10000 --value-size 100 --target leader --json "$@")
+  python3 - "$name" "$json" "$(rss_mb)" "$results" <<'PY'
 import json, sys
-name, j = sys.argv[1], json.loads(sys.argv[2])
-print(f"{name:<34} {j['ops_per_s']:>10.0f} {j['p50_ms']:>8.2f} {j['p90_ms']:>8.2f} {j['p99_ms']:>8.2f} {j['max_ms']:>8.2f} {j['errors']:>7}")
+name, j, rss, results = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+row = {"system": "waxos", "scenario": name, "ops_per_s": j["ops_per_s"], "p50_ms": j["p50_ms"],
+       "p90_ms": j["p90_ms"], "p99_ms": j["p99_ms"], "max_ms": j["max_ms"], "errors": j["errors"],
+       "rss_mb": rss}
+open(results, "a").write(json.dumps(row) + "\n")
+print(f"{name:<26} {row['ops_per_s']:>10.0f} {row['p50_ms']:>8.2f} {row['p90_ms']:>8.2f} {row['p99_ms']:>8.2f} "
+      f"{row['max_ms']:>8.2f} {row['errors']:>7} {rss:>7}")
 PY
 }
 
-printf '%-34s %10s %8s %8s %8s %8s %7s\n' scenario ops/s p50_ms p90_ms p99_ms max_ms errors
-start_cluster
-wal_before=$(du -sb "$dir/data/1/wal" | cut -f1)
-row "PUT, 64 clients"           --clients 64 --mix put=100 --keys 100000
-wal_after=$(du -sb "$dir/data/1/wal" | cut -f1)
-row "PUT, 1 client"             --clients 1 --mix put=100 --keys 100000
-row "GET (linearizable), 64"    --clients 64 --mix get=100 --keys 100000
-row "mixed 50/50, 64 clients"   --clients 64 --mix put=50,get=50 --keys 100000
+host_args=()
+printf '%-26s %10s %8s %8s %8s %8s %7s %7s\n' "waxos scenario" ops/s p50_ms p90_ms p99_ms max_ms errors rss_MiB
+scenario put_c1      --clients 1  --mix put=100
+scenario put_c64     --clients 64 --mix put=100
+scenario get_lin_c64 --clients 64 --mix get=100 --prefill
+scenario get_ser_c64 --clients 64 --mix get=100 --prefill --stale
+scenario rw50_c64    --clients 64 --mix put=50,get=50 --prefill
 if $compare; then
-  start_cluster --sync-every-record
-  row "PUT, 64, fsync every record" --clients 64 --mix put=100 --keys 100000
+  host_args=(--sync-every-record)
+  scenario put_c64_fsync_every_record --clients 64 --mix put=100
 fi
-echo "WAL growth on host 1 during the 64-client PUT run: $((wal_after - wal_before)) bytes"

@@ -33,9 +33,16 @@ pub struct BenchArgs {
     /// Operation mix in percent, e.g. put=50,get=50 or put=40,get=40,delete=20.
     #[arg(long, default_value = "put=50,get=50")]
     pub mix: String,
-    /// Send everything to this node id instead of spreading over all members.
+    /// Send everything to one member — a node id, or `leader` — instead of spreading the
+    /// clients over all members.
     #[arg(long)]
-    pub target: Option<u32>,
+    pub target: Option<String>,
+    /// Seconds of load before the measured window starts (not counted).
+    #[arg(long, default_value_t = 0.0)]
+    pub warmup: f64,
+    /// Write every key once (untimed, by the same clients) before the run, so GETs find values.
+    #[arg(long)]
+    pub prefill: bool,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -74,7 +81,7 @@ struct Tally {
 }
 
 /// Runs the benchmark; returns the exit status.
-pub async fn run(session: &mut Session, args: &BenchArgs, json: bool, timeout: Duration) -> i32 {
+pub async fn run(session: &mut Session, args: &BenchArgs, json: bool, timeout: Duration, stale: bool) -> i32 {
     let mix = match parse_mix(&args.mix) {
         Ok(mix) => mix,
         Err(e) => {
@@ -82,8 +89,8 @@ pub async fn run(session: &mut Session, args: &BenchArgs, json: bool, timeout: D
             return 1;
         }
     };
-    if args.clients == 0 || args.duration <= 0.0 || args.keys == 0 {
-        eprintln!("waxos: --clients, --duration and --keys must be positive");
+    if args.clients == 0 || args.duration <= 0.0 || args.keys == 0 || !(0.0..=3600.0).contains(&args.warmup) {
+        eprintln!("waxos: --clients, --duration and --keys must be positive, --warmup 0..3600 s");
         return 1;
     }
     let first = session.server().to_string();
@@ -94,28 +101,54 @@ pub async fn run(session: &mut Session, args: &BenchArgs, json: bool, timeout: D
             return 1;
         }
     };
-    let mut targets: Vec<String> = match args.target {
+    let target = match args.target.as_deref() {
+        None => None,
+        Some("leader") => {
+            let guest: serde_json::Value = serde_json::from_str(&status.guest_status_json).unwrap_or_default();
+            match guest.get("leader").and_then(serde_json::Value::as_u64) {
+                Some(id) => Some(id as u32),
+                None => {
+                    eprintln!("waxos: {first} knows no leader yet; try again, or give a node id");
+                    return 1;
+                }
+            }
+        }
+        Some(id) => match id.parse::<u32>() {
+            Ok(id) => Some(id),
+            Err(_) => {
+                eprintln!("waxos: --target takes a node id or `leader`, not {id:?}");
+                return 1;
+            }
+        },
+    };
+    let mut targets: Vec<String> = match target {
         Some(id) => status.members.iter().filter(|m| m.id == id).map(|m| m.address.clone()).collect(),
         None => status.members.iter().map(|m| m.address.clone()).collect(),
     };
     if targets.is_empty() {
-        if let Some(id) = args.target {
+        if let Some(id) = target {
             eprintln!("waxos: no member with id {id}");
             return 1;
         }
         targets.push(first);
     }
-    let duration = Duration::from_secs_f64(args.duration);
     let value = vec![b'x'; args.value_size];
-    let started = Instant::now();
-    let deadline = started + duration;
+    if args.prefill {
+        if let Err(e) = prefill(&targets, args.clients, args.keys, &value, timeout).await {
+            eprintln!("waxos: prefill failed: {e}");
+            return 1;
+        }
+    }
+    let measured_from = Instant::now() + Duration::from_secs_f64(args.warmup);
+    let deadline = measured_from + Duration::from_secs_f64(args.duration);
     let mut tasks = Vec::new();
     for c in 0..args.clients {
         let address = targets[c % targets.len()].clone();
         let mix = mix.clone();
         let value = value.clone();
         let keys = args.keys;
-        tasks.push(tokio::spawn(async move { client_loop(address, mix, value, keys, deadline, timeout).await }));
+        let window = (measured_from, deadline);
+        tasks.push(tokio::spawn(async move { client_loop(address, mix, value, keys, window, timeout, stale).await }));
     }
     let mut tally = Tally::default();
     for t in tasks {
@@ -127,8 +160,8 @@ pub async fn run(session: &mut Session, args: &BenchArgs, json: bool, timeout: D
             }
         }
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    report(args, &targets, tally, elapsed, json);
+    let elapsed = measured_from.elapsed().as_secs_f64();
+    report(args, &targets, tally, elapsed, json, stale);
     0
 }
 
@@ -137,8 +170,9 @@ async fn client_loop(
     mix: Vec<(Kind, u32)>,
     value: Vec<u8>,
     keys: u64,
-    deadline: Instant,
+    (measured_from, deadline): (Instant, Instant),
     timeout: Duration,
+    stale: bool,
 ) -> Tally {
     let mut tally = Tally::default();
     let channel = match Endpoint::from_shared(format!("http://{address}")) {
@@ -171,7 +205,7 @@ async fn client_loop(
                 client.put(r).await.map(|_| ())
             }
             Kind::Get => {
-                let mut r = tonic::Request::new(GetRequest { key, client_id, seq });
+                let mut r = tonic::Request::new(GetRequest { key, client_id, seq, stale });
                 r.set_timeout(timeout);
                 client.get(r).await.map(|_| ())
             }
@@ -181,6 +215,9 @@ async fn client_loop(
                 client.delete(r).await.map(|_| ())
             }
         };
+        if t < measured_from {
+            continue;
+        }
         match result {
             Ok(()) => tally.latencies_us.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32),
             Err(e) => {
@@ -194,6 +231,34 @@ async fn client_loop(
     tally
 }
 
+/// Writes `bench:0 .. bench:(keys-1)` once, `clients` at a time.
+async fn prefill(targets: &[String], clients: usize, keys: u64, value: &[u8], timeout: Duration) -> Result<(), String> {
+    let mut tasks = Vec::new();
+    for c in 0..clients as u64 {
+        let address = targets[c as usize % targets.len()].clone();
+        let value = value.to_vec();
+        let stride = clients as u64;
+        tasks.push(tokio::spawn(async move {
+            let endpoint = Endpoint::from_shared(format!("http://{address}")).map_err(|e| e.to_string())?;
+            let mut client = KeyValueClient::new(endpoint.connect_timeout(timeout).tcp_nodelay(true).connect_lazy());
+            let client_id: u64 = rand::rng().random::<u64>() | 1;
+            let mut seq = 0;
+            for k in (c..keys).step_by(stride as usize) {
+                seq += 1;
+                let mut r =
+                    tonic::Request::new(PutRequest { key: format!("bench:{k}"), value: value.clone(), client_id, seq });
+                r.set_timeout(timeout);
+                client.put(r).await.map_err(|e| format!("{:?}: {}", e.code(), e.message()))?;
+            }
+            Ok::<(), String>(())
+        }));
+    }
+    for t in tasks {
+        t.await.map_err(|e| e.to_string())??;
+    }
+    Ok(())
+}
+
 fn percentile(sorted: &[u32], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -202,7 +267,7 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
     f64::from(sorted[rank.min(sorted.len() - 1)]) / 1e3
 }
 
-fn report(args: &BenchArgs, targets: &[String], mut tally: Tally, elapsed: f64, json: bool) {
+fn report(args: &BenchArgs, targets: &[String], mut tally: Tally, elapsed: f64, json: bool, stale: bool) {
     tally.latencies_us.sort_unstable();
     let ops = tally.latencies_us.len();
     let ops_per_s = ops as f64 / elapsed.max(1e-9);
@@ -217,7 +282,7 @@ fn report(args: &BenchArgs, targets: &[String], mut tally: Tally, elapsed: f64, 
             "{}",
             serde_json::json!({
                 "clients": args.clients, "duration_s": elapsed, "value_size": args.value_size, "keys": args.keys,
-                "mix": args.mix, "targets": targets, "ops": ops, "ops_per_s": ops_per_s,
+                "mix": args.mix, "stale": stale, "targets": targets, "ops": ops, "ops_per_s": ops_per_s,
                 "p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "max_ms": max, "errors": tally.errors,
                 "first_error": tally.first_error,
             })

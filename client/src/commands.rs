@@ -15,6 +15,7 @@ pub const EXIT_NOT_FOUND: i32 = 2;
 /// Runs the command of `args` and returns the exit status.
 pub async fn run(args: Args) -> i32 {
     let mut session = Session::new(&args.host, args.port, args.timeout_ms);
+    session.stale_reads = args.stale;
     match args.command.clone() {
         Some(Cmd::Put { key, value }) => single(&mut session, Op::Put(key, value.into_bytes())).await,
         Some(Cmd::Get { key }) => single(&mut session, Op::Get(key)).await,
@@ -22,7 +23,8 @@ pub async fn run(args: Args) -> i32 {
         Some(Cmd::Demo) => demo(&mut session).await,
         Some(Cmd::Status) => status(&mut session, args.json).await,
         Some(Cmd::Bench(bench)) => {
-            crate::bench::run(&mut session, &bench, args.json, std::time::Duration::from_millis(args.timeout_ms)).await
+            let timeout = std::time::Duration::from_millis(args.timeout_ms);
+            crate::bench::run(&mut session, &bench, args.json, timeout, args.stale).await
         }
         Some(Cmd::Swap { path }) => swap(&session, &path, args.json).await,
         None => crate::shell::run(&mut session, args.json).await,

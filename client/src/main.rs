@@ -29,6 +29,10 @@ pub struct Args {
     /// Machine-readable output (status, bench).
     #[arg(long, global = true)]
     pub json: bool,
+    /// Serializable GETs: answered by the contacted member from its own state at once, without
+    /// a quorum check — faster, but possibly behind the latest writes. Default: linearizable.
+    #[arg(long, global = true)]
+    pub stale: bool,
     /// What to do; none opens an interactive shell.
     #[command(subcommand)]
     pub command: Option<Cmd>,

@@ -76,6 +76,8 @@ pub struct Session {
     seq: u64,
     timeout: Duration,
     learned_members: bool,
+    /// GETs are serializable (`--stale`) instead of linearizable.
+    pub stale_reads: bool,
 }
 
 impl Session {
@@ -90,6 +92,7 @@ impl Session {
             seq: 0,
             timeout: Duration::from_millis(timeout_ms.max(1)),
             learned_members: false,
+            stale_reads: false,
         }
     }
 
@@ -219,6 +222,7 @@ impl Session {
         let mut client = KeyValueClient::new(channel);
         let client_id = self.client_id;
         let timeout = self.timeout;
+        let stale = self.stale_reads;
         let call = async move {
             match op {
                 Op::Put(key, value) => {
@@ -228,7 +232,7 @@ impl Session {
                     client.put(r).await.map(|_| Reply::Stored)
                 }
                 Op::Get(key) => {
-                    let mut r = tonic::Request::new(GetRequest { key: key.clone(), client_id, seq });
+                    let mut r = tonic::Request::new(GetRequest { key: key.clone(), client_id, seq, stale });
                     r.set_timeout(timeout);
                     let g = client.get(r).await?.into_inner();
                     Ok(Reply::Value(g.found.then_some(g.value)))

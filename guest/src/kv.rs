@@ -52,7 +52,7 @@ impl Kv {
                     if let Some(outcome) = &session.outcome {
                         return outcome.clone();
                     }
-                    if !matches!(command, Command::Get(_)) {
+                    if !command.is_read() {
                         return Outcome::Rejected(format!("seq {seq} was already used by a read"));
                     }
                 }
@@ -63,11 +63,11 @@ impl Kv {
                 self.data.insert(key.clone(), value.clone());
                 Outcome::Done
             }
-            Command::Get(key) => Outcome::Value(self.data.get(key).cloned()),
+            Command::Get(key) | Command::GetStale(key) => Outcome::Value(self.data.get(key).cloned()),
             Command::Delete(key) => Outcome::Removed(self.data.remove(key).is_some()),
         };
         if client != 0 {
-            let remembered = (!matches!(command, Command::Get(_))).then(|| outcome.clone());
+            let remembered = (!command.is_read()).then(|| outcome.clone());
             if let Some(old) = self.sessions.insert(client, Session { seq, outcome: remembered, last_slot: slot }) {
                 self.lru.remove(&(old.last_slot, client));
             }

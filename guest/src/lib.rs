@@ -4,6 +4,7 @@
 //! - `types`: plain Rust mirrors of the WIT types; the roles never see WIT.
 //! - `message`: the versioned wire format of payloads and persisted records.
 //! - `acceptor`, `proposer`, `learner`: one module per Paxos role.
+//! - `reads`: linearizable reads without a log slot (ReadIndex).
 //! - `kv`: the replicated state machine with exactly-once client sessions.
 //! - `replica`: the sans-IO `step(now, events) -> effects` that ties them together.
 //! - this file: the WIT glue, compiled for wasm32 only, so everything else runs natively in
@@ -15,6 +16,7 @@ pub mod kv;
 pub mod learner;
 pub mod message;
 pub mod proposer;
+pub mod reads;
 pub mod replica;
 pub mod rng;
 pub mod types;
@@ -104,6 +106,7 @@ mod component {
                     wit::Command::Put((k, v)) => types::Command::Put(k, v),
                     wit::Command::Get(k) => types::Command::Get(k),
                     wit::Command::Delete(k) => types::Command::Delete(k),
+                    wit::Command::GetStale(k) => types::Command::GetStale(k),
                 },
             }),
             wit::Event::Message(e) => types::Event::Message(types::Envelope {

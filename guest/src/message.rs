@@ -132,6 +132,20 @@ pub enum Message {
         /// The bytes.
         bytes: Vec<u8>,
     },
+    /// ReadIndex, to acceptors (`reads`): say whether you promised a ballot above `ballot`.
+    ReadConfirm {
+        /// The leader's ballot.
+        ballot: Ballot,
+        /// The confirmation round.
+        round: u64,
+    },
+    /// The acceptor promised nothing above `ballot` when round `round` reached it.
+    ReadConfirmed {
+        /// The leader's ballot.
+        ballot: Ballot,
+        /// The round confirmed.
+        round: u64,
+    },
 }
 
 /// A record of acceptor or learner state that must survive a crash.

@@ -402,6 +402,8 @@ impl Proposer {
 pub fn command_bytes(cmd: &ClientCommand) -> usize {
     32 + match &cmd.command {
         crate::types::Command::Put(k, v) => k.len() + v.len(),
-        crate::types::Command::Get(k) | crate::types::Command::Delete(k) => k.len(),
+        crate::types::Command::Get(k) | crate::types::Command::Delete(k) | crate::types::Command::GetStale(k) => {
+            k.len()
+        }
     }
 }

@@ -23,6 +23,7 @@ use crate::message::{self, Ballot, ClientCommand, DecodeError, Message, Record, 
 use crate::proposer::{
     Outgoing, Phase, PhaseOne, Promise, Proposer, ELECTION_TIMEOUT_MAX_MS, ELECTION_TIMEOUT_MIN_MS, EVERY_MEMBER,
 };
+use crate::reads::{Reads, WaitingRead};
 use crate::types::{Command, Config, Effect, Envelope, Event, NodeId, Outcome, Request, Role};
 
 /// The guest build's version, reported by `status`: the crate version, plus the build label
@@ -139,6 +140,8 @@ pub struct Replica {
     rejoin: Rejoin,
     incoming_snapshot: Option<IncomingSnapshot>,
     snapshot_sent_ms: BTreeMap<NodeId, u64>,
+    /// Linearizable reads waiting at the leader (ReadIndex).
+    reads: Reads,
 }
 
 impl Replica {
@@ -168,6 +171,7 @@ impl Replica {
             rejoin: Rejoin { target: None, since_ms: None },
             incoming_snapshot: None,
             snapshot_sent_ms: BTreeMap::new(),
+            reads: Reads::default(),
         };
         if let Some(bytes) = snapshot {
             let state: SnapshotState = message::decode_up_to(message::SNAPSHOT_VERSION, bytes)
@@ -230,10 +234,21 @@ impl Replica {
     /// Everything durable, versioned; with `handover`, also the volatile state a hot-swapped
     /// build needs to continue without a pause.
     pub fn snapshot(&self, handover: bool) -> Vec<u8> {
+        // Reads waiting for their confirmation are handed over as log commands, due at once:
+        // the new build's read state starts empty (and the format stays that of version 1).
+        let pending = if self.reads.is_empty() {
+            Cow::Borrowed(&self.pending)
+        } else {
+            let mut pending = self.pending.clone();
+            for read in self.reads.waiting() {
+                pending.insert(read.request_id, self.read_through_log_entry(read, 0));
+            }
+            Cow::Owned(pending)
+        };
         let volatile = handover.then_some(Volatile {
             now_ms: self.now_ms,
             proposer: Cow::Borrowed(&self.proposer),
-            pending: Cow::Borrowed(&self.pending),
+            pending,
             last_catchup_ms: self.last_catchup_ms,
             last_heartbeat_ms: self.last_heartbeat_ms,
             rejoin: self.rejoin,
@@ -294,7 +309,58 @@ impl Replica {
         self.drain_local();
         self.flush_forward();
         self.announce_chosen();
+        self.confirm_reads();
         std::mem::take(&mut self.effects)
+    }
+
+    /// ReadIndex at the leader: falls back to the log for reads that cannot be confirmed under
+    /// the current ballot, broadcasts a confirmation round for new reads, answers those ready.
+    fn confirm_reads(&mut self) {
+        let leading = self.proposer.is_leader() && self.voting;
+        if !leading || self.reads.ballot() != self.proposer.ballot {
+            let orphans = self.reads.reset(self.proposer.ballot);
+            for read in orphans {
+                self.read_through_log(read);
+            }
+        }
+        if self.reads.is_empty() {
+            return;
+        }
+        for read in self.reads.expired(self.now_ms) {
+            self.read_through_log(read);
+        }
+        if let Some(round) = self.reads.round_to_send() {
+            let ballot = self.proposer.ballot;
+            self.broadcast(Role::Acceptor, Message::ReadConfirm { ballot, round }, true);
+            self.drain_local();
+        }
+        self.answer_ready_reads();
+    }
+
+    fn answer_ready_reads(&mut self) {
+        for read in self.reads.ready(self.proposer.quorum(), self.learner.next_apply) {
+            let value = self.learner.kv.data.get(&read.key).cloned();
+            self.effects.push(Effect::Reply(read.request_id, Outcome::Value(value)));
+        }
+    }
+
+    /// The pending entry of a read that goes through the log after all.
+    fn read_through_log_entry(&self, read: &WaitingRead, sent_ms: u64) -> Pending {
+        let command = ClientCommand {
+            origin: self.config.me,
+            request_id: read.request_id,
+            client: read.client,
+            seq: read.seq,
+            command: Command::Get(read.key.clone()),
+        };
+        Pending { command, submitted_ms: read.since_ms, sent_ms }
+    }
+
+    fn read_through_log(&mut self, read: WaitingRead) {
+        let entry = self.read_through_log_entry(&read, self.now_ms);
+        let command = entry.command.clone();
+        self.pending.insert(read.request_id, entry);
+        self.route(command);
     }
 
     fn log(&mut self, line: String) {
@@ -371,11 +437,36 @@ impl Replica {
                 loop {}
             }
         }
-        if self.pending.len() >= PENDING_MAX {
+        if let Command::GetStale(key) = &request.command {
+            let value = self.learner.kv.data.get(key).cloned();
+            self.effects.push(Effect::Reply(request.id, Outcome::Value(value)));
+            return;
+        }
+        if self.pending.len() + self.reads.len() >= PENDING_MAX {
             let reason = format!("overloaded: {PENDING_MAX} requests already waiting at this replica");
             self.effects.push(Effect::Reply(request.id, Outcome::Rejected(reason)));
             return;
         }
+        if let Command::Get(key) = request.command {
+            if self.proposer.is_leader() && self.voting {
+                if self.reads.ballot() != self.proposer.ballot {
+                    let orphans = self.reads.reset(self.proposer.ballot);
+                    for read in orphans {
+                        self.read_through_log(read);
+                    }
+                }
+                let index = self.proposer.next_slot;
+                self.reads.add(request.id, request.client, request.seq, key, index, self.now_ms);
+                return;
+            }
+            self.on_log_request(Request { command: Command::Get(key), ..request });
+            return;
+        }
+        self.on_log_request(request);
+    }
+
+    /// A request that goes through the log: kept in `pending` until applied.
+    fn on_log_request(&mut self, request: Request) {
         let command = ClientCommand {
             origin: self.config.me,
             request_id: request.id,
@@ -584,6 +675,19 @@ impl Replica {
             Message::SnapshotChunk { next_apply, offset, total, bytes } => {
                 self.on_snapshot_chunk(src, next_apply, offset, total, bytes)
             }
+            Message::ReadConfirm { ballot, round } => {
+                // No higher promise now: no other leader can have chosen anything yet. A higher
+                // one deposes the asking leader at once, as a refused accept would.
+                if !self.voting {
+                    return;
+                }
+                if self.acceptor.promised <= ballot {
+                    self.send(src, Role::Proposer, Message::ReadConfirmed { ballot, round });
+                } else {
+                    self.send(src, Role::Proposer, Message::Nack { ballot, promised: self.acceptor.promised });
+                }
+            }
+            Message::ReadConfirmed { ballot, round } => self.reads.on_confirmed(src, ballot, round),
         }
     }
 
@@ -778,12 +882,13 @@ impl Replica {
 /// The role a message is addressed to (checked against the envelope's label).
 pub fn role_of(msg: &Message) -> Role {
     match msg {
-        Message::Prepare { .. } | Message::Accept { .. } => Role::Acceptor,
+        Message::Prepare { .. } | Message::Accept { .. } | Message::ReadConfirm { .. } => Role::Acceptor,
         Message::Promise { .. }
         | Message::Accepted { .. }
         | Message::Nack { .. }
         | Message::Heartbeat { .. }
-        | Message::Forward { .. } => Role::Proposer,
+        | Message::Forward { .. }
+        | Message::ReadConfirmed { .. } => Role::Proposer,
         Message::Chosen { .. } | Message::CatchUp { .. } | Message::SnapshotChunk { .. } => Role::Learner,
     }
 }

@@ -37,18 +37,26 @@ pub struct Envelope {
 pub enum Command {
     /// Store `value` under `key`.
     Put(String, Vec<u8>),
-    /// Read `key`.
+    /// Read `key` (linearizable).
     Get(String),
     /// Remove `key`.
     Delete(String),
+    /// Read `key` from this replica's applied state as it is (serializable, possibly stale);
+    /// never enters the log.
+    GetStale(String),
 }
 
 impl Command {
     /// The key the command is about.
     pub fn key(&self) -> &str {
         match self {
-            Command::Put(k, _) | Command::Get(k) | Command::Delete(k) => k,
+            Command::Put(k, _) | Command::Get(k) | Command::Delete(k) | Command::GetStale(k) => k,
         }
+    }
+
+    /// True for the reads.
+    pub fn is_read(&self) -> bool {
+        matches!(self, Command::Get(_) | Command::GetStale(_))
     }
 }
 

@@ -157,10 +157,17 @@ impl KeyValue for KeyValueService {
         let started = Instant::now();
         let deadline = deadline_of(&request);
         let r = request.into_inner();
-        tracing::info!("request received op=get key={} client={:#x} seq={}", show_key(&r.key), r.client_id, r.seq);
+        tracing::info!(
+            "request received op=get key={} client={:#x} seq={}{}",
+            show_key(&r.key),
+            r.client_id,
+            r.seq,
+            if r.stale { " stale" } else { "" }
+        );
         let result = async {
             check_key(&r.key)?;
-            match self.submit(Command::Get(r.key.clone()), r.client_id, r.seq, deadline).await? {
+            let command = if r.stale { Command::GetStale(r.key.clone()) } else { Command::Get(r.key.clone()) };
+            match self.submit(command, r.client_id, r.seq, deadline).await? {
                 Outcome::Value(Some(value)) => Ok(GetResponse { found: true, value }),
                 Outcome::Value(None) => Ok(GetResponse { found: false, value: Vec::new() }),
                 other => Err(unexpected(other)),

@@ -107,7 +107,7 @@ fn hundred_concurrent_clients_then_every_value_from_every_host() {
                     for w in 0..20u64 {
                         let key = format!("c{c}-w{w}");
                         let r = client
-                            .get(GetRequest { key: key.clone(), client_id: 0, seq: 0 })
+                            .get(GetRequest { key: key.clone(), client_id: 0, seq: 0, stale: false })
                             .await
                             .unwrap_or_else(|e| panic!("get {key} on host {host}: {e}"))
                             .into_inner();

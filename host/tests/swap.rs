@@ -76,7 +76,8 @@ fn start_load(cluster: &Cluster, runtime: &tokio::runtime::Runtime, clients: u64
                         }
                     }
                     seq += 1;
-                    let mut r = tonic::Request::new(GetRequest { key: key.clone(), client_id: 900 + c, seq });
+                    let mut r =
+                        tonic::Request::new(GetRequest { key: key.clone(), client_id: 900 + c, seq, stale: false });
                     r.set_timeout(Duration::from_secs(5));
                     if let Err(e) = client.get(r).await {
                         eprintln!("get {key} via {addr} failed: {e}");

@@ -15,6 +15,8 @@ pub struct Sim {
     pub now_ms: u64,
     inbox: BTreeMap<NodeId, Vec<Event>>,
     pub isolated: BTreeSet<NodeId>,
+    /// Links cut in both directions.
+    pub cut: BTreeSet<(NodeId, NodeId)>,
     pub crashed: BTreeSet<NodeId>,
     pub replies: BTreeMap<u64, Outcome>,
     pub wal: BTreeMap<NodeId, Vec<Vec<u8>>>,
@@ -42,6 +44,7 @@ impl Sim {
             now_ms: 1_000,
             inbox: BTreeMap::new(),
             isolated: BTreeSet::new(),
+            cut: BTreeSet::new(),
             crashed: BTreeSet::new(),
             replies: BTreeMap::new(),
             wal: BTreeMap::new(),
@@ -83,6 +86,10 @@ impl Sim {
                 Effect::Send(envelope) => {
                     self.sent += 1;
                     if self.isolated.contains(&envelope.src) || self.isolated.contains(&envelope.dst) {
+                        continue;
+                    }
+                    let (a, b) = (envelope.src.min(envelope.dst), envelope.src.max(envelope.dst));
+                    if self.cut.contains(&(a, b)) {
                         continue;
                     }
                     if self.crashed.contains(&envelope.dst) {

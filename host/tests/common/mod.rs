@@ -255,7 +255,12 @@ pub async fn read_eventually(addr: &str, key: &str, patience: Duration) -> Resul
     while Instant::now() < deadline {
         let result = async {
             let mut client = KeyValueClient::connect(addr.to_string()).await.map_err(|e| e.to_string())?;
-            let mut r = tonic::Request::new(waxos_proto::GetRequest { key: key.to_string(), client_id: 0, seq: 0 });
+            let mut r = tonic::Request::new(waxos_proto::GetRequest {
+                key: key.to_string(),
+                client_id: 0,
+                seq: 0,
+                stale: false,
+            });
             r.set_timeout(Duration::from_millis(2_000));
             client.get(r).await.map_err(|e| e.to_string())
         }
