@@ -19,11 +19,11 @@ if ! command -v etcd >/dev/null || ! command -v etcdctl >/dev/null || ! command 
   $sudo apt-get install -y etcd-server etcd-client protobuf-compiler >&2 \
     || { $sudo apt-get update >&2 && $sudo apt-get install -y etcd-server etcd-client protobuf-compiler >&2; }
 fi
-if [ ! -x "$work/target/release/etcd-bench" ]; then
+if [ ! -x "$work/cluster.sh" ]; then
   [ -d "$src" ] || { echo "bench-etcd: etcd-bench sources not found at $src (set ETCD_BENCH_SRC)" >&2; exit 1; }
   mkdir -p "$work" && cp -r "$src"/. "$work"/
-  (cd "$work" && CARGO_TARGET_DIR="$PWD/target" cargo build --release >&2)
 fi
+[ -x "$work/target/release/etcd-bench" ] || (cd "$work" && CARGO_TARGET_DIR="$PWD/target" cargo build --release >&2)
 bin="$work/target/release/etcd-bench"
 export ETCDPERF_DIR; ETCDPERF_DIR=$(mktemp -d /tmp/etcdperf.XXXXXX)
 dir="$ETCDPERF_DIR"
