@@ -39,6 +39,10 @@ bench-etcd:
 bench-compare reps="3": build
     scripts/bench-compare.sh {{reps}}
 
+# Host memory: resident size under steady load for MINUTES (leak check), then at KEYS keys.
+bench-memory minutes="10" keys="1000000": build
+    scripts/bench-memory.sh {{minutes}} {{keys}}
+
 # Storage and restart figures: fdatasync latency, group commit, restart from 100k/1M-key snapshots.
 bench-storage: build
     cargo run -q --release -p waxos-host --example storage_bench

@@ -99,7 +99,7 @@ async fn resolve(host: &str, port: u16) -> anyhow::Result<SocketAddr> {
 
 #[tokio::main]
 async fn main() {
-    waxos_proto::logging::init("info");
+    waxos_proto::logging::init_batched("info");
     let args = Args::parse();
     let code = match run(args).await {
         Ok(()) => 0,
@@ -109,6 +109,7 @@ async fn main() {
         }
     };
     // Exit without waiting for connections and threads to wind down (see `run`).
+    waxos_proto::logging::flush();
     std::process::exit(code);
 }
 

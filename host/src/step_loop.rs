@@ -297,6 +297,7 @@ impl StepLoop {
                 if self.sync_every_record {
                     if let Err(e) = self.storage.wal.sync() {
                         tracing::error!("cannot make the WAL durable, stopping the host: {e:#}");
+                        waxos_proto::logging::flush();
                         std::process::exit(70);
                     }
                 }
@@ -308,6 +309,7 @@ impl StepLoop {
                 // Without durable storage this acceptor would break Paxos safety by answering:
                 // stop the host rather than send anything.
                 tracing::error!("cannot make the WAL durable, stopping the host: {e:#}");
+                waxos_proto::logging::flush();
                 std::process::exit(70);
             }
         }
@@ -346,6 +348,7 @@ impl StepLoop {
             ),
             Err(e) => {
                 tracing::error!("cannot write the snapshot, stopping the host: {e:#}");
+                waxos_proto::logging::flush();
                 std::process::exit(70);
             }
         }

@@ -5,9 +5,21 @@
 tonic::include_proto!("waxos.v1");
 
 /// Logging shared by both binaries: every line timestamped to the millisecond, local time.
+///
+/// The client writes each line to stderr as it is logged. The host logs every request and
+/// response, thousands of lines a second, so it formats each line on the thread that logs it
+/// and hands it to one writer thread, which writes what has accumulated with one `write`: one
+/// syscall per batch instead of per line, and never a wait for the terminal on a request's
+/// path. `flush` (called before the host exits) writes what is still queued, in order.
 pub mod logging {
+    use std::io::Write;
+    use std::sync::{Condvar, Mutex, OnceLock};
+    use std::time::Duration;
+
+    use chrono::{Datelike, Timelike};
     use tracing_subscriber::fmt::format::Writer;
     use tracing_subscriber::fmt::time::FormatTime;
+    use tracing_subscriber::fmt::MakeWriter;
     use tracing_subscriber::EnvFilter;
 
     /// `2026-11-25 09:12:03.481`.
@@ -15,19 +27,141 @@ pub mod logging {
 
     impl FormatTime for MillisecondTime {
         fn format_time(&self, w: &mut Writer<'_>) -> std::fmt::Result {
-            write!(w, "{}", chrono::Local::now().format("%Y-%m-%d %H:%M:%S%.3f"))
+            let now = chrono::Local::now();
+            write!(
+                w,
+                "{:04}-{:02}-{:02} {:02}:{:02}:{:02}.{:03}",
+                now.year(),
+                now.month(),
+                now.day(),
+                now.hour(),
+                now.minute(),
+                now.second(),
+                now.timestamp_subsec_millis().min(999)
+            )
         }
     }
 
-    /// Logs to stderr at `default_level` unless `RUST_LOG` says otherwise.
+    /// Beyond this many queued bytes (stderr is not keeping up) a line is written at once by the
+    /// thread that logs it: memory stays bounded and no line is dropped.
+    const QUEUED_BYTES_MAX: usize = 8 << 20;
+
+    /// Lines waiting for the writer thread.
+    struct Queue {
+        lines: Mutex<Vec<u8>>,
+        ready: Condvar,
+        /// Held while writing, so batches reach stderr in the order they were queued.
+        writing: Mutex<()>,
+    }
+
+    static QUEUE: OnceLock<Queue> = OnceLock::new();
+
+    impl Queue {
+        fn write_out(&self) {
+            let Ok(_writing) = self.writing.lock() else { return };
+            let batch = match self.lines.lock() {
+                Ok(mut lines) => std::mem::take(&mut *lines),
+                Err(_) => return,
+            };
+            if !batch.is_empty() {
+                let _ = std::io::stderr().lock().write_all(&batch);
+            }
+        }
+    }
+
+    /// What the formatter writes one line into.
+    struct Queued;
+
+    impl Write for Queued {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            let Some(queue) = QUEUE.get() else {
+                return std::io::stderr().write(bytes);
+            };
+            let Ok(mut lines) = queue.lines.lock() else {
+                return std::io::stderr().write(bytes);
+            };
+            if lines.len() > QUEUED_BYTES_MAX {
+                drop(lines);
+                queue.write_out();
+                return std::io::stderr().write(bytes);
+            }
+            let was_empty = lines.is_empty();
+            lines.extend_from_slice(bytes);
+            drop(lines);
+            if was_empty {
+                queue.ready.notify_one();
+            }
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    struct MakeQueued;
+
+    impl<'a> MakeWriter<'a> for MakeQueued {
+        type Writer = Queued;
+        fn make_writer(&'a self) -> Queued {
+            Queued
+        }
+    }
+
+    fn filter(default_level: &str) -> EnvFilter {
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level))
+    }
+
+    /// Logs to stderr, line by line, at `default_level` unless `RUST_LOG` says otherwise.
     pub fn init(default_level: &str) {
-        let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
         let _ = tracing_subscriber::fmt()
             .with_timer(MillisecondTime)
-            .with_env_filter(filter)
+            .with_env_filter(filter(default_level))
             .with_target(false)
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_writer(std::io::stderr)
             .try_init();
+    }
+
+    /// Like `init`, but lines are written in batches by a writer thread (see the module doc).
+    /// Call `flush` before exiting; a panic flushes by itself.
+    pub fn init_batched(default_level: &str) {
+        let queue = QUEUE.get_or_init(|| Queue {
+            lines: Mutex::new(Vec::new()),
+            ready: Condvar::new(),
+            writing: Mutex::new(()),
+        });
+        let spawned = std::thread::Builder::new().name("log-writer".into()).spawn(move || loop {
+            if let Ok(lines) = queue.lines.lock() {
+                // Wakes on the first line of a batch; the timeout only bounds a lost wake-up.
+                let _ = queue.ready.wait_timeout_while(lines, Duration::from_millis(100), |l| l.is_empty());
+            }
+            // Lets a burst gather, so one write carries many lines.
+            std::thread::sleep(Duration::from_millis(1));
+            queue.write_out();
+        });
+        if spawned.is_err() {
+            init(default_level);
+            return;
+        }
+        let default_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            flush();
+            default_hook(info);
+        }));
+        let _ = tracing_subscriber::fmt()
+            .with_timer(MillisecondTime)
+            .with_env_filter(filter(default_level))
+            .with_target(false)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_writer(MakeQueued)
+            .try_init();
+    }
+
+    /// Writes every line logged so far (batched logging); a no-op otherwise.
+    pub fn flush() {
+        if let Some(queue) = QUEUE.get() {
+            queue.write_out();
+        }
     }
 }
