@@ -93,6 +93,10 @@ impl Learner {
         }
         let mut bytes = 0;
         let mut entries = Vec::new();
+        // A peer may be ahead of this learner (e.g. after a crash lost lazily kept records).
+        if from_slot >= self.next_apply {
+            return Some(entries);
+        }
         for (slot, value) in self.chosen.range(from_slot..self.next_apply).take(max_slots) {
             let size = match value {
                 Value::Noop => 8,

@@ -135,6 +135,7 @@ mod component {
                 },
             )),
             types::Effect::Persist(bytes) => wit::Effect::Persist(bytes),
+            types::Effect::PersistLazy(bytes) => wit::Effect::PersistLazy(bytes),
             types::Effect::Log(line) => wit::Effect::Log(line),
         }
     }

@@ -106,8 +106,10 @@ pub enum Effect {
     Send(Envelope),
     /// Answer request `id` after this step's persists are durable.
     Reply(u64, Outcome),
-    /// Append to the write-ahead log.
+    /// Append to the write-ahead log; durable before this step's sends and replies.
     Persist(Vec<u8>),
+    /// Append to the write-ahead log; durable with a later step's `Persist` (a crash may lose it).
+    PersistLazy(Vec<u8>),
     /// A debug line for the host's log.
     Log(String),
 }

@@ -69,3 +69,14 @@ fn wiped_replica_does_not_vote_until_caught_up() {
     assert!(sim.run_until(5_000, |s| s.value_at(wiped, "k9").is_some()));
     assert!(sim.run_until(5_000, |s| s.nodes[&wiped].status().contains("\"voting\":true")), "never voted again");
 }
+
+/// A peer ahead of this learner asks it for slots it has not learned: an empty answer, not a
+/// trap (found by the simulator once chosen records became lazy: a crash can put a leader's
+/// learner behind a follower's).
+#[test]
+fn a_catch_up_request_from_a_peer_ahead_gets_an_empty_answer() {
+    let mut learner = waxos_guest::learner::Learner::default();
+    learner.learn(0, waxos_guest::message::Value::Noop);
+    learner.apply_ready();
+    assert_eq!(learner.chosen_from(5, 10, 1 << 20), Some(Vec::new()));
+}

@@ -391,3 +391,55 @@ fn oversize_and_empty_keys_are_rejected() {
     let rejected = effects.iter().filter(|e| matches!(e, Effect::Reply(_, Outcome::Rejected(_)))).count();
     assert_eq!(rejected, 3, "{effects:?}");
 }
+
+/// Latency: the leader's accept to its own acceptor goes out through the host (and comes back in
+/// a later step), so the step that proposes has no record to fsync before its accepts leave;
+/// and the reply to a write waits for no fsync at the leader either — the chosen record is lazy,
+/// since a chosen value is by definition durable on a majority of acceptors already.
+#[test]
+fn a_write_waits_for_no_leader_fsync_before_its_accepts_or_its_reply() {
+    let mut sim = Sim::new(5, 31);
+    let leader = sim.wait_for_leader();
+    sim.run_for(500);
+    let now = sim.now_ms + 10;
+    let replica = sim.nodes.get_mut(&leader).expect("leader");
+    let request = Request { id: 99, client: 5, seq: 1, command: put("k", "v") };
+    let effects = replica.step(now, vec![Event::Request(request)]);
+    assert!(!effects.iter().any(|e| matches!(e, Effect::Persist(_))), "proposing step must not fsync: {effects:?}");
+    let accepts: Vec<_> = effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Send(env) => match message::decode::<Message>(&env.payload) {
+                Ok(Message::Accept { ballot, slot, .. }) => Some((env.dst, ballot, slot)),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect();
+    assert_eq!(accepts.len(), 5, "an accept to every acceptor, the leader's own included: {accepts:?}");
+    let (_, ballot, slot) = accepts[0];
+    let own = effects
+        .into_iter()
+        .find_map(|e| match e {
+            Effect::Send(env) if env.dst == leader => Some(env),
+            _ => None,
+        })
+        .expect("own accept");
+    // The own accept comes back: now the leader's acceptor persists (strictly) and votes.
+    let effects = replica.step(now + 1, vec![Event::Message(own)]);
+    assert!(effects.iter().any(|e| matches!(e, Effect::Persist(_))), "the own acceptor's record is strict");
+    assert!(!effects.iter().any(|e| matches!(e, Effect::Reply(..))), "one vote is no majority");
+    // Two followers' votes complete the majority: the reply leaves with only a lazy record.
+    let followers: Vec<u32> = (1..=5).filter(|&n| n != leader).take(2).collect();
+    let votes = followers
+        .iter()
+        .map(|&src| {
+            let payload = message::encode(&Message::Accepted { ballot, slot });
+            Event::Message(waxos_guest::types::Envelope { src, dst: leader, role: Role::Proposer, payload })
+        })
+        .collect();
+    let effects = replica.step(now + 2, votes);
+    assert!(effects.contains(&Effect::Reply(99, Outcome::Done)), "the write is answered: {effects:?}");
+    assert!(effects.iter().any(|e| matches!(e, Effect::PersistLazy(_))), "the chosen record is kept, lazily");
+    assert!(!effects.iter().any(|e| matches!(e, Effect::Persist(_))), "no fsync before the reply");
+}

@@ -128,6 +128,8 @@ pub struct StepLoop {
     sync_every_record: bool,
     peers: Box<dyn Transport>,
     waiting: HashMap<u64, oneshot::Sender<Outcome>>,
+    /// Envelopes the guest sent to itself: its next step's first events.
+    loopback: Vec<crate::runtime::Envelope>,
     next_request_id: u64,
     clock: Instant,
     last_restart_attempt: Option<Instant>,
@@ -160,6 +162,7 @@ impl StepLoop {
             sync_every_record: false,
             peers,
             waiting: HashMap::new(),
+            loopback: Vec::new(),
             // Unique across restarts of this host, so a late reply can never match a new request.
             next_request_id: now.as_micros() as u64,
             clock: Instant::now(),
@@ -207,11 +210,14 @@ impl StepLoop {
     /// Runs until every handle is dropped.
     pub fn run(mut self, inputs: Receiver<Input>) {
         loop {
-            let mut batch = Vec::new();
-            match inputs.recv_timeout(Duration::from_millis(TICK_MS)) {
-                Ok(input) => batch.push(input),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return,
+            let mut batch: Vec<Input> = self.loopback.drain(..).map(Input::Message).collect();
+            if batch.is_empty() {
+                // Nothing of our own to do: wait for input, or tick.
+                match inputs.recv_timeout(Duration::from_millis(TICK_MS)) {
+                    Ok(input) => batch.push(input),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
             }
             while batch.len() < STEP_EVENTS_MAX {
                 match inputs.try_recv() {
@@ -256,6 +262,8 @@ impl StepLoop {
         }
         if events.is_empty() {
             events.push(Event::Tick);
+            // Idle: make lazily persisted records durable now rather than at the next write.
+            self.make_durable();
         }
         let now_ms = self.now_ms();
         if let Some(guest) = self.guest.as_mut() {
@@ -287,34 +295,44 @@ impl StepLoop {
         }
     }
 
+    /// Makes every appended record durable. Without durable storage this acceptor would break
+    /// Paxos safety by answering: the host stops rather than send anything.
+    fn make_durable(&mut self) {
+        if let Err(e) = self.storage.wal.sync() {
+            tracing::error!("cannot make the WAL durable, stopping the host: {e:#}");
+            waxos_proto::logging::flush();
+            std::process::exit(70);
+        }
+    }
+
     /// Persist (one fdatasync for the step), then send and reply: never the other way round.
+    /// Lazy records go into the log in order with the others; a step with only lazy records
+    /// sends without waiting for them (they become durable with the next sync).
     fn carry_out(&mut self, effects: Vec<Effect>) {
         let mut persisted = 0;
         for effect in &effects {
-            if let Effect::Persist(record) = effect {
-                self.storage.wal.append(record);
-                persisted += 1;
-                if self.sync_every_record {
-                    if let Err(e) = self.storage.wal.sync() {
-                        tracing::error!("cannot make the WAL durable, stopping the host: {e:#}");
-                        waxos_proto::logging::flush();
-                        std::process::exit(70);
+            match effect {
+                Effect::PersistLazy(record) => {
+                    self.storage.wal.append(record);
+                    self.storage.records_since_snapshot += 1;
+                }
+                Effect::Persist(record) => {
+                    self.storage.wal.append(record);
+                    self.storage.records_since_snapshot += 1;
+                    persisted += 1;
+                    if self.sync_every_record {
+                        self.make_durable();
                     }
                 }
+                Effect::Send(_) | Effect::Reply(_) | Effect::Log(_) => {}
             }
         }
         if persisted > 0 {
-            self.storage.records_since_snapshot += persisted;
-            if let Err(e) = self.storage.wal.sync() {
-                // Without durable storage this acceptor would break Paxos safety by answering:
-                // stop the host rather than send anything.
-                tracing::error!("cannot make the WAL durable, stopping the host: {e:#}");
-                waxos_proto::logging::flush();
-                std::process::exit(70);
-            }
+            self.make_durable();
         }
         for effect in effects {
             match effect {
+                Effect::Send(envelope) if envelope.dst == self.config.me => self.loopback.push(envelope),
                 Effect::Send(envelope) => self.peers.send(envelope),
                 Effect::Reply((id, outcome)) => {
                     if let Some(reply) = self.waiting.remove(&id) {
@@ -322,7 +340,7 @@ impl StepLoop {
                     }
                 }
                 Effect::Log(line) => tracing::info!("guest: {line}"),
-                Effect::Persist(_) => {}
+                Effect::Persist(_) | Effect::PersistLazy(_) => {}
             }
         }
         if self.storage.records_since_snapshot >= self.snapshot_every {
@@ -454,6 +472,7 @@ impl StepLoop {
 
     fn discard_guest(&mut self, reason: &str) {
         self.guest = None;
+        self.loopback.clear();
         for (_, reply) in self.waiting.drain() {
             let _ = reply.send(Outcome::Rejected(reason.to_string()));
         }
@@ -471,6 +490,8 @@ impl StepLoop {
         }
         self.last_restart_attempt = Some(Instant::now());
         let started = Instant::now();
+        // Lazily persisted records still buffered belong to what the restart replays.
+        self.make_durable();
         let durable = match self.storage.read_durable() {
             Ok(durable) => durable,
             Err(e) => {
@@ -554,14 +575,10 @@ mod tests {
         Envelope { src, dst: 1, role, payload: message::encode(msg) }
     }
 
-    #[test]
-    fn nothing_is_sent_before_the_records_it_answers_for_are_durable() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let runtime = crate::runtime::Runtime::new(&dir.path().join("cache")).expect("engine");
+    fn step_loop_in(dir: &Path, transport: Box<dyn Transport>) -> StepLoop {
+        let runtime = crate::runtime::Runtime::new(&dir.join("cache")).expect("engine");
         let build = runtime.load(&guest_path()).expect("guest (run `just build`)");
-        let (storage, durable) = Storage::open(dir.path(), 1 << 20).expect("storage");
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let transport = DiskCheckingTransport { wal_dir: dir.path().join("wal"), seen: seen.clone() };
+        let (storage, durable) = Storage::open(dir, 1 << 20).expect("storage");
         let config = GuestConfig {
             me: 1,
             members: vec![1, 2, 3],
@@ -571,9 +588,33 @@ mod tests {
             rejoining: false,
         };
         let chaos = Chaos::new(ChaosConfig::preset("off", 0).expect("preset"), 0);
-        let mut step_loop =
-            StepLoop::new(build, dir.path().join("guest"), config, storage, durable, 1_000, chaos, Box::new(transport))
-                .expect("start");
+        StepLoop::new(build, dir.join("guest"), config, storage, durable, 1_000, chaos, transport).expect("start")
+    }
+
+    /// A learned chosen value is recorded lazily: not synced by its own step, synced by the next
+    /// idle step, and kept in log order.
+    #[test]
+    fn a_lazy_record_waits_for_the_next_sync_and_an_idle_step_syncs_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let transport = DiskCheckingTransport { wal_dir: dir.path().join("wal"), seen };
+        let mut step_loop = step_loop_in(dir.path(), Box::new(transport));
+        let on_disk = || crate::storage::wal::read_records(&dir.path().join("wal")).expect("read WAL").len();
+        let chosen = Message::Chosen { entries: vec![(0, Value::Noop)] };
+        step_loop.turn(vec![Input::Message(envelope(2, Role::Learner, &chosen))]);
+        assert_eq!(on_disk(), 0, "a lazy record alone must not cost its step an fsync");
+        step_loop.turn(Vec::new());
+        let records = crate::storage::wal::read_records(&dir.path().join("wal")).expect("read WAL");
+        let decoded: Vec<Record> = records.iter().map(|r| message::decode(r).expect("record")).collect();
+        assert_eq!(decoded, vec![Record::Chosen { slot: 0, value: Value::Noop }]);
+    }
+
+    #[test]
+    fn nothing_is_sent_before_the_records_it_answers_for_are_durable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let transport = DiskCheckingTransport { wal_dir: dir.path().join("wal"), seen: seen.clone() };
+        let mut step_loop = step_loop_in(dir.path(), Box::new(transport));
 
         let ballot = Ballot { round: 5, node: 2 };
         step_loop.turn(vec![Input::Message(envelope(2, Role::Acceptor, &Message::Prepare { ballot, first_slot: 0 }))]);

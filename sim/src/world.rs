@@ -100,8 +100,10 @@ struct Node {
     guest: Option<Guest>,
     build: usize,
     config: GuestConfig,
-    /// Records of completed steps: what survives a crash.
+    /// Records made durable: what survives a crash.
     durable: Vec<Vec<u8>>,
+    /// Lazily persisted records not yet synced (the host's WAL buffer): a crash loses them.
+    unsynced: Vec<Vec<u8>>,
     inbox: Vec<Event>,
     down_until: Option<u64>,
     acceptor_out_until: u64,
@@ -197,6 +199,7 @@ impl<'a> World<'a> {
                 build: 0,
                 config: guest_config,
                 durable: Vec::new(),
+                unsynced: Vec::new(),
                 inbox: Vec::new(),
                 down_until: None,
                 acceptor_out_until: 0,
@@ -243,7 +246,7 @@ impl<'a> World<'a> {
         match guest.start(&node.config, None, &node.durable) {
             Ok(Ok(effects)) => {
                 for e in effects {
-                    if let Effect::Persist(r) = e {
+                    if let Effect::Persist(r) | Effect::PersistLazy(r) = e {
                         node.durable.push(r);
                     }
                 }
@@ -321,6 +324,7 @@ impl<'a> World<'a> {
             if self.nodes[i].guest.is_some() {
                 let down = self.rng.range(50, 800);
                 self.nodes[i].guest = None;
+                self.nodes[i].unsynced.clear();
                 self.nodes[i].inbox.clear();
                 self.nodes[i].down_until = Some(self.now + down);
                 self.stats.crashes += 1;
@@ -481,24 +485,41 @@ impl<'a> World<'a> {
     fn step_nodes(&mut self) -> Result<(), Failure> {
         for i in 0..self.nodes.len() {
             let mut events = std::mem::take(&mut self.nodes[i].inbox);
-            let Some(guest) = self.nodes[i].guest.as_mut() else { continue };
+            if self.nodes[i].guest.is_none() {
+                continue;
+            }
             if events.is_empty() {
                 events.push(Event::Tick);
+                // As the host: an idle step first makes lazily persisted records durable.
+                let node = &mut self.nodes[i];
+                node.durable.append(&mut node.unsynced);
             }
+            let Some(guest) = self.nodes[i].guest.as_mut() else { continue };
             let effects =
                 guest.step(self.now, &events).map_err(|e| Failure::GuestCrash(format!("node {}: {e}", i + 1)))?;
             self.stats.steps += 1;
-            // The step completed: its records are durable (the host syncs before sending).
+            // As the host: records go into the log in order; a step with a strict record syncs
+            // everything before anything of it is sent (lazy records alone are not synced).
+            let node = &mut self.nodes[i];
+            let mut strict = false;
             for e in &effects {
-                if let Effect::Persist(r) = e {
-                    self.nodes[i].durable.push(r.clone());
+                match e {
+                    Effect::Persist(r) => {
+                        node.unsynced.push(r.clone());
+                        strict = true;
+                    }
+                    Effect::PersistLazy(r) => node.unsynced.push(r.clone()),
+                    Effect::Send(_) | Effect::Reply(_) | Effect::Log(_) => {}
                 }
+            }
+            if strict {
+                node.durable.append(&mut node.unsynced);
             }
             for e in effects {
                 match e {
                     Effect::Send(envelope) => self.send(envelope),
                     Effect::Reply((id, outcome)) => self.on_reply(id, outcome),
-                    Effect::Persist(_) | Effect::Log(_) => {}
+                    Effect::Persist(_) | Effect::PersistLazy(_) | Effect::Log(_) => {}
                 }
             }
         }

@@ -19,7 +19,10 @@ pub struct Sim {
     pub cut: BTreeSet<(NodeId, NodeId)>,
     pub crashed: BTreeSet<NodeId>,
     pub replies: BTreeMap<u64, Outcome>,
+    /// Durable records per node (what a restart replays).
     pub wal: BTreeMap<NodeId, Vec<Vec<u8>>>,
+    /// Lazily persisted records not yet synced, as in the host's WAL buffer: a crash loses them.
+    pub unsynced: BTreeMap<NodeId, Vec<Vec<u8>>>,
     pub sent: usize,
     next_id: u64,
     seed: u64,
@@ -48,6 +51,7 @@ impl Sim {
             crashed: BTreeSet::new(),
             replies: BTreeMap::new(),
             wal: BTreeMap::new(),
+            unsynced: BTreeMap::new(),
             sent: 0,
             next_id: 1,
             seed,
@@ -73,16 +77,34 @@ impl Sim {
             let mut events = inbox.get(&id).cloned().unwrap_or_default();
             if events.is_empty() {
                 events.push(Event::Tick);
+                self.sync(id);
             }
             let effects = self.nodes.get_mut(&id).expect("node").step(self.now_ms, events);
             self.carry_out(id, effects);
         }
     }
 
+    fn sync(&mut self, id: NodeId) {
+        let pending = self.unsynced.remove(&id).unwrap_or_default();
+        self.wal.entry(id).or_default().extend(pending);
+    }
+
     fn carry_out(&mut self, id: NodeId, effects: Vec<Effect>) {
+        // As the host: a step with a strict record syncs everything appended before sending.
+        for effect in &effects {
+            match effect {
+                Effect::Persist(record) | Effect::PersistLazy(record) => {
+                    self.unsynced.entry(id).or_default().push(record.clone())
+                }
+                Effect::Send(_) | Effect::Reply(..) | Effect::Log(_) => {}
+            }
+        }
+        if effects.iter().any(|e| matches!(e, Effect::Persist(_))) {
+            self.sync(id);
+        }
         for effect in effects {
             match effect {
-                Effect::Persist(record) => self.wal.entry(id).or_default().push(record),
+                Effect::Persist(_) | Effect::PersistLazy(_) => {}
                 Effect::Send(envelope) => {
                     self.sent += 1;
                     if self.isolated.contains(&envelope.src) || self.isolated.contains(&envelope.dst) {
@@ -157,6 +179,7 @@ impl Sim {
     pub fn crash(&mut self, id: NodeId) {
         self.crashed.insert(id);
         self.inbox.remove(&id);
+        self.unsynced.remove(&id);
     }
 
     pub fn restart(&mut self, id: NodeId) {
@@ -170,6 +193,7 @@ impl Sim {
     pub fn wipe_and_restart(&mut self, id: NodeId) {
         self.crash(id);
         self.wal.remove(&id);
+        self.unsynced.remove(&id);
         let mut config = self.nodes[&id].config().clone();
         config.rejoining = true;
         let mut replica = Replica::start(config, None, &[]).expect("start wiped");
