@@ -10,8 +10,10 @@
 //!    does not know of needed a majority of promises above it before the read; the two
 //!    majorities share an acceptor, which cannot have said both.
 //!
-//! Reads arriving in one step share one confirmation round; rounds are numbered, and an
-//! acceptor's answer to round `r` confirms every earlier round too. No clock is involved (no
+//! Reads share confirmation rounds: at most one round is in flight, and every read that arrives
+//! meanwhile waits for the next one (as etcd batches ReadIndex requests), so the acceptors' work
+//! is bounded by the round trip, not by the read rate. Rounds are numbered, and an acceptor's
+//! answer to round `r` confirms every earlier round too. No clock is involved (no
 //! lease), so no clock assumption can break it. A read not confirmed within
 //! `READ_CONFIRM_TIMEOUT_MS` (a leader change, or peers of an older build that do not know the
 //! messages) goes through the log instead, which is always correct.
@@ -23,6 +25,12 @@ use crate::types::NodeId;
 
 /// A read waiting longer than this for its confirmation goes through the log instead.
 pub const READ_CONFIRM_TIMEOUT_MS: u64 = 200;
+/// A round not confirmed by a majority within this long is followed by a new one anyway (its
+/// messages may have been lost).
+pub const READ_ROUND_RETRY_MS: u64 = 20;
+
+/// The round of a read that waits for the next round to be sent.
+const UNASSIGNED: u64 = u64::MAX;
 
 /// A linearizable read waiting for its read index and its confirmation round.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,7 +45,8 @@ pub struct WaitingRead {
     pub key: String,
     /// Every slot below it must be applied before the read is answered.
     pub index: u64,
-    /// The confirmation round that must complete (sent after the read arrived).
+    /// The confirmation round that must complete (sent after the read arrived; `UNASSIGNED`
+    /// until it is sent).
     pub round: u64,
     /// When the read arrived.
     pub since_ms: u64,
@@ -50,6 +59,8 @@ pub struct Reads {
     ballot: Ballot,
     /// The last round broadcast.
     sent_round: u64,
+    /// When it was broadcast.
+    sent_ms: u64,
     /// Per acceptor, the highest round it confirmed under `ballot`.
     confirmed: BTreeMap<NodeId, u64>,
     /// In arrival order, so `index` and `round` never decrease along the queue.
@@ -79,19 +90,29 @@ impl Reads {
         self.waiting.is_empty()
     }
 
-    /// Queues a read that arrived now; it needs the next round, which has not been sent yet.
+    /// Queues a read that arrived now; it needs the next round sent (none assigned yet).
     pub fn add(&mut self, request_id: u64, client: u64, seq: u64, key: String, index: u64, now_ms: u64) {
-        let round = self.sent_round + 1;
+        let round = UNASSIGNED;
         self.waiting.push_back(WaitingRead { request_id, client, seq, key, index, round, since_ms: now_ms });
     }
 
-    /// The round to broadcast now, if a waiting read needs one not yet sent.
-    pub fn round_to_send(&mut self) -> Option<u64> {
+    /// The round to broadcast now: when a waiting read needs one not sent yet, and the round in
+    /// flight (if any) is confirmed by a majority (`quorum`) or overdue.
+    pub fn round_to_send(&mut self, quorum: usize, now_ms: u64) -> Option<u64> {
         let needed = self.waiting.back().is_some_and(|r| r.round > self.sent_round);
-        needed.then(|| {
-            self.sent_round += 1;
-            self.sent_round
-        })
+        let in_flight = self.majority_round(quorum) < self.sent_round && now_ms < self.sent_ms + READ_ROUND_RETRY_MS;
+        if !needed || in_flight {
+            return None;
+        }
+        self.sent_round += 1;
+        self.sent_ms = now_ms;
+        for read in self.waiting.iter_mut().rev() {
+            if read.round <= self.sent_round {
+                break;
+            }
+            read.round = self.sent_round;
+        }
+        Some(self.sent_round)
     }
 
     /// An acceptor confirmed `round` under `ballot`.
@@ -159,8 +180,8 @@ mod tests {
         reads.on_confirmed(2, B, 0);
         reads.on_confirmed(3, B, 0);
         assert!(reads.ready(3, 10).is_empty());
-        assert_eq!(reads.round_to_send(), Some(1));
-        assert_eq!(reads.round_to_send(), None, "one round per batch of reads");
+        assert_eq!(reads.round_to_send(3, 0), Some(1));
+        assert_eq!(reads.round_to_send(3, 0), None, "one round per batch of reads");
         reads.on_confirmed(1, B, 1);
         reads.on_confirmed(2, B, 1);
         assert!(reads.ready(3, 10).is_empty(), "two of five is no majority");
@@ -172,18 +193,21 @@ mod tests {
     }
 
     #[test]
-    fn a_later_round_confirms_earlier_ones_and_a_reset_hands_back_the_waiting_reads() {
+    fn one_round_in_flight_at_a_time_and_a_later_round_confirms_earlier_ones() {
         let mut reads = Reads::default();
         reads.reset(B);
         reads.add(1, 0, 0, "a".into(), 1, 0);
-        assert_eq!(reads.round_to_send(), Some(1));
-        reads.add(2, 0, 0, "b".into(), 2, 0);
-        assert_eq!(reads.round_to_send(), Some(2));
+        assert_eq!(reads.round_to_send(3, 0), Some(1));
+        reads.add(2, 0, 0, "b".into(), 2, 1);
+        reads.add(3, 0, 0, "c".into(), 2, 2);
+        assert_eq!(reads.round_to_send(3, 2), None, "round 1 is still in flight");
+        assert_eq!(reads.round_to_send(3, READ_ROUND_RETRY_MS), Some(2), "an overdue round is followed anyway");
         for node in 1..=3 {
             reads.on_confirmed(node, B, 2);
         }
-        assert_eq!(reads.ready(3, 5).iter().map(|r| r.request_id).collect::<Vec<_>>(), vec![1, 2]);
-        reads.add(3, 0, 0, "c".into(), 5, 10);
+        assert_eq!(reads.ready(3, 5).iter().map(|r| r.request_id).collect::<Vec<_>>(), vec![1, 2, 3]);
+        reads.add(4, 0, 0, "d".into(), 5, 10);
+        assert_eq!(reads.round_to_send(3, 30), Some(3), "round 2 was confirmed: the next may go");
         assert_eq!(reads.expired(10 + READ_CONFIRM_TIMEOUT_MS - 1), vec![]);
         let back = reads.reset(Ballot { round: 4, node: 2 });
         assert_eq!(back.len(), 1);

@@ -329,7 +329,7 @@ impl Replica {
         for read in self.reads.expired(self.now_ms) {
             self.read_through_log(read);
         }
-        if let Some(round) = self.reads.round_to_send() {
+        if let Some(round) = self.reads.round_to_send(self.proposer.quorum(), self.now_ms) {
             let ballot = self.proposer.ballot;
             self.broadcast(Role::Acceptor, Message::ReadConfirm { ballot, round }, true);
             self.drain_local();
