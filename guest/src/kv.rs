@@ -30,11 +30,44 @@ pub struct Session {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Kv {
     /// The data.
+    #[serde(deserialize_with = "sorted_map")]
     pub data: BTreeMap<String, Vec<u8>>,
     /// Per-client sessions.
     pub sessions: BTreeMap<u64, Session>,
     /// `(last_slot, client)`: eviction order of sessions.
     lru: BTreeSet<(u64, u64)>,
+}
+
+/// Reads a map that was written in key order (as every `BTreeMap` is) by collecting it first
+/// and building the tree in one pass, instead of inserting entry by entry: the bulk of a
+/// snapshot's or a hot swap's `start` at many keys.
+fn sorted_map<'de, D, K, V>(deserializer: D) -> Result<BTreeMap<K, V>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    K: Deserialize<'de> + Ord,
+    V: Deserialize<'de>,
+{
+    struct Entries<K, V>(std::marker::PhantomData<(K, V)>);
+
+    impl<'de, K: Deserialize<'de> + Ord, V: Deserialize<'de>> serde::de::Visitor<'de> for Entries<K, V> {
+        type Value = BTreeMap<K, V>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a map")
+        }
+
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            // Bounded: a corrupt length must not reserve gigabytes up front.
+            let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0).min(1 << 20));
+            while let Some(entry) = map.next_entry()? {
+                entries.push(entry);
+            }
+            // Already sorted: `from_iter` checks that in one pass and bulk-builds the tree.
+            Ok(BTreeMap::from_iter(entries))
+        }
+    }
+
+    deserializer.deserialize_map(Entries(std::marker::PhantomData))
 }
 
 impl Kv {

@@ -221,11 +221,16 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 
 /// Encodes a value behind the given format version byte.
 pub fn encode_as<T: Serialize>(version: u8, value: &T) -> Vec<u8> {
-    let mut out = vec![version];
+    encode_with_capacity(version, value, 64)
+}
+
+/// Encodes into a buffer of `capacity` bytes to start with: a snapshot's size is known roughly
+/// from the last one, and growing a multi-megabyte buffer by doubling copies it again and again.
+pub fn encode_with_capacity<T: Serialize>(version: u8, value: &T, capacity: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(capacity.max(1));
+    out.push(version);
     // postcard into a Vec cannot fail for these types (no maps with non-string keys, no I/O).
-    let body = postcard::to_allocvec(value).unwrap_or_default();
-    out.extend_from_slice(&body);
-    out
+    postcard::to_extend(value, out).unwrap_or_default()
 }
 
 /// Decodes what `encode` wrote.

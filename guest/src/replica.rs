@@ -54,6 +54,8 @@ pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 pub const SNAPSHOT_RESEND_MS: u64 = 5_000;
 /// Byte bound of one catch-up answer.
 pub const CATCHUP_BYTES_MAX: usize = 4 << 20;
+/// Applied slots whose accepted values the acceptor keeps (the pipelining window).
+pub const ACCEPTOR_RETAIN_SLOTS: u64 = crate::proposer::WINDOW_SLOTS_MAX as u64;
 /// With test hooks on, a put of this key makes the guest trap.
 pub const TEST_TRAP_KEY: &str = "__waxos_test_trap__";
 /// With test hooks on, a put of this key makes the guest loop forever.
@@ -140,6 +142,8 @@ pub struct Replica {
     rejoin: Rejoin,
     incoming_snapshot: Option<IncomingSnapshot>,
     snapshot_sent_ms: BTreeMap<NodeId, u64>,
+    /// Size of the last snapshot taken, to size the next one's buffer.
+    last_snapshot_bytes: std::cell::Cell<usize>,
     /// Linearizable reads waiting at the leader (ReadIndex).
     reads: Reads,
 }
@@ -171,6 +175,7 @@ impl Replica {
             rejoin: Rejoin { target: None, since_ms: None },
             incoming_snapshot: None,
             snapshot_sent_ms: BTreeMap::new(),
+            last_snapshot_bytes: std::cell::Cell::new(0),
             reads: Reads::default(),
         };
         if let Some(bytes) = snapshot {
@@ -253,7 +258,9 @@ impl Replica {
             last_heartbeat_ms: self.last_heartbeat_ms,
             rejoin: self.rejoin,
         });
-        message::encode_as(
+        // The last snapshot's size, or (none taken yet) a guess from the number of keys.
+        let hint = self.last_snapshot_bytes.get().max(self.learner.kv.data.len() * 64);
+        let bytes = message::encode_with_capacity(
             message::SNAPSHOT_VERSION,
             &SnapshotState {
                 promised: self.acceptor.promised,
@@ -266,7 +273,10 @@ impl Replica {
                 voting: self.voting,
                 volatile,
             },
-        )
+            hint + hint / 8,
+        );
+        self.last_snapshot_bytes.set(bytes.len());
+        bytes
     }
 
     /// Takes the effects produced so far (start-up logs).
@@ -752,12 +762,20 @@ impl Replica {
     }
 
     /// Keeps `retain_slots` applied slots (a quarter more before trimming, to trim rarely).
+    ///
+    /// The acceptor keeps far less: accepted values of applied slots matter only to a candidate
+    /// that has not applied them, and such a candidate learns from the promise's `log_start`
+    /// that it must catch up (from a learner's retained log) before it can lead. Keeping only
+    /// the pipelining window halves the state a snapshot or a hot swap carries.
     fn trim_log(&mut self) {
         let retain = self.config.retain_slots.max(1);
         let next = self.learner.next_apply;
         if next > self.learner.log_start + retain + retain / 4 {
             self.learner.forget_below(next - retain);
-            self.acceptor.forget_below(next - retain);
+        }
+        let keep = (ACCEPTOR_RETAIN_SLOTS).min(retain);
+        if next > self.acceptor.log_start + keep + keep / 4 {
+            self.acceptor.forget_below(next - keep);
         }
     }
 
