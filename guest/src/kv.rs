@@ -30,7 +30,7 @@ pub struct Session {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Kv {
     /// The data.
-    #[serde(deserialize_with = "sorted_map")]
+    #[serde(serialize_with = "bytes_map_out", deserialize_with = "bytes_map_in")]
     pub data: BTreeMap<String, Vec<u8>>,
     /// Per-client sessions.
     pub sessions: BTreeMap<u64, Session>,
@@ -38,36 +38,37 @@ pub struct Kv {
     lru: BTreeSet<(u64, u64)>,
 }
 
-/// Reads a map that was written in key order (as every `BTreeMap` is) by collecting it first
-/// and building the tree in one pass, instead of inserting entry by entry: the bulk of a
-/// snapshot's or a hot swap's `start` at many keys.
-fn sorted_map<'de, D, K, V>(deserializer: D) -> Result<BTreeMap<K, V>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    K: Deserialize<'de> + Ord,
-    V: Deserialize<'de>,
-{
-    struct Entries<K, V>(std::marker::PhantomData<(K, V)>);
+/// Writes the map with its values as byte strings (one slice each, not byte by byte; the same
+/// postcard bytes as a plain `Vec<u8>`).
+fn bytes_map_out<S: serde::Serializer>(map: &BTreeMap<String, Vec<u8>>, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_map(map.iter().map(|(k, v)| (k, serde_bytes::Bytes::new(v))))
+}
 
-    impl<'de, K: Deserialize<'de> + Ord, V: Deserialize<'de>> serde::de::Visitor<'de> for Entries<K, V> {
-        type Value = BTreeMap<K, V>;
+/// Reads what `bytes_map_out` wrote. The keys come in order (as a `BTreeMap` writes them), so the
+/// entries are collected first and the tree built in one pass instead of entry by entry: the
+/// bulk of a snapshot's or a hot swap's `start` at many keys.
+fn bytes_map_in<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<BTreeMap<String, Vec<u8>>, D::Error> {
+    struct Entries;
+
+    impl<'de> serde::de::Visitor<'de> for Entries {
+        type Value = BTreeMap<String, Vec<u8>>;
 
         fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("a map")
+            f.write_str("a map of byte strings")
         }
 
         fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
             // Bounded: a corrupt length must not reserve gigabytes up front.
             let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0).min(1 << 20));
-            while let Some(entry) = map.next_entry()? {
-                entries.push(entry);
+            while let Some((key, value)) = map.next_entry::<String, serde_bytes::ByteBuf>()? {
+                entries.push((key, value.into_vec()));
             }
             // Already sorted: `from_iter` checks that in one pass and bulk-builds the tree.
             Ok(BTreeMap::from_iter(entries))
         }
     }
 
-    deserializer.deserialize_map(Entries(std::marker::PhantomData))
+    deserializer.deserialize_map(Entries)
 }
 
 impl Kv {

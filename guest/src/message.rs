@@ -130,6 +130,7 @@ pub enum Message {
         /// Total encoded size.
         total: u64,
         /// The bytes.
+        #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
     },
     /// ReadIndex, to acceptors (`reads`): say whether you promised a ballot above `ballot`.
@@ -171,7 +172,7 @@ pub enum Record {
     },
     /// The learner installed a state-machine snapshot received from a peer (an encoded
     /// `learner::AppState`); every slot below its `next_apply` is applied.
-    Installed(Vec<u8>),
+    Installed(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Whether this replica's acceptor takes part in votes (false while a replica that lost its
     /// disk catches up: it could otherwise break promises it no longer remembers).
     Voting(bool),

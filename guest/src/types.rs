@@ -36,7 +36,7 @@ pub struct Envelope {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// Store `value` under `key`.
-    Put(String, Vec<u8>),
+    Put(String, #[serde(with = "serde_bytes")] Vec<u8>),
     /// Read `key` (linearizable).
     Get(String),
     /// Remove `key`.
@@ -77,7 +77,7 @@ pub struct Request {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
     /// A get's answer.
-    Value(Option<Vec<u8>>),
+    Value(#[serde(with = "serde_bytes")] Option<Vec<u8>>),
     /// A put applied.
     Done,
     /// A delete applied; true when the key existed.
