@@ -242,9 +242,8 @@ async fn prefill(targets: &[String], clients: usize, keys: u64, value: &[u8], ti
             let endpoint = Endpoint::from_shared(format!("http://{address}")).map_err(|e| e.to_string())?;
             let mut client = KeyValueClient::new(endpoint.connect_timeout(timeout).tcp_nodelay(true).connect_lazy());
             let client_id: u64 = rand::rng().random::<u64>() | 1;
-            let mut seq = 0;
-            for k in (c..keys).step_by(stride as usize) {
-                seq += 1;
+            for (n, k) in (c..keys).step_by(stride as usize).enumerate() {
+                let seq = n as u64 + 1;
                 let mut r =
                     tonic::Request::new(PutRequest { key: format!("bench:{k}"), value: value.clone(), client_id, seq });
                 r.set_timeout(timeout);
