@@ -231,9 +231,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Box::new(peers),
     )?
     .with_sync_every_record(args.sync_every_record);
+    let own_handle = handle.clone();
     std::thread::Builder::new()
         .name("step-loop".into())
-        .spawn(move || step_loop.run(inputs))
+        .spawn(move || step_loop.run(inputs, own_handle))
         .context("starting the step loop thread")?;
     step_loop::mark_ready(&handle);
     if args.watch {

@@ -3,10 +3,12 @@
 //!
 //! gRPC handlers and peer streams only push `Input`s into its bounded channel. Each turn it
 //! drains what is queued (up to `STEP_EVENTS_MAX`), calls the guest's `step` once, appends
-//! every `persist` record to the WAL and makes them durable with one `fdatasync` (group
-//! commit), and only then hands `send` effects to the peer transport and `reply` effects to the
-//! waiting callers. That order is the rule that keeps an acceptor's promises and accepts
-//! across a crash (DESIGN §2). A guest crash (trap, deadline, memory) is logged; the instance is
+//! every `persist` record to the WAL, and hands the step's `send` and `reply` effects on only
+//! once those records (and every earlier one) are durable. That order is the rule that keeps an
+//! acceptor's promises and accepts across a crash (DESIGN §2). The `fdatasync` itself runs on
+//! the WAL's writer thread (`storage::syncer`): while it runs, the loop keeps stepping and
+//! buffering, holding each step's effects until the sync covering it reports back, and the
+//! next sync carries everything buffered meanwhile (group commit across steps). A guest crash (trap, deadline, memory) is logged; the instance is
 //! thrown away and a new one started from the snapshot and WAL, while the host keeps serving.
 //! Every `snapshot_every` records it compacts: the guest's snapshot becomes the new base and
 //! the WAL segments it covers are dropped. It also runs the chaos schedule (acceptor outages,
@@ -24,6 +26,7 @@ use tokio::sync::oneshot;
 use crate::chaos::{Chaos, ChaosEvent};
 use crate::peer::Transport;
 use crate::runtime::{Command, Effect, Event, Guest, GuestBuild, GuestConfig, GuestCrash, Outcome, Request, Role};
+use crate::storage::syncer::{Synced, Syncer};
 use crate::storage::{Durable, Storage};
 
 /// The guest is stepped at least this often (its timers: heartbeats, elections, re-sends).
@@ -52,6 +55,9 @@ pub enum Input {
     Message(crate::runtime::Envelope),
     /// The guest's status JSON and build hash (or why there is none).
     Status(oneshot::Sender<Result<(String, String), String>>),
+    /// The WAL's writer thread finished a sync (wakes the loop; the report itself comes from
+    /// the `Syncer`).
+    Synced,
     /// Replace the guest by `build` between two steps (hot swap).
     Swap {
         /// The new build, compiled and linked off the step loop.
@@ -100,6 +106,8 @@ impl StepLoopHandle {
             Err(TrySendError::Full(Input::Message(_))) => {
                 tracing::debug!("input queue full: envelope dropped")
             }
+            // The loop is busy anyway: it looks for finished syncs every turn.
+            Err(TrySendError::Full(Input::Synced)) => {}
             Err(TrySendError::Disconnected(_)) => {
                 tracing::error!("step loop is gone: input dropped")
             }
@@ -130,6 +138,14 @@ pub struct StepLoop {
     waiting: HashMap<u64, oneshot::Sender<Outcome>>,
     /// Envelopes the guest sent to itself: its next step's first events.
     loopback: Vec<crate::runtime::Envelope>,
+    /// The WAL's writer thread (from `run`; without it, each step syncs inline).
+    syncer: Option<Syncer>,
+    /// Hand-offs to the writer numbered so far, and the last one known durable.
+    sync_issued: u64,
+    sync_durable: u64,
+    /// Effects of steps whose records are not durable yet, in step order, each with the
+    /// hand-off that must be durable first.
+    held: std::collections::VecDeque<(u64, Vec<Effect>)>,
     next_request_id: u64,
     clock: Instant,
     last_restart_attempt: Option<Instant>,
@@ -163,6 +179,10 @@ impl StepLoop {
             peers,
             waiting: HashMap::new(),
             loopback: Vec::new(),
+            syncer: None,
+            sync_issued: 0,
+            sync_durable: 0,
+            held: std::collections::VecDeque::new(),
             // Unique across restarts of this host, so a late reply can never match a new request.
             next_request_id: now.as_micros() as u64,
             clock: Instant::now(),
@@ -207,8 +227,13 @@ impl StepLoop {
         self.clock.elapsed().as_millis() as u64
     }
 
-    /// Runs until every handle is dropped.
-    pub fn run(mut self, inputs: Receiver<Input>) {
+    /// Runs until the process ends; `handle` is this loop's own (the WAL's writer thread wakes
+    /// it through it).
+    pub fn run(mut self, inputs: Receiver<Input>, handle: StepLoopHandle) {
+        match Syncer::start(move || handle.offer(Input::Synced)) {
+            Ok(syncer) => self.syncer = Some(syncer),
+            Err(e) => tracing::warn!("no WAL writer thread ({e:#}): syncing on the step loop"),
+        }
         loop {
             let mut batch: Vec<Input> = self.loopback.drain(..).map(Input::Message).collect();
             if batch.is_empty() {
@@ -230,6 +255,7 @@ impl StepLoop {
     }
 
     fn turn(&mut self, inputs: Vec<Input>) {
+        self.collect_syncs();
         self.run_chaos();
         if self.guest.is_none() && !self.chaos.guest_held_down() {
             self.try_restart();
@@ -258,12 +284,17 @@ impl StepLoop {
                 }
                 Input::Status(reply) => statuses.push(reply),
                 Input::Swap { build, reply } => swaps.push((build, reply)),
+                Input::Synced => {}
             }
         }
         if events.is_empty() {
             events.push(Event::Tick);
             // Idle: make lazily persisted records durable now rather than at the next write.
-            self.make_durable();
+            if self.syncer.is_some() {
+                self.hand_off();
+            } else {
+                self.make_durable();
+            }
         }
         let now_ms = self.now_ms();
         if let Some(guest) = self.guest.as_mut() {
@@ -305,9 +336,9 @@ impl StepLoop {
         }
     }
 
-    /// Persist (one fdatasync for the step), then send and reply: never the other way round.
-    /// Lazy records go into the log in order with the others; a step with only lazy records
-    /// sends without waiting for them (they become durable with the next sync).
+    /// Persist, then send and reply: never the other way round. Lazy records go into the log in
+    /// order with the others; a step with only lazy records (and nothing held before it) sends
+    /// without waiting for them (they become durable with the next sync).
     fn carry_out(&mut self, effects: Vec<Effect>) {
         let mut persisted = 0;
         for effect in &effects {
@@ -321,15 +352,37 @@ impl StepLoop {
                     self.storage.records_since_snapshot += 1;
                     persisted += 1;
                     if self.sync_every_record {
-                        self.make_durable();
+                        self.drain_syncs();
                     }
                 }
                 Effect::Send(_) | Effect::Reply(_) | Effect::Log(_) => {}
             }
         }
-        if persisted > 0 {
-            self.make_durable();
+        if self.syncer.is_none() || self.sync_every_record {
+            if persisted > 0 {
+                self.make_durable();
+            }
+            self.release(effects);
+        } else {
+            // This step's records go with the next hand-off; a step without any still waits for
+            // the steps before it (their effects leave first).
+            let needs = if persisted > 0 { Some(self.sync_issued + 1) } else { self.held.back().map(|(t, _)| *t) };
+            match needs {
+                Some(ticket) => {
+                    self.held.push_back((ticket, effects));
+                    self.hand_off();
+                }
+                None => self.release(effects),
+            }
         }
+        if self.storage.records_since_snapshot >= self.snapshot_every {
+            self.compact();
+        }
+    }
+
+    /// Hands the effects of a step whose records are durable on: messages to the peer transport
+    /// (or back into the loop, for the guest's messages to itself), replies to their callers.
+    fn release(&mut self, effects: Vec<Effect>) {
         for effect in effects {
             match effect {
                 Effect::Send(envelope) if envelope.dst == self.config.me => self.loopback.push(envelope),
@@ -343,13 +396,81 @@ impl StepLoop {
                 Effect::Persist(_) | Effect::PersistLazy(_) => {}
             }
         }
-        if self.storage.records_since_snapshot >= self.snapshot_every {
-            self.compact();
+    }
+
+    /// Starts a sync of what the WAL buffered, unless one is running (the next one will then
+    /// carry it) or nothing is buffered.
+    fn hand_off(&mut self) {
+        let Some(syncer) = self.syncer.as_ref() else { return };
+        if self.sync_issued > self.sync_durable {
+            return;
+        }
+        match self.storage.wal.take_for_sync() {
+            Ok(None) => {}
+            Ok(Some((file, bytes))) => {
+                self.sync_issued += 1;
+                if !syncer.submit(self.sync_issued, file, bytes) {
+                    tracing::error!("the WAL writer thread is gone, stopping the host");
+                    waxos_proto::logging::flush();
+                    std::process::exit(70);
+                }
+            }
+            Err(e) => {
+                tracing::error!("cannot hand the WAL over for syncing, stopping the host: {e:#}");
+                waxos_proto::logging::flush();
+                std::process::exit(70);
+            }
+        }
+    }
+
+    /// Takes the syncs reported finished: releases what they made durable, starts the next.
+    fn collect_syncs(&mut self) {
+        while let Some(done) = self.syncer.as_ref().and_then(Syncer::try_done) {
+            self.on_synced(done);
+        }
+    }
+
+    fn on_synced(&mut self, done: Synced) {
+        if let Err(e) = done.result {
+            // Without durable storage this acceptor would break Paxos safety by answering.
+            tracing::error!("cannot make the WAL durable, stopping the host: {e}");
+            waxos_proto::logging::flush();
+            std::process::exit(70);
+        }
+        self.sync_durable = self.sync_durable.max(done.ticket);
+        while self.held.front().is_some_and(|(ticket, _)| *ticket <= self.sync_durable) {
+            if let Some((_, effects)) = self.held.pop_front() {
+                self.release(effects);
+            }
+        }
+        if !self.held.is_empty() {
+            self.hand_off();
+        }
+    }
+
+    /// Waits until every record appended so far is durable and every held effect released
+    /// (before compaction, a restart from disk, or a per-record sync).
+    fn drain_syncs(&mut self) {
+        while self.sync_issued > self.sync_durable {
+            match self.syncer.as_ref().and_then(Syncer::wait_done) {
+                Some(done) => self.on_synced(done),
+                None => {
+                    tracing::error!("the WAL writer thread is gone, stopping the host");
+                    waxos_proto::logging::flush();
+                    std::process::exit(70);
+                }
+            }
+        }
+        self.make_durable();
+        let held: Vec<_> = self.held.drain(..).collect();
+        for (_, effects) in held {
+            self.release(effects);
         }
     }
 
     /// The guest's snapshot becomes the new base; covered WAL segments go.
     fn compact(&mut self) {
+        self.drain_syncs();
         let Some(guest) = self.guest.as_mut() else { return };
         let started = Instant::now();
         let snapshot = match guest.snapshot(false) {
@@ -490,8 +611,8 @@ impl StepLoop {
         }
         self.last_restart_attempt = Some(Instant::now());
         let started = Instant::now();
-        // Lazily persisted records still buffered belong to what the restart replays.
-        self.make_durable();
+        // Records still buffered or being synced belong to what the restart replays.
+        self.drain_syncs();
         let durable = match self.storage.read_durable() {
             Ok(durable) => durable,
             Err(e) => {
@@ -609,18 +730,28 @@ mod tests {
         assert_eq!(decoded, vec![Record::Chosen { slot: 0, value: Value::Noop }]);
     }
 
-    #[test]
-    fn nothing_is_sent_before_the_records_it_answers_for_are_durable() {
+    /// Runs a prepare and an accept through a step loop syncing inline or on the WAL's writer
+    /// thread, and checks what was on disk when each answer was handed over.
+    fn check_persist_before_send(pipelined: bool) {
         let dir = tempfile::tempdir().expect("tempdir");
         let seen = Arc::new(Mutex::new(Vec::new()));
         let transport = DiskCheckingTransport { wal_dir: dir.path().join("wal"), seen: seen.clone() };
         let mut step_loop = step_loop_in(dir.path(), Box::new(transport));
+        if pipelined {
+            step_loop.syncer = Some(Syncer::start(|| {}).expect("writer thread"));
+        }
 
         let ballot = Ballot { round: 5, node: 2 };
         step_loop.turn(vec![Input::Message(envelope(2, Role::Acceptor, &Message::Prepare { ballot, first_slot: 0 }))]);
         let value = Value::Noop;
         let accept = Message::Accept { ballot, slot: 0, value: value.clone() };
         step_loop.turn(vec![Input::Message(envelope(2, Role::Acceptor, &accept))]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while seen.lock().expect("lock").len() < 2 {
+            assert!(Instant::now() < deadline, "the answers were never sent");
+            std::thread::sleep(Duration::from_millis(1));
+            step_loop.turn(vec![Input::Synced]);
+        }
 
         let seen = seen.lock().expect("lock");
         let promise = seen
@@ -637,5 +768,20 @@ mod tests {
             "accepted sent before it was durable: {:?}",
             accepted.1
         );
+        let promise_at =
+            seen.iter().position(|(e, _)| matches!(message::decode(&e.payload), Ok(Message::Promise { .. })));
+        let accepted_at =
+            seen.iter().position(|(e, _)| matches!(message::decode(&e.payload), Ok(Message::Accepted { .. })));
+        assert!(promise_at < accepted_at, "effects left out of step order");
+    }
+
+    #[test]
+    fn nothing_is_sent_before_the_records_it_answers_for_are_durable() {
+        check_persist_before_send(false);
+    }
+
+    #[test]
+    fn with_the_sync_on_its_own_thread_nothing_is_sent_before_it_is_durable_either() {
+        check_persist_before_send(true);
     }
 }

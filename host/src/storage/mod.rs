@@ -7,6 +7,7 @@
 //! segments, so a crash at any point leaves a consistent pair.
 
 pub mod snapshot;
+pub mod syncer;
 pub mod wal;
 
 use std::path::{Path, PathBuf};

@@ -139,6 +139,29 @@ impl Wal {
         Ok(())
     }
 
+    /// True when records are buffered that no `sync` or hand-off has taken yet.
+    pub fn has_buffered(&self) -> bool {
+        !self.buffer.is_empty()
+    }
+
+    /// Hands what is buffered to a writer on another thread (`storage::syncer`): the bytes and
+    /// a handle to the segment they belong at the end of. Starts a new segment first when this
+    /// one is full; the caller guarantees no earlier hand-off is still being written (one
+    /// writer, in order). None when nothing is buffered.
+    pub fn take_for_sync(&mut self) -> anyhow::Result<Option<(File, Vec<u8>)>> {
+        if self.buffer.is_empty() {
+            return Ok(None);
+        }
+        if self.segment_len >= self.segment_bytes_max {
+            let buffer = std::mem::take(&mut self.buffer);
+            self.roll()?;
+            self.buffer = buffer;
+        }
+        let file = self.file.try_clone().context("duplicating the WAL segment handle")?;
+        self.segment_len += self.buffer.len() as u64;
+        Ok(Some((file, std::mem::take(&mut self.buffer))))
+    }
+
     /// Closes the current segment and starts the next; returns the new segment's number.
     pub fn roll(&mut self) -> anyhow::Result<u64> {
         self.sync()?;

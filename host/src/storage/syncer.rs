@@ -1,0 +1,62 @@
+//! The WAL's writer thread. The step loop hands it what the WAL buffered (`Wal::take_for_sync`),
+//! one hand-off at a time and in order; it writes each and makes it durable with one
+//! `fdatasync`, then reports back. Meanwhile the step loop keeps stepping and buffering, so the
+//! next hand-off carries every step that ran during this one's fsync (group commit across
+//! steps). The step loop releases a step's messages and replies only when the report covering
+//! that step's records has arrived: persist-before-send holds as before, without the step loop
+//! ever waiting on the disk while there is work.
+
+use std::fs::File;
+use std::io::Write;
+use std::sync::mpsc::{channel, Receiver, Sender};
+
+/// A hand-off made durable (or not).
+#[derive(Debug)]
+pub struct Synced {
+    /// The hand-off's number.
+    pub ticket: u64,
+    /// Why it could not be made durable, if it could not.
+    pub result: Result<(), String>,
+}
+
+/// The writer thread's two ends.
+pub struct Syncer {
+    jobs: Sender<(u64, File, Vec<u8>)>,
+    done: Receiver<Synced>,
+}
+
+impl Syncer {
+    /// Starts the thread; `wake` is called after each hand-off is done (to wake the step loop).
+    pub fn start(wake: impl Fn() + Send + 'static) -> anyhow::Result<Syncer> {
+        let (jobs, todo) = channel::<(u64, File, Vec<u8>)>();
+        let (report, done) = channel();
+        std::thread::Builder::new().name("wal-sync".into()).spawn(move || {
+            for (ticket, mut file, bytes) in todo {
+                let result = file
+                    .write_all(&bytes)
+                    .and_then(|()| file.sync_data())
+                    .map_err(|e| format!("writing and syncing {} WAL bytes: {e}", bytes.len()));
+                if report.send(Synced { ticket, result }).is_err() {
+                    return;
+                }
+                wake();
+            }
+        })?;
+        Ok(Syncer { jobs, done })
+    }
+
+    /// Hands `bytes` over, to be appended to `file` and synced. False when the thread is gone.
+    pub fn submit(&self, ticket: u64, file: File, bytes: Vec<u8>) -> bool {
+        self.jobs.send((ticket, file, bytes)).is_ok()
+    }
+
+    /// A finished hand-off, if one is reported.
+    pub fn try_done(&self) -> Option<Synced> {
+        self.done.try_recv().ok()
+    }
+
+    /// Waits for the next finished hand-off (None: the thread is gone).
+    pub fn wait_done(&self) -> Option<Synced> {
+        self.done.recv().ok()
+    }
+}
