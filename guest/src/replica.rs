@@ -326,13 +326,7 @@ impl Replica {
     /// ReadIndex at the leader: falls back to the log for reads that cannot be confirmed under
     /// the current ballot, broadcasts a confirmation round for new reads, answers those ready.
     fn confirm_reads(&mut self) {
-        let leading = self.proposer.is_leader() && self.voting;
-        if !leading || self.reads.ballot() != self.proposer.ballot {
-            let orphans = self.reads.reset(self.proposer.ballot);
-            for read in orphans {
-                self.read_through_log(read);
-            }
-        }
+        self.reads_follow_ballot();
         if self.reads.is_empty() {
             return;
         }
@@ -345,6 +339,18 @@ impl Replica {
             self.drain_local();
         }
         self.answer_ready_reads();
+    }
+
+    /// Reads wait under the ballot this replica leads with; those waiting under another one (or
+    /// when it no longer leads) cannot be confirmed and go through the log.
+    fn reads_follow_ballot(&mut self) {
+        let leading = self.proposer.is_leader() && self.voting;
+        if leading && self.reads.ballot() == self.proposer.ballot {
+            return;
+        }
+        for read in self.reads.reset(self.proposer.ballot) {
+            self.read_through_log(read);
+        }
     }
 
     fn answer_ready_reads(&mut self) {
@@ -472,12 +478,7 @@ impl Replica {
         }
         if let Command::Get(key) = request.command {
             if self.proposer.is_leader() && self.voting {
-                if self.reads.ballot() != self.proposer.ballot {
-                    let orphans = self.reads.reset(self.proposer.ballot);
-                    for read in orphans {
-                        self.read_through_log(read);
-                    }
-                }
+                self.reads_follow_ballot();
                 let index = self.proposer.next_slot;
                 self.reads.add(request.id, request.client, request.seq, key, index, self.now_ms);
                 return;

@@ -330,9 +330,7 @@ impl StepLoop {
     /// Paxos safety by answering: the host stops rather than send anything.
     fn make_durable(&mut self) {
         if let Err(e) = self.storage.wal.sync() {
-            tracing::error!("cannot make the WAL durable, stopping the host: {e:#}");
-            waxos_proto::logging::flush();
-            std::process::exit(70);
+            stop_host(format!("cannot make the WAL durable, stopping the host: {e:#}"));
         }
     }
 
@@ -410,15 +408,11 @@ impl StepLoop {
             Ok(Some((file, bytes))) => {
                 self.sync_issued += 1;
                 if !syncer.submit(self.sync_issued, file, bytes) {
-                    tracing::error!("the WAL writer thread is gone, stopping the host");
-                    waxos_proto::logging::flush();
-                    std::process::exit(70);
+                    stop_host("the WAL writer thread is gone, stopping the host".to_string());
                 }
             }
             Err(e) => {
-                tracing::error!("cannot hand the WAL over for syncing, stopping the host: {e:#}");
-                waxos_proto::logging::flush();
-                std::process::exit(70);
+                stop_host(format!("cannot hand the WAL over for syncing, stopping the host: {e:#}"));
             }
         }
     }
@@ -432,10 +426,7 @@ impl StepLoop {
 
     fn on_synced(&mut self, done: Synced) {
         if let Err(e) = done.result {
-            // Without durable storage this acceptor would break Paxos safety by answering.
-            tracing::error!("cannot make the WAL durable, stopping the host: {e}");
-            waxos_proto::logging::flush();
-            std::process::exit(70);
+            stop_host(format!("cannot make the WAL durable, stopping the host: {e}"));
         }
         self.sync_durable = self.sync_durable.max(done.ticket);
         while self.held.front().is_some_and(|(ticket, _)| *ticket <= self.sync_durable) {
@@ -455,9 +446,7 @@ impl StepLoop {
             match self.syncer.as_ref().and_then(Syncer::wait_done) {
                 Some(done) => self.on_synced(done),
                 None => {
-                    tracing::error!("the WAL writer thread is gone, stopping the host");
-                    waxos_proto::logging::flush();
-                    std::process::exit(70);
+                    stop_host("the WAL writer thread is gone, stopping the host".to_string());
                 }
             }
         }
@@ -486,9 +475,7 @@ impl StepLoop {
                 started.elapsed().as_secs_f64() * 1e3
             ),
             Err(e) => {
-                tracing::error!("cannot write the snapshot, stopping the host: {e:#}");
-                waxos_proto::logging::flush();
-                std::process::exit(70);
+                stop_host(format!("cannot write the snapshot, stopping the host: {e:#}"));
             }
         }
     }
@@ -636,6 +623,14 @@ impl StepLoop {
             }
         }
     }
+}
+
+/// Stops the process after logging why: without durable storage this acceptor would break
+/// Paxos safety by answering, so the host stops rather than send anything.
+fn stop_host(reason: String) -> ! {
+    tracing::error!("{reason}");
+    waxos_proto::logging::flush();
+    std::process::exit(70);
 }
 
 /// Marks the handle ready (the guest is running).
