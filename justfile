@@ -8,8 +8,15 @@ guest_wasm := "target/wasm32-wasip2/guest/waxos_guest.wasm"
 default:
     @just --list
 
+# Make sure the toolchain has what the build needs: the wasm32-wasip2 target, rustfmt, clippy (idempotent, ~1 s).
+setup:
+    @command -v rustup >/dev/null 2>&1 || { echo "error: rustup not found. waxos needs a rustup-managed Rust toolchain (https://rustup.rs) to add the wasm32-wasip2 target." >&2; exit 1; }
+    @rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
+    @rustup component list --installed | grep -q '^rustfmt' || rustup component add rustfmt
+    @rustup component list --installed | grep -q '^clippy' || rustup component add clippy
+
 # Build the guest component, the host (waxosd) and the client (waxos), release.
-build:
+build: setup
     cargo build --target wasm32-wasip2 --profile guest -p waxos-guest
     cargo build --release -p waxos-host -p waxos-client -p waxos-sim
 
@@ -24,7 +31,7 @@ test: build
     cargo test --release -p waxos-host -p waxos-client -p waxos-proto -p waxos-sim
 
 # Hot-swap a guest build (default: the current guest, rebuilt) into the five `just cluster` hosts, one by one.
-swap path="":
+swap path="": setup
     scripts/swap.sh "{{path}}"
 
 # The standard load scenarios against a fresh five-host cluster (chaos off, traffic to the leader), as one table.
@@ -53,7 +60,7 @@ sim *args="1000": build
     ./target/release/waxos-sim --swap-with target/guest-variants/relabeled.wasm {{args}}
 
 # Format and lint (CI runs these too).
-lint:
+lint: setup
     cargo fmt --all -- --check
     cargo clippy --release --all-targets -p waxos-host -p waxos-client -p waxos-proto -p waxos-sim -- -D warnings
     cargo clippy --release --target wasm32-wasip2 -p waxos-guest --all-targets -- -D warnings
