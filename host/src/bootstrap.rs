@@ -203,7 +203,8 @@ async fn register_with(coordinator: &str, my_address: &str, replicas: u32) -> an
     let incarnation: u64 = rand::random();
     loop {
         let answer = async {
-            let mut client = PeerClient::connect(format!("http://{coordinator}")).await?;
+            let channel = crate::net::endpoint(coordinator, Duration::from_secs(2))?.connect().await?;
+            let mut client = PeerClient::new(channel);
             let request = RegisterRequest { address: my_address.to_string(), replicas, incarnation };
             anyhow::Ok(client.register(request).await?.into_inner())
         }

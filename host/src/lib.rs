@@ -5,6 +5,7 @@
 //! - `step_loop`: the thread that owns the guest and the WAL; persist before send.
 //! - `storage`: the write-ahead log and snapshots.
 //! - `chaos`: failure on purpose (acceptor outages, guest crashes).
+//! - `net`: socket and HTTP/2 settings of every connection (TCP_NODELAY, flow-control windows).
 //! - `peer`: host-to-host envelope streams and the `Peer` gRPC service.
 //! - `service`: the client-facing `KeyValue` gRPC service.
 //! - `admin`: the `Admin` gRPC service (status, hot swap) and `--watch`.
@@ -13,6 +14,7 @@
 pub mod admin;
 pub mod bootstrap;
 pub mod chaos;
+pub mod net;
 pub mod peer;
 pub mod runtime;
 pub mod service;

@@ -10,7 +10,7 @@ use std::sync::{Arc, OnceLock};
 use anyhow::{bail, Context};
 use clap::Parser;
 use rand::RngExt;
-use waxos_host::{admin, bootstrap, chaos, peer, runtime, service, step_loop, storage};
+use waxos_host::{admin, bootstrap, chaos, net, peer, runtime, service, step_loop, storage};
 use waxos_proto::admin_server::AdminServer;
 use waxos_proto::key_value_server::KeyValueServer;
 use waxos_proto::peer_server::PeerServer;
@@ -170,7 +170,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         coordinator.as_deref().unwrap_or("is this host"),
         data_dir.display()
     );
-    let server = tonic::transport::Server::builder()
+    let server = net::server()
         .add_service(KeyValueServer::new(kv_service))
         .add_service(
             PeerServer::new(peer_service)
@@ -182,7 +182,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .max_decoding_message_size(admin::GUEST_BYTES_MAX + 1024)
                 .max_encoding_message_size(admin::GUEST_BYTES_MAX + 1024),
         )
-        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+        .serve_with_incoming(net::incoming(listener));
     // No graceful drain on shutdown: peer streams never end by themselves, and nothing needs
     // draining — every step's records are durable before anything of it was sent or answered.
     let mut server = tokio::spawn(server);

@@ -86,8 +86,8 @@ async fn sender(me: u32, peer: u32, address: String, mut queue: mpsc::Receiver<E
     let mut backoff_ms = BACKOFF_MIN_MS;
     let mut was_connected = true;
     loop {
-        let endpoint = match tonic::transport::Endpoint::from_shared(format!("http://{address}")) {
-            Ok(e) => e.connect_timeout(Duration::from_millis(500)).tcp_nodelay(true),
+        let endpoint = match crate::net::endpoint(&address, Duration::from_millis(500)) {
+            Ok(e) => e,
             Err(e) => {
                 tracing::error!("peer {peer}: bad address {address}: {e}");
                 return;

@@ -1,0 +1,35 @@
+# Sourced by the benchmark scripts: a fresh five-host waxos cluster on 127.0.0.1:50061-50065
+# (chaos off, data under $dir/data), stopped on exit. The caller sets `dir` (a temp dir) and may
+# set WAXOSD (default ./target/release/waxosd) to measure another build of the host.
+waxos=./target/release/waxos
+waxosd="${WAXOSD:-./target/release/waxosd}"
+pids=()
+stop_cluster() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait "${pids[@]}" 2>/dev/null || true; pids=(); }
+
+start_cluster() { # extra waxosd args (may be none)...
+  stop_cluster; rm -rf "$dir/data"
+  for n in 1 2 3 4 5; do
+    "$waxosd" 50061 $((50060 + n)) --data-dir "$dir/data/$n" --chaos off --snapshot-every 1000000 "$@" \
+      2>"$dir/$n.log" &
+    pids+=($!)
+    sleep 0.2
+  done
+  for _ in $(seq 1 100); do
+    RUST_LOG=off "$waxos" 127.0.0.1 50061 --timeout-ms 1000 put __bench_ready__ 1 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "bench: cluster did not come up; logs in $dir" >&2; exit 1
+}
+
+leader_address() { # host:port of the current leader (the status row whose role is leader)
+  RUST_LOG=off "$waxos" 127.0.0.1 50061 status 2>/dev/null | awk '$4 == "leader" {print $2; exit}'
+}
+
+rss_mb() { # largest resident size among the hosts, MiB
+  local max=0 kb
+  for p in "${pids[@]}"; do
+    kb=$(awk '/^VmRSS/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0)
+    [ "${kb:-0}" -gt "$max" ] && max=$kb
+  done
+  echo $((max / 1024))
+}
