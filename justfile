@@ -34,9 +34,14 @@ test: build
 swap path="": setup
     scripts/swap.sh "{{path}}"
 
-# The standard load scenarios against a fresh five-host cluster (chaos off, traffic to the leader), as one table.
+# Load scenarios at value sizes 100 B-256 KiB (PUT, GET at 1 and 64 clients, leader and spread), then p50 latency per size.
 bench: build
     scripts/bench.sh --group-commit-compare
+    scripts/bench-latency.sh
+
+# p50 latency per value size, 8 B-1 MiB, one client: a third-party client (Python grpcio) and waxos bench.
+bench-latency: build
+    scripts/bench-latency.sh
 
 # The same scenarios against a five-member etcd on loopback (installs etcd-server if missing).
 bench-etcd:
