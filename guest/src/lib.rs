@@ -4,7 +4,8 @@
 //! - `types`: plain Rust mirrors of the WIT types; the roles never see WIT.
 //! - `message`: the versioned wire format of payloads and persisted records.
 //! - `acceptor`, `proposer`, `learner`: one module per Paxos role.
-//! - `reads`: linearizable reads without a log slot (ReadIndex).
+//! - `reads`: linearizable reads without a log slot (ReadIndex), at the leader.
+//! - `follower_reads`: linearizable reads at a follower, with the leader's read index.
 //! - `kv`: the replicated state machine with exactly-once client sessions.
 //! - `replica`: the sans-IO `step(now, events) -> effects` that ties them together.
 //! - this file: the WIT glue, compiled for wasm32 only, so everything else runs natively in
@@ -12,6 +13,7 @@
 #![deny(missing_docs)]
 
 pub mod acceptor;
+pub mod follower_reads;
 pub mod kv;
 pub mod learner;
 pub mod message;

@@ -147,6 +147,23 @@ pub enum Message {
         /// The round confirmed.
         round: u64,
     },
+    /// Follower ReadIndex (`follower_reads`), to the leader: what is your read index now?
+    ReadIndex {
+        /// The asking instance.
+        nonce: u64,
+        /// The ask number.
+        ask: u64,
+    },
+    /// The leader's answer: confirmed as leader after the ask arrived; every slot it had
+    /// proposed then lies below `index`.
+    ReadIndexed {
+        /// The asking instance.
+        nonce: u64,
+        /// The ask answered.
+        ask: u64,
+        /// The read index.
+        index: u64,
+    },
 }
 
 /// A record of acceptor or learner state that must survive a crash.

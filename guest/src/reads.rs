@@ -50,6 +50,20 @@ pub struct WaitingRead {
     pub round: u64,
     /// When the read arrived.
     pub since_ms: u64,
+    /// Set when this is a follower's ask for a read index (`follower_reads`): the leader answers
+    /// the follower with the index instead of reading its own state.
+    pub remote: Option<RemoteAsk>,
+}
+
+/// A follower's ask for a read index, waiting at the leader like a read of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RemoteAsk {
+    /// The asking follower.
+    pub node: NodeId,
+    /// Its instance's nonce.
+    pub nonce: u64,
+    /// Its ask number.
+    pub ask: u64,
 }
 
 /// The leader's side of ReadIndex.
@@ -93,7 +107,22 @@ impl Reads {
     /// Queues a read that arrived now; it needs the next round sent (none assigned yet).
     pub fn add(&mut self, request_id: u64, client: u64, seq: u64, key: String, index: u64, now_ms: u64) {
         let round = UNASSIGNED;
-        self.waiting.push_back(WaitingRead { request_id, client, seq, key, index, round, since_ms: now_ms });
+        let remote = None;
+        self.waiting.push_back(WaitingRead { request_id, client, seq, key, index, round, since_ms: now_ms, remote });
+    }
+
+    /// Queues a follower's ask that arrived now; like a read, it needs the next round sent.
+    pub fn add_remote(&mut self, ask: RemoteAsk, index: u64, now_ms: u64) {
+        self.waiting.push_back(WaitingRead {
+            request_id: 0,
+            client: 0,
+            seq: 0,
+            key: String::new(),
+            index,
+            round: UNASSIGNED,
+            since_ms: now_ms,
+            remote: Some(ask),
+        });
     }
 
     /// The round to broadcast now: when a waiting read needs one not sent yet, and the round in

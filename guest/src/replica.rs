@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, VecDeque};
 use serde::{Deserialize, Serialize};
 
 use crate::acceptor::Acceptor;
+use crate::follower_reads::{FollowerRead, FollowerReads};
 use crate::kv::Kv;
 use crate::learner::AppState;
 use crate::learner::Learner;
@@ -23,7 +24,7 @@ use crate::message::{self, Ballot, ClientCommand, DecodeError, Message, Record, 
 use crate::proposer::{
     Outgoing, Phase, PhaseOne, Promise, Proposer, ELECTION_TIMEOUT_MAX_MS, ELECTION_TIMEOUT_MIN_MS, EVERY_MEMBER,
 };
-use crate::reads::{Reads, WaitingRead};
+use crate::reads::{Reads, RemoteAsk, WaitingRead};
 use crate::types::{Command, Config, Effect, Envelope, Event, NodeId, Outcome, Request, Role};
 
 /// The guest build's version, reported by `status`: the crate version, plus the build label
@@ -144,8 +145,10 @@ pub struct Replica {
     snapshot_sent_ms: BTreeMap<NodeId, u64>,
     /// Size of the last snapshot taken, to size the next one's buffer.
     last_snapshot_bytes: std::cell::Cell<usize>,
-    /// Linearizable reads waiting at the leader (ReadIndex).
+    /// Linearizable reads waiting at the leader (ReadIndex), its own and followers' asks.
     reads: Reads,
+    /// Linearizable reads waiting at this replica as a follower (follower ReadIndex).
+    follower_reads: FollowerReads,
 }
 
 impl Replica {
@@ -177,6 +180,7 @@ impl Replica {
             snapshot_sent_ms: BTreeMap::new(),
             last_snapshot_bytes: std::cell::Cell::new(0),
             reads: Reads::default(),
+            follower_reads: FollowerReads::default(),
         };
         if let Some(bytes) = snapshot {
             let state: SnapshotState = message::decode_up_to(message::SNAPSHOT_VERSION, bytes)
@@ -198,6 +202,8 @@ impl Replica {
                 replica.last_catchup_ms = v.last_catchup_ms;
                 replica.last_heartbeat_ms = v.last_heartbeat_ms;
                 replica.rejoin = v.rejoin;
+                // A new instance: its follower-read asks must not match the old one's.
+                replica.follower_reads = FollowerReads::new(replica.instance_nonce());
             }
         }
         for (i, bytes) in wal.iter().enumerate() {
@@ -241,12 +247,16 @@ impl Replica {
     pub fn snapshot(&self, handover: bool) -> Vec<u8> {
         // Reads waiting for their confirmation are handed over as log commands, due at once:
         // the new build's read state starts empty (and the format stays that of version 1).
-        let pending = if self.reads.is_empty() {
+        // Followers' asks waiting here are dropped: the followers ask again or use the log.
+        let pending = if self.reads.is_empty() && self.follower_reads.is_empty() {
             Cow::Borrowed(&self.pending)
         } else {
             let mut pending = self.pending.clone();
-            for read in self.reads.waiting() {
+            for read in self.reads.waiting().filter(|r| r.remote.is_none()) {
                 pending.insert(read.request_id, self.read_through_log_entry(read, 0));
+            }
+            for read in self.follower_reads.waiting() {
+                pending.insert(read.request_id, self.follower_read_through_log_entry(read, 0));
             }
             Cow::Owned(pending)
         };
@@ -291,6 +301,7 @@ impl Replica {
             // The first deadline counts from the first step, not from whenever the host's clock
             // started: a restarted replica must not disturb a healthy leader at once.
             self.started = true;
+            self.follower_reads = FollowerReads::new(self.instance_nonce());
             self.proposer = Proposer::new(self.config.me, self.config.members.clone(), self.config.seed, self.now_ms);
             self.proposer.observe(self.acceptor.promised);
             if let Some(slot) = self.learner.highest_chosen() {
@@ -320,7 +331,66 @@ impl Replica {
         self.flush_forward();
         self.announce_chosen();
         self.confirm_reads();
+        self.serve_follower_reads();
         std::mem::take(&mut self.effects)
+    }
+
+    /// Distinct for every instance of this replica (crash restart, hot swap), with overwhelming
+    /// probability: the seed differs per host process, and within one the clock, the applied
+    /// slot or the ballot seen move on between two instances. Follower reads tag their asks
+    /// with it.
+    fn instance_nonce(&self) -> u64 {
+        let mut rng = crate::rng::Rng::new(self.config.seed ^ 0x5245_4144_494e_4458);
+        let mixed = rng.next_u64() ^ self.now_ms;
+        let mut rng = crate::rng::Rng::new(mixed ^ self.learner.next_apply.rotate_left(21));
+        let mixed = rng.next_u64() ^ self.proposer.max_seen.round.rotate_left(42) ^ self.pending.len() as u64;
+        crate::rng::Rng::new(mixed).next_u64()
+    }
+
+    /// Follower ReadIndex: reads that waited too long go through the log, an ask goes to the
+    /// leader when reads need one, reads whose index is applied are answered here.
+    fn serve_follower_reads(&mut self) {
+        if self.follower_reads.is_empty() {
+            return;
+        }
+        let leader = self.proposer.known_leader().filter(|&l| l != self.config.me);
+        if self.proposer.is_leader() || leader.is_none() {
+            // Leading now (the leader's own path serves them), or no leader to ask: the log.
+            for read in self.follower_reads.take_all() {
+                self.follower_read_through_log(read);
+            }
+            return;
+        }
+        for read in self.follower_reads.expired(self.now_ms) {
+            self.follower_read_through_log(read);
+        }
+        if let Some(leader) = leader {
+            if let Some((nonce, ask)) = self.follower_reads.ask_to_send(leader, self.now_ms) {
+                self.send(leader, Role::Proposer, Message::ReadIndex { nonce, ask });
+            }
+        }
+        for read in self.follower_reads.ready(self.learner.next_apply) {
+            let value = self.learner.kv.data.get(&read.key).cloned();
+            self.effects.push(Effect::Reply(read.request_id, Outcome::Value(value)));
+        }
+    }
+
+    fn follower_read_through_log_entry(&self, read: &FollowerRead, sent_ms: u64) -> Pending {
+        let command = ClientCommand {
+            origin: self.config.me,
+            request_id: read.request_id,
+            client: read.client,
+            seq: read.seq,
+            command: Command::Get(read.key.clone()),
+        };
+        Pending { command, submitted_ms: read.since_ms, sent_ms }
+    }
+
+    fn follower_read_through_log(&mut self, read: FollowerRead) {
+        let entry = self.follower_read_through_log_entry(&read, self.now_ms);
+        let command = entry.command.clone();
+        self.pending.insert(read.request_id, entry);
+        self.route(command);
     }
 
     /// ReadIndex at the leader: falls back to the log for reads that cannot be confirmed under
@@ -354,9 +424,18 @@ impl Replica {
     }
 
     fn answer_ready_reads(&mut self) {
+        // A follower's ask needs only the confirmation, not the index applied here: the follower
+        // waits for its own learner.
         for read in self.reads.ready(self.proposer.quorum(), self.learner.next_apply) {
-            let value = self.learner.kv.data.get(&read.key).cloned();
-            self.effects.push(Effect::Reply(read.request_id, Outcome::Value(value)));
+            match read.remote {
+                Some(RemoteAsk { node, nonce, ask }) => {
+                    self.send(node, Role::Proposer, Message::ReadIndexed { nonce, ask, index: read.index })
+                }
+                None => {
+                    let value = self.learner.kv.data.get(&read.key).cloned();
+                    self.effects.push(Effect::Reply(read.request_id, Outcome::Value(value)));
+                }
+            }
         }
     }
 
@@ -373,6 +452,11 @@ impl Replica {
     }
 
     fn read_through_log(&mut self, read: WaitingRead) {
+        if read.remote.is_some() {
+            // A follower's ask that cannot be confirmed here: the follower asks again or falls
+            // back to the log itself.
+            return;
+        }
         let entry = self.read_through_log_entry(&read, self.now_ms);
         let command = entry.command.clone();
         self.pending.insert(read.request_id, entry);
@@ -471,7 +555,7 @@ impl Replica {
             self.effects.push(Effect::Reply(request.id, Outcome::Value(value)));
             return;
         }
-        if self.pending.len() + self.reads.len() >= PENDING_MAX {
+        if self.pending.len() + self.reads.len() + self.follower_reads.len() >= PENDING_MAX {
             let reason = format!("overloaded: {PENDING_MAX} requests already waiting at this replica");
             self.effects.push(Effect::Reply(request.id, Outcome::Rejected(reason)));
             return;
@@ -481,6 +565,10 @@ impl Replica {
                 self.reads_follow_ballot();
                 let index = self.proposer.next_slot;
                 self.reads.add(request.id, request.client, request.seq, key, index, self.now_ms);
+                return;
+            }
+            if self.proposer.known_leader().is_some_and(|l| l != self.config.me) {
+                self.follower_reads.add(request.id, request.client, request.seq, key, self.now_ms);
                 return;
             }
             self.on_log_request(Request { command: Command::Get(key), ..request });
@@ -714,6 +802,16 @@ impl Replica {
                 }
             }
             Message::ReadConfirmed { ballot, round } => self.reads.on_confirmed(src, ballot, round),
+            Message::ReadIndex { nonce, ask } => {
+                // Only a leader has a read index to give; a follower that asked the wrong
+                // replica asks again or falls back to the log.
+                if self.proposer.is_leader() && self.voting && src != self.config.me {
+                    self.reads_follow_ballot();
+                    let index = self.proposer.next_slot;
+                    self.reads.add_remote(RemoteAsk { node: src, nonce, ask }, index, self.now_ms);
+                }
+            }
+            Message::ReadIndexed { nonce, ask, index } => self.follower_reads.on_answer(nonce, ask, index),
         }
     }
 
@@ -925,7 +1023,9 @@ pub fn role_of(msg: &Message) -> Role {
         | Message::Nack { .. }
         | Message::Heartbeat { .. }
         | Message::Forward { .. }
-        | Message::ReadConfirmed { .. } => Role::Proposer,
+        | Message::ReadConfirmed { .. }
+        | Message::ReadIndex { .. }
+        | Message::ReadIndexed { .. } => Role::Proposer,
         Message::Chosen { .. } | Message::CatchUp { .. } | Message::SnapshotChunk { .. } => Role::Learner,
     }
 }

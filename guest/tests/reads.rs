@@ -53,14 +53,43 @@ fn a_deposed_leader_never_answers_a_read_with_overwritten_state() {
     assert_eq!(sim.replies[&id], Outcome::Value(Some(b"new".to_vec())));
 }
 
-/// A read at a follower still goes through the leader and sees the last write.
+/// Follower ReadIndex: a linearizable read at a follower asks the leader for its read index and
+/// answers from the follower's own state — no log slot, and the last acknowledged write.
 #[test]
-fn a_follower_read_is_linearizable_too() {
+fn a_follower_read_takes_no_log_slot_and_sees_the_last_write() {
     let mut sim = Sim::new(5, 23);
     let leader = sim.wait_for_leader();
     let follower = (1..=5).find(|&n| n != leader).expect("a follower");
     assert_eq!(sim.call(leader, 1, 1, put("k", "v")), Outcome::Done);
-    assert_eq!(sim.call(follower, 2, 1, get("k")), Outcome::Value(Some(b"v".to_vec())));
+    let slots_before = sim.nodes[&leader].proposer.next_slot;
+    for seq in 1..6 {
+        assert_eq!(sim.call(follower, 2, seq, get("k")), Outcome::Value(Some(b"v".to_vec())));
+    }
+    assert_eq!(sim.nodes[&leader].proposer.next_slot, slots_before, "follower reads took log slots");
+}
+
+/// Raft dissertation §6.4 (follower reads): the follower may answer only once it has applied the
+/// leader's read index. A follower that missed a write answers with it, never with its own
+/// older value.
+#[test]
+fn a_lagging_follower_waits_for_the_read_index_before_answering() {
+    let mut sim = Sim::new(5, 25);
+    let leader = sim.wait_for_leader();
+    let follower = (1..=5).find(|&n| n != leader).expect("a follower");
+    assert_eq!(sim.call(leader, 1, 1, put("k", "v1")), Outcome::Done);
+    assert!(sim.run_until(2_000, |s| s.value_at(follower, "k").is_some()));
+    sim.isolated.insert(follower);
+    assert_eq!(sim.call(leader, 1, 2, put("k", "v2")), Outcome::Done);
+    assert_eq!(sim.value_at(follower, "k"), Some(b"v1".to_vec()), "the follower missed v2");
+    // Back, but unable to learn for a while: the read must wait, not answer v1.
+    sim.isolated.clear();
+    sim.learner_blocked.insert(follower);
+    let id = sim.request(follower, 2, 1, get("k"));
+    sim.run_for(150);
+    assert_eq!(sim.replies.get(&id), None, "answered before applying the read index");
+    sim.learner_blocked.clear();
+    assert!(sim.run_until(5_000, |s| s.replies.contains_key(&id)), "the read never completed");
+    assert_eq!(sim.replies[&id], Outcome::Value(Some(b"v2".to_vec())), "stale follower read");
 }
 
 /// `GetStale` answers from the replica's own state at once, even cut off from everyone.

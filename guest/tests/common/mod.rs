@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use waxos_guest::replica::Replica;
-use waxos_guest::types::{Command, Config, Effect, Envelope, Event, NodeId, Outcome, Request};
+use waxos_guest::types::{Command, Config, Effect, Envelope, Event, NodeId, Outcome, Request, Role};
 
 pub const TICK_MS: u64 = 10;
 
@@ -18,6 +18,8 @@ pub struct Sim {
     /// Links cut in both directions.
     pub cut: BTreeSet<(NodeId, NodeId)>,
     pub crashed: BTreeSet<NodeId>,
+    /// Messages for the learner role of these nodes are lost (they cannot catch up).
+    pub learner_blocked: BTreeSet<NodeId>,
     pub replies: BTreeMap<u64, Outcome>,
     /// Durable records per node (what a restart replays).
     pub wal: BTreeMap<NodeId, Vec<Vec<u8>>>,
@@ -49,6 +51,7 @@ impl Sim {
             isolated: BTreeSet::new(),
             cut: BTreeSet::new(),
             crashed: BTreeSet::new(),
+            learner_blocked: BTreeSet::new(),
             replies: BTreeMap::new(),
             wal: BTreeMap::new(),
             unsynced: BTreeMap::new(),
@@ -115,6 +118,9 @@ impl Sim {
                         continue;
                     }
                     if self.crashed.contains(&envelope.dst) {
+                        continue;
+                    }
+                    if envelope.role == Role::Learner && self.learner_blocked.contains(&envelope.dst) {
                         continue;
                     }
                     self.deliver(envelope);
