@@ -65,7 +65,7 @@ impl Acceptor {
                     self.accepted.insert(*slot, (*ballot, value.clone()));
                 }
             }
-            Record::Chosen { .. } | Record::Installed(_) | Record::Voting(_) => {}
+            Record::Chosen { .. } | Record::ChosenAccepted { .. } | Record::Installed(_) | Record::Voting(_) => {}
         }
     }
 

@@ -193,6 +193,15 @@ pub enum Record {
     /// Whether this replica's acceptor takes part in votes (false while a replica that lost its
     /// disk catches up: it could otherwise break promises it no longer remembers).
     Voting(bool),
+    /// The learner learned that the value this replica's acceptor accepted at `slot` under
+    /// `ballot` was chosen: a `Chosen` record without a second copy of the value, which the
+    /// `Accepted` record before it in the log already holds (each value is written once).
+    ChosenAccepted {
+        /// Slot.
+        slot: u64,
+        /// The ballot of the `Accepted` record that holds the value.
+        ballot: Ballot,
+    },
 }
 
 /// Why bytes could not be decoded.

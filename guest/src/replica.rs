@@ -219,6 +219,16 @@ impl Replica {
                         .map_err(|e| format!("WAL record {i} (installed snapshot) refused: {e}"))?;
                     replica.learner.install(state);
                 }
+                Record::ChosenAccepted { slot, ballot } => match replica.acceptor.accepted.get(&slot) {
+                    Some((accepted, value)) if *accepted == ballot => {
+                        let value = value.clone();
+                        replica.learner.learn(slot, value);
+                    }
+                    // Cannot happen with an intact log (the Accepted record comes first and the
+                    // acceptor keeps every unapplied slot); if it does, the slot is learned again
+                    // from the peers, as after losing a lazy record.
+                    _ => replica.log(format!("WAL record {i}: slot {slot} chosen at {ballot}, but that accept is not in the log; relearning it")),
+                },
                 Record::Voting(voting) => replica.voting = voting,
                 Record::Promised(_) | Record::Accepted { .. } => {}
             }
@@ -823,7 +833,12 @@ impl Replica {
         // Lazily: the value is already durable on a majority of acceptors (that is what chosen
         // means), so the reply need not wait for this record, and a crash that loses it only
         // means learning the slot again from a peer.
-        self.persist_lazily(&Record::Chosen { slot, value });
+        // Write the value once: when our acceptor holds it, name the accept instead of copying it.
+        let record = match self.acceptor.accepted.get(&slot) {
+            Some((ballot, accepted)) if *accepted == value => Record::ChosenAccepted { slot, ballot: *ballot },
+            _ => Record::Chosen { slot, value },
+        };
+        self.persist_lazily(&record);
         self.proposer.note_chosen(slot);
         self.apply_ready();
     }
