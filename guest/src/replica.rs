@@ -160,6 +160,10 @@ impl Replica {
         if !config.members.contains(&config.me) {
             return Err(format!("node {} is not in the roster {:?}", config.me, config.members));
         }
+        // A replica that rejoins (its host lost its state at some point) does not vote unless its
+        // own log says it earned the vote back: a crash before its first record must not bring
+        // it back as a voter with no memory of its promises.
+        let voting = !config.rejoining;
         let mut replica = Replica {
             proposer: Proposer::new(config.me, config.members.clone(), config.seed, 0),
             config,
@@ -173,7 +177,7 @@ impl Replica {
             local: VecDeque::new(),
             effects: Vec::new(),
             last_catchup_ms: None,
-            voting: true,
+            voting,
             last_heartbeat_ms: None,
             rejoin: Rejoin { target: None, since_ms: None },
             incoming_snapshot: None,
@@ -234,9 +238,10 @@ impl Replica {
             }
         }
         replica.learner.apply_ready();
-        if replica.config.rejoining && wal.is_empty() && snapshot.is_none() {
-            replica.voting = false;
-            replica.persist(&Record::Voting(false));
+        if wal.is_empty() && snapshot.is_none() {
+            // The first record of a new log: whether this replica votes. A data dir with a roster
+            // but no record at all has lost its log (or never voted), and its host rejoins it.
+            replica.persist(&Record::Voting(replica.voting));
         }
         replica.proposer.observe(replica.acceptor.promised);
         if let Some(slot) = replica.learner.highest_chosen() {

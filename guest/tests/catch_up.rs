@@ -80,3 +80,27 @@ fn a_catch_up_request_from_a_peer_ahead_gets_an_empty_answer() {
     learner.apply_ready();
     assert_eq!(learner.chosen_from(5, 10, 1 << 20), Some(Vec::new()));
 }
+
+/// Issue 17, proven bug 1: the host keeps the rejoin flag with its roster; a rejoining replica
+/// that crashed before its `Voting(false)` record was durable restarts with some records but no
+/// vote record. It must come back silent (its promises are forgotten), not as a voter.
+#[test]
+fn a_rejoining_replica_whose_log_lacks_a_vote_record_does_not_vote() {
+    use waxos_guest::message::{Record, Value};
+    use waxos_guest::replica::Replica;
+    use waxos_guest::types::Config;
+    let config =
+        Config { me: 1, members: vec![1, 2, 3], seed: 1, test_hooks: false, retain_slots: 100, rejoining: true };
+    let wal = vec![message::encode(&Record::Chosen { slot: 0, value: Value::Noop })];
+    let replica = Replica::start(config.clone(), None, &wal).expect("start");
+    assert!(replica.status().contains("\"voting\":false"), "{}", replica.status());
+    // Without the flag, the same log votes; a fresh log's first record says which.
+    let replica = Replica::start(Config { rejoining: false, ..config.clone() }, None, &wal).expect("start");
+    assert!(replica.status().contains("\"voting\":true"), "{}", replica.status());
+    let mut fresh = Replica::start(config, None, &[]).expect("start");
+    let first = fresh.take_effects().into_iter().find_map(|e| match e {
+        Effect::Persist(bytes) => Some(message::decode::<Record>(&bytes).expect("record")),
+        _ => None,
+    });
+    assert_eq!(first, Some(Record::Voting(false)));
+}

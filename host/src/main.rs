@@ -187,7 +187,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // draining — every step's records are durable before anything of it was sent or answered.
     let mut server = tokio::spawn(server);
 
-    let (roster, rejoining) = tokio::select! {
+    let (mut roster, source) = tokio::select! {
         roster = bootstrap::roster(&data_dir, &my_address, coordinator.as_deref(), args.replicas, &registry) => roster?,
         _ = shutdown_signal() => {
             tracing::info!("waxosd stopping (signal) before the roster was complete");
@@ -198,14 +198,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let _ = roster_cell.set(roster.clone());
 
     let (storage, durable) = storage::Storage::open(&data_dir, args.wal_segment_bytes)?;
-    if rejoining && (durable.snapshot.is_some() || !durable.records.is_empty()) {
+    let has_state = durable.snapshot.is_some() || !durable.records.is_empty();
+    if roster.rejoining && source == bootstrap::RosterSource::Registered && has_state {
         bail!(
             "the coordinator says this host lost its state, but {} holds some: refusing to start",
             data_dir.display()
         );
     }
-    if rejoining {
+    if source == bootstrap::RosterSource::Persisted && !has_state && !roster.rejoining {
+        // The roster survived but the log did not (deleted, or a crash before the first record):
+        // whatever this member promised or accepted is forgotten, so it must not vote as if not.
+        tracing::warn!(
+            "{} holds a roster but neither WAL nor snapshot: this host lost its state and rejoins",
+            data_dir.display()
+        );
+        roster.rejoining = true;
+        roster.save(&data_dir)?;
+    }
+    let rejoining = roster.rejoining;
+    if rejoining && !has_state {
         tracing::warn!("rejoining with no state: this replica will not vote until it has caught up");
+    } else if rejoining {
+        tracing::info!("rejoining (continued after a restart): the log says when this replica votes again");
     }
     let peers = peer::Peers::start(&roster);
     let config = runtime::GuestConfig {

@@ -5,7 +5,9 @@
 //! exponential back-off when the stream breaks. A full queue drops envelopes: Paxos tolerates
 //! loss (the proposer re-sends), memory does not tolerate unbounded growth.
 //! Inbound: envelopes from a stream are checked (sender in the roster, addressed to us) and
-//! handed to the step loop; anything else is logged and dropped.
+//! handed to the step loop; anything else is logged and dropped. A host that has no roster yet
+//! refuses streams with `NO_ROSTER`; a member that meets that refusal at another member (a
+//! coordinator that lost its data dir) announces the roster to it (see `bootstrap`).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -30,6 +32,8 @@ pub const BATCH_ENVELOPES_MAX: usize = 512;
 pub const BATCH_BYTES_MAX: usize = 4 << 20;
 /// Largest gRPC message between hosts (one envelope may exceed the batch bound).
 pub const PEER_MESSAGE_BYTES_MAX: usize = 512 << 20;
+/// The refusal of a peer stream by a host that has no roster yet.
+pub const NO_ROSTER: &str = "no roster: this host has not joined the cluster yet";
 /// Reconnect back-off bounds.
 const BACKOFF_MIN_MS: u64 = 50;
 const BACKOFF_MAX_MS: u64 = 1_000;
@@ -61,7 +65,7 @@ impl Peers {
                 continue;
             }
             let (tx, rx) = mpsc::channel(PEER_QUEUE_ENVELOPES_MAX);
-            tokio::spawn(sender(roster.me, *id, address.clone(), rx));
+            tokio::spawn(sender(roster.clone(), *id, address.clone(), rx));
             queues.insert(*id, tx);
         }
         Peers { queues }
@@ -82,7 +86,8 @@ impl Peers {
 }
 
 /// Keeps a stream open to one peer and feeds it.
-async fn sender(me: u32, peer: u32, address: String, mut queue: mpsc::Receiver<Envelope>) {
+async fn sender(roster: Roster, peer: u32, address: String, mut queue: mpsc::Receiver<Envelope>) {
+    let me = roster.me;
     let mut backoff_ms = BACKOFF_MIN_MS;
     let mut was_connected = true;
     loop {
@@ -136,7 +141,18 @@ async fn sender(me: u32, peer: u32, address: String, mut queue: mpsc::Receiver<E
                     }
                 }
                 ended = &mut call => {
-                    tracing::warn!("peer {peer} at {address}: stream ended ({:?}); reconnecting", ended.map(|r| r.err()));
+                    let refused_for_want_of_a_roster = matches!(
+                        &ended,
+                        Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition && status.message() == NO_ROSTER
+                    );
+                    if refused_for_want_of_a_roster {
+                        tracing::warn!("peer {peer} at {address} has no roster (it lost its state): announcing ours");
+                        if let Some((_, my_address)) = roster.members.iter().find(|(id, _)| *id == me) {
+                            crate::bootstrap::announce_roster(&address, &roster, my_address).await;
+                        }
+                    } else {
+                        tracing::warn!("peer {peer} at {address}: stream ended ({:?}); reconnecting", ended.map(|r| r.err()));
+                    }
                     break;
                 }
             }
@@ -179,6 +195,9 @@ pub struct PeerService {
 impl Peer for PeerService {
     async fn exchange(&self, request: Request<Streaming<EnvelopeBatch>>) -> Result<Response<ExchangeClosed>, Status> {
         let remote = request.remote_addr();
+        if self.members.get().is_none() {
+            return Err(Status::failed_precondition(NO_ROSTER));
+        }
         let mut stream = request.into_inner();
         let mut refused_logged = false;
         while let Some(batch) = stream.next().await {
@@ -221,17 +240,24 @@ impl Peer for PeerService {
     async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
         let request = request.into_inner();
         let address = request.address;
-        tracing::info!("request received op=register address={address}");
-        let answer = self
-            .registry
-            .lock()
-            .map_err(|_| Status::internal("registry lock poisoned"))?
-            .register(&address, request.incarnation)
-            .map_err(|e| match e {
-                RegisterError::NotYet => Status::unavailable(e.to_string()),
-                RegisterError::Refused(reason) => Status::failed_precondition(reason),
-            });
-        tracing::info!("response sent op=register address={address} ok={}", answer.is_ok());
+        tracing::info!(
+            "request received op=register address={address:?} member_id={} roster_members={}",
+            request.member_id,
+            request.members.len()
+        );
+        let mut registry = self.registry.lock().map_err(|_| Status::internal("registry lock poisoned"))?;
+        let answer = if request.members.is_empty() {
+            registry.register(&address, request.incarnation)
+        } else {
+            let members = request.members.into_iter().map(|m| (m.id, m.address)).collect();
+            registry.announce(request.member_id, members)
+        };
+        drop(registry);
+        let answer = answer.map_err(|e| match e {
+            RegisterError::NotYet => Status::unavailable(e.to_string()),
+            RegisterError::Refused(reason) => Status::failed_precondition(reason),
+        });
+        tracing::info!("response sent op=register address={address:?} ok={}", answer.is_ok());
         answer.map(Response::new)
     }
 }
