@@ -5,6 +5,8 @@
 //! - `message`: the versioned wire format of payloads and persisted records.
 //! - `acceptor`, `proposer`, `learner`: one module per Paxos role.
 //! - `reads`: linearizable reads without a log slot (ReadIndex).
+//! - `rejoin`: how a replica that lost its disk earns its vote back (the fence), and ballot
+//!   epochs.
 //! - `kv`: the replicated state machine with exactly-once client sessions.
 //! - `replica`: the sans-IO `step(now, events) -> effects` that ties them together.
 //! - this file: the WIT glue, compiled for wasm32 only, so everything else runs natively in
@@ -17,6 +19,7 @@ pub mod learner;
 pub mod message;
 pub mod proposer;
 pub mod reads;
+pub mod rejoin;
 pub mod replica;
 pub mod rng;
 pub mod types;

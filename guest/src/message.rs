@@ -20,9 +20,24 @@ pub struct Ballot {
     pub node: NodeId,
 }
 
+/// A ballot's epoch is its round shifted right by this many bits (`rejoin`): normal elections
+/// count rounds within an epoch; only a completed fence opens a new one.
+pub const EPOCH_SHIFT: u32 = 40;
+
 impl Ballot {
     /// Below every real ballot.
     pub const ZERO: Ballot = Ballot { round: 0, node: 0 };
+
+    /// The epoch (high bits of the round): see `rejoin`.
+    pub fn epoch(self) -> u64 {
+        self.round >> EPOCH_SHIFT
+    }
+
+    /// The fence ballot of `epoch` owned by `node`: the lowest ballot of that epoch for it,
+    /// above every ballot of every lower epoch.
+    pub fn fence(epoch: u64, node: NodeId) -> Ballot {
+        Ballot { round: epoch << EPOCH_SHIFT, node }
+    }
 }
 
 impl std::fmt::Display for Ballot {
@@ -147,6 +162,43 @@ pub enum Message {
         /// The round confirmed.
         round: u64,
     },
+    /// A fence (`rejoin`), to acceptors: promise `ballot` if every ballot you promised is of a
+    /// lower epoch, and report everything you accepted.
+    Fence {
+        /// The fence ballot: `Ballot::fence(epoch, sender)`.
+        ballot: Ballot,
+    },
+    /// The answer to a fence: `ballot` is promised (and persisted); like a phase-1b promise
+    /// from slot 0.
+    Fenced {
+        /// The fence ballot promised.
+        ballot: Ballot,
+        /// Every `(slot, accepted ballot, value)` the acceptor holds.
+        accepted: Vec<(u64, Ballot, Value)>,
+        /// The acceptor forgot every slot below this one (all chosen and applied there).
+        log_start: u64,
+    },
+    /// A fence of `ballot`'s epoch completed: a majority promised it, so proposers may now run
+    /// elections in that epoch (`rejoin`).
+    EpochOpened {
+        /// The completed fence's ballot.
+        ballot: Ballot,
+    },
+    /// A follower heard the leader's heartbeat (CheckQuorum: the leader counts who hears it).
+    HeartbeatAck {
+        /// The heartbeat's ballot.
+        ballot: Ballot,
+    },
+    /// An accept for `slot` reached an acceptor that already forgot every slot below `below`
+    /// (they are chosen and applied there): the proposer must catch up from it.
+    Forgotten {
+        /// The refused accept's ballot.
+        ballot: Ballot,
+        /// The refused accept's slot.
+        slot: u64,
+        /// The acceptor's `log_start`.
+        below: u64,
+    },
 }
 
 /// A record of acceptor or learner state that must survive a crash.
@@ -237,6 +289,16 @@ pub fn encode_with_capacity<T: Serialize>(version: u8, value: &T, capacity: usiz
 /// Decodes what `encode` wrote.
 pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, DecodeError> {
     decode_up_to(FORMAT_VERSION, bytes)
+}
+
+/// Decodes what `encode_as` wrote with a version up to `newest`, and returns the bytes after
+/// it (a trailer that older builds ignore).
+pub fn decode_with_rest<T: for<'de> Deserialize<'de>>(newest: u8, bytes: &[u8]) -> Result<(T, &[u8]), DecodeError> {
+    let (&version, body) = bytes.split_first().ok_or(DecodeError::Empty)?;
+    if version > newest {
+        return Err(DecodeError::NewerVersion { found: version, newest });
+    }
+    postcard::take_from_bytes(body).map_err(|e| DecodeError::Malformed(e.to_string()))
 }
 
 /// Decodes what `encode_as` wrote with a version up to `newest`.
