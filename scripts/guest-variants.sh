@@ -30,6 +30,7 @@ else
   build bug-no-check-quorum bug-no-check-quorum bug-no-check-quorum
   build bug-reads-reset-on-swap bug-reads-reset-on-swap bug-reads-reset-on-swap
   build bug-silent-forgotten bug-silent-forgotten bug-silent-forgotten
+  build bug-no-pre-vote bug-no-pre-vote bug-no-pre-vote
   # Last: its timestamp is what "up to date" is judged by.
   build trap-on-start trap-on-start test-trap-on-start
 fi

@@ -4,6 +4,8 @@
 //! - `types`: plain Rust mirrors of the WIT types; the roles never see WIT.
 //! - `message`: the versioned wire format of payloads and persisted records.
 //! - `acceptor`, `proposer`, `learner`: one module per Paxos role.
+//! - `prevote`: a would-be candidate asks first, so a follower that missed heartbeats does not
+//!   depose a healthy leader.
 //! - `reads`: linearizable reads without a log slot (ReadIndex).
 //! - `rejoin`: how a replica that lost its disk earns its vote back (the fence), and ballot
 //!   epochs.
@@ -17,6 +19,7 @@ pub mod acceptor;
 pub mod kv;
 pub mod learner;
 pub mod message;
+pub mod prevote;
 pub mod proposer;
 pub mod reads;
 pub mod rejoin;

@@ -189,6 +189,17 @@ pub enum Message {
         /// The heartbeat's ballot.
         ballot: Ballot,
     },
+    /// Pre-vote (`prevote`): would you take part in an election for `ballot`? (Nothing is
+    /// promised.)
+    PreVote {
+        /// The ballot the asker's election would use.
+        ballot: Ballot,
+    },
+    /// Yes to a pre-vote: no live leader heard within the minimum election timeout.
+    PreVoteGranted {
+        /// The pre-vote's ballot.
+        ballot: Ballot,
+    },
     /// An accept for `slot` reached an acceptor that already forgot every slot below `below`
     /// (they are chosen and applied there): the proposer must catch up from it.
     Forgotten {

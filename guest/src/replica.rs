@@ -20,6 +20,7 @@ use crate::kv::Kv;
 use crate::learner::AppState;
 use crate::learner::Learner;
 use crate::message::{self, Ballot, ClientCommand, DecodeError, Message, Record, Value};
+use crate::prevote::PreVote;
 use crate::proposer::{
     Outgoing, Phase, PhaseOne, Promise, Proposer, ELECTION_TIMEOUT_MAX_MS, ELECTION_TIMEOUT_MIN_MS, EVERY_MEMBER,
 };
@@ -168,6 +169,8 @@ pub struct Replica {
     leading_since_ms: Option<u64>,
     /// When the leader last probed its acceptors (CheckQuorum).
     probed_ms: Option<u64>,
+    /// The pre-vote in progress, if any (volatile: a restart or a swap just asks again).
+    pre_vote: Option<PreVote>,
     incoming_snapshot: Option<IncomingSnapshot>,
     snapshot_sent_ms: BTreeMap<NodeId, u64>,
     /// Size of the last snapshot taken, to size the next one's buffer.
@@ -205,6 +208,7 @@ impl Replica {
             heard_ms: BTreeMap::new(),
             leading_since_ms: None,
             probed_ms: None,
+            pre_vote: None,
             incoming_snapshot: None,
             snapshot_sent_ms: BTreeMap::new(),
             last_snapshot_bytes: std::cell::Cell::new(0),
@@ -375,15 +379,19 @@ impl Replica {
         self.rejoin_on_time();
         self.check_quorum();
         let mut out = Vec::new();
-        if self.voting {
-            if self.proposer.election_due(self.now_ms) && self.proposer.epoch_unopened() {
-                // The highest ballot seen is of an epoch no fence is known to have opened:
-                // counting rounds up in it could collide with a rejoiner's fence (`rejoin`).
-                self.proposer.defer_election(self.now_ms);
-                if !self.rejoin.fencing() {
-                    self.start_fence(false);
+        if self.voting && self.proposer.election_due(self.now_ms) {
+            if cfg!(feature = "bug-no-pre-vote") {
+                // Planted bug (simulator test builds only): no pre-vote.
+                if self.proposer.epoch_unopened() {
+                    self.proposer.defer_election(self.now_ms);
+                    self.elect_or_open_epoch();
                 }
+            } else {
+                self.proposer.defer_election(self.now_ms);
+                self.start_pre_vote();
             }
+        }
+        if self.voting {
             // A replica that cannot vote cannot lead either: it only follows.
             self.proposer.on_time(self.now_ms, self.learner.next_apply, &mut out);
         }
@@ -431,6 +439,38 @@ impl Replica {
                 "opening an epoch to elect in"
             }
         ));
+        self.dispatch(out);
+    }
+
+    /// The election timer ran out: ask the others first (`prevote`).
+    fn start_pre_vote(&mut self) {
+        let ballot = Ballot { round: self.proposer.max_seen.round + 1, node: self.config.me };
+        let mut out = Vec::new();
+        let pre_vote = PreVote::start(self.config.me, &self.config.members, ballot, &mut out);
+        self.dispatch(out);
+        if pre_vote.won(self.proposer.quorum()) {
+            self.pre_vote = None;
+            self.elect_or_open_epoch();
+        } else {
+            self.pre_vote = Some(pre_vote);
+        }
+    }
+
+    /// A majority agrees there is no live leader: run phase 1, or first open an epoch when the
+    /// highest ballot seen is of one no fence is known to have opened (counting rounds up in
+    /// it could collide with a rejoiner's fence: `rejoin`).
+    fn elect_or_open_epoch(&mut self) {
+        if self.proposer.is_leader() || !self.voting {
+            return;
+        }
+        if self.proposer.epoch_unopened() {
+            if !self.rejoin.fencing() {
+                self.start_fence(false);
+            }
+            return;
+        }
+        let mut out = Vec::new();
+        self.proposer.start_election(self.now_ms, self.learner.next_apply, &mut out);
         self.dispatch(out);
     }
 
@@ -852,6 +892,18 @@ impl Replica {
             }
             // Being heard from (noted above) is all an ack says.
             Message::HeartbeatAck { .. } => {}
+            Message::PreVote { ballot } => {
+                if self.voting && !self.leader_is_alive(src) {
+                    self.send(src, Role::Proposer, Message::PreVoteGranted { ballot });
+                }
+            }
+            Message::PreVoteGranted { ballot } => {
+                let quorum = self.proposer.quorum();
+                if self.pre_vote.as_mut().is_some_and(|p| p.on_granted(src, ballot, quorum)) {
+                    self.pre_vote = None;
+                    self.elect_or_open_epoch();
+                }
+            }
             Message::EpochOpened { ballot } => {
                 self.proposer.observe(ballot);
                 self.proposer.open_epoch(ballot.epoch());
@@ -1216,7 +1268,9 @@ pub fn role_of(msg: &Message) -> Role {
         | Message::Fenced { .. }
         | Message::EpochOpened { .. }
         | Message::Forgotten { .. }
-        | Message::HeartbeatAck { .. } => Role::Proposer,
+        | Message::HeartbeatAck { .. }
+        | Message::PreVote { .. }
+        | Message::PreVoteGranted { .. } => Role::Proposer,
         Message::Chosen { .. } | Message::CatchUp { .. } | Message::SnapshotChunk { .. } => Role::Learner,
     }
 }

@@ -103,3 +103,8 @@ fn catches_a_hot_swap_that_restarts_read_confirmation_rounds() {
 fn catches_an_acceptor_that_drops_accepts_below_its_log_start_in_silence() {
     eprintln!("caught at seed {}", caught_within_default_seeds("bug-silent-forgotten"));
 }
+
+#[test]
+fn catches_a_follower_that_raises_its_ballot_without_a_pre_vote() {
+    eprintln!("caught at seed {}", caught_within_default_seeds("bug-no-pre-vote"));
+}
