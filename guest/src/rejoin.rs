@@ -16,6 +16,9 @@
 //! own (`Proposer::epoch_unopened`). Epoch 0 is open from the start.
 //!
 //! # The fence
+//! A voting replica opens an epoch with the same fence, without adopting anything: `q - 1`
+//! other answers and its own promise make a majority that holds the epoch.
+//!
 //! The rejoiner `r` picks `E` = (highest epoch it has seen) + 1 and sends
 //! `Fence { B_f = Ballot::fence(E, r) }` to every other acceptor. A voting acceptor answers only
 //! if every ballot it promised is of a *strictly lower* epoch: it then promises `B_f` (persisted
@@ -63,8 +66,10 @@
 //!
 //! Nothing here is durable beyond `Voting`, `Promised` and `Accepted` records: a rejoiner that
 //! restarts (crash or hot swap) before it votes simply runs a new fence, with a higher epoch; a
-//! hot swap that finds the fence complete (the promise is its own fence ballot) resumes catching
-//! up from the hand-over's `acceptor_log_start`.
+//! hot swap after the fence completed resumes catching up to its log start (carried in the
+//! hand-over's trailer). A disk that rejoined and voted restores the fence's log start on a
+//! restart from its learner (`Voting(true)` was persisted only once the learner had applied
+//! past it, and made every record before it durable).
 
 use std::collections::BTreeMap;
 
@@ -135,11 +140,14 @@ pub struct Rejoin {
     announcement: Option<Announcement>,
 }
 
-/// Answers from this many other members complete a fence: the smallest set that meets every
-/// quorum of `members` minus the rejoiner (with `q = members/2 + 1`, `members - q + 1`).
-pub fn fence_answers_needed(members: usize) -> usize {
+/// Answers from this many other members complete a fence. A rejoiner's (`adopt`): the
+/// smallest set that meets every quorum of `members` minus the rejoiner (with
+/// `q = members/2 + 1`, `members - q + 1`). A voting replica's, which only opens an epoch:
+/// `q - 1`, since with its own promise a majority then holds the epoch.
+pub fn fence_answers_needed(members: usize, adopt: bool) -> usize {
     let quorum = members / 2 + 1;
-    (members - quorum + 1).min(members.saturating_sub(1))
+    let needed = if adopt { members - quorum + 1 } else { quorum - 1 };
+    needed.min(members.saturating_sub(1))
 }
 
 impl Rejoin {
@@ -190,7 +198,7 @@ impl Rejoin {
             return None;
         }
         fence.answers.insert(src, FenceAnswer { accepted, log_start });
-        if fence.answers.len() < fence_answers_needed(members) {
+        if fence.answers.len() < fence_answers_needed(members, fence.adopt) {
             return None;
         }
         let fence = self.fence.take()?;
@@ -301,10 +309,13 @@ mod tests {
 
     #[test]
     fn a_fence_needs_the_smallest_set_that_meets_every_quorum_minus_the_rejoiner() {
-        assert_eq!(fence_answers_needed(5), 3);
-        assert_eq!(fence_answers_needed(4), 2);
-        assert_eq!(fence_answers_needed(3), 2);
-        assert_eq!(fence_answers_needed(1), 0);
+        assert_eq!(fence_answers_needed(5, true), 3);
+        assert_eq!(fence_answers_needed(4, true), 2);
+        assert_eq!(fence_answers_needed(3, true), 2);
+        assert_eq!(fence_answers_needed(1, true), 0);
+        // Opening an epoch only needs a majority with the fencer's own promise.
+        assert_eq!(fence_answers_needed(5, false), 2);
+        assert_eq!(fence_answers_needed(3, false), 1);
     }
 
     #[test]

@@ -110,6 +110,8 @@ struct HandoverTrailer {
     /// The last ReadIndex confirmation round the old instance sent: the new one numbers its
     /// rounds above it, so a late answer to an old round never confirms a new read.
     read_round: u64,
+    /// A rejoiner whose fence completed: the log start it must apply up to before it votes.
+    fenced_log_start: Option<u64>,
 }
 
 /// The version of `HandoverTrailer` this build writes.
@@ -214,7 +216,6 @@ impl Replica {
             last_snapshot_bytes: std::cell::Cell::new(0),
             reads: Reads::default(),
         };
-        let mut handover = false;
         if let Some(bytes) = snapshot {
             let (state, trailer): (SnapshotState, &[u8]) = message::decode_with_rest(message::SNAPSHOT_VERSION, bytes)
                 .map_err(|e| format!("snapshot refused: {e}"))?;
@@ -235,11 +236,16 @@ impl Replica {
                 replica.last_catchup_ms = v.last_catchup_ms;
                 replica.last_heartbeat_ms = v.last_heartbeat_ms;
                 replica.early_rejoin = v.rejoin;
-                handover = true;
-                let read_round = match message::decode_up_to::<HandoverTrailer>(HANDOVER_TRAILER_VERSION, trailer) {
-                    Ok(t) => t.read_round,
-                    Err(_) => replica.now_ms.saturating_mul(READ_ROUNDS_PER_MS_MAX),
-                };
+                let (read_round, fenced_log_start) =
+                    match message::decode_up_to::<HandoverTrailer>(HANDOVER_TRAILER_VERSION, trailer) {
+                        Ok(t) => (t.read_round, t.fenced_log_start),
+                        Err(_) => (replica.now_ms.saturating_mul(READ_ROUNDS_PER_MS_MAX), None),
+                    };
+                if let (Some(log_start), false) = (fenced_log_start, replica.voting) {
+                    // The fence completed before the swap: only the catch-up remains.
+                    replica.acceptor.forget_below(log_start);
+                    replica.rejoin.resume_catching_up(log_start);
+                }
                 if !cfg!(feature = "bug-reads-reset-on-swap") {
                     replica.reads.resume_rounds_after(read_round);
                 }
@@ -274,10 +280,6 @@ impl Replica {
             // catches up first), and it restores the fence's log start.
             let applied = replica.learner.next_apply;
             replica.acceptor.forget_below(applied);
-        }
-        if handover && !replica.voting && is_own_fence(replica.acceptor.promised, replica.config.me) {
-            // The fence completed before the swap: only the catch-up to its log start remains.
-            replica.rejoin.resume_catching_up(replica.acceptor.log_start);
         }
         if replica.config.rejoining && wal.is_empty() && snapshot.is_none() {
             replica.voting = false;
@@ -338,7 +340,8 @@ impl Replica {
             hint + hint / 8,
         );
         let bytes = if handover {
-            let trailer = HandoverTrailer { read_round: self.reads.sent_round() };
+            let trailer =
+                HandoverTrailer { read_round: self.reads.sent_round(), fenced_log_start: self.rejoin.catching_up_to() };
             let mut bytes = bytes;
             bytes.extend(message::encode_as(HANDOVER_TRAILER_VERSION, &trailer));
             bytes
@@ -1246,11 +1249,6 @@ impl Replica {
     pub fn config(&self) -> &Config {
         &self.config
     }
-}
-
-/// Whether `promised` is this replica's own fence ballot (its fence completed).
-fn is_own_fence(promised: Ballot, me: NodeId) -> bool {
-    promised.node == me && promised.epoch() > 0 && promised == Ballot::fence(promised.epoch(), me)
 }
 
 /// The role a message is addressed to (checked against the envelope's label).
