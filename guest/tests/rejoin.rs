@@ -175,21 +175,25 @@ fn voting(sim: &Sim, n: NodeId) -> bool {
 
 /// Paxos Made Simple §2.3 (one value per slot) under everything at once: wipes (at most one
 /// replica without its state at a time), crash restarts from the WAL, partitions, one-way
-/// cuts, acceptor outages, pauses, and late messages. Every slot learned anywhere, at any
+/// cuts, acceptor outages, pauses, hot swaps, late messages, and compaction (20 slots kept). Every slot learned anywhere, at any
 /// moment, must hold the same value everywhere; every acknowledged write must survive; after
 /// healing, the cluster must write again.
 #[test]
 fn wipes_crashes_partitions_and_pauses_never_choose_two_values_for_a_slot() {
     for seed in 1..=200 {
-        let mut sim = Sim::new(5, 1000 + seed);
+        let mut sim = Sim::with_retain(5, 1000 + seed, 20);
         let mut rng = Lcg(seed);
+        // About one message in twenty is held back, to arrive much later (or never).
+        let mut filter_rng = Lcg(seed ^ 0x5eed);
+        sim.filter =
+            Some(Box::new(move |_: &Envelope| if filter_rng.below(20) == 0 { Fate::Hold } else { Fate::Deliver }));
         let mut learned: BTreeMap<u64, Value> = BTreeMap::new();
         let mut writes: Vec<(u64, String)> = Vec::new();
         let mut next_key = 0;
         for _ in 0..150 {
             let node = rng.below(5) as NodeId + 1;
-            match rng.below(12) {
-                0 => {
+            match rng.below(16) {
+                0 | 12 => {
                     let others_voting = (1..=5).filter(|&n| n != node).all(|n| voting(&sim, n));
                     if others_voting && !sim.crashed.contains(&node) && !sim.paused.contains(&node) {
                         sim.wipe_and_restart(node);
@@ -225,6 +229,10 @@ fn wipes_crashes_partitions_and_pauses_never_choose_two_values_for_a_slot() {
                     sim.paused.insert(node);
                 }
                 9 => sim.paused.clear(),
+                10 if !sim.crashed.contains(&node) && !sim.paused.contains(&node) => sim.hot_swap(node),
+                11 => {
+                    sim.release_held(|_| true);
+                }
                 _ => {
                     if !sim.crashed.contains(&node) {
                         let key = format!("k{next_key}");
@@ -250,6 +258,8 @@ fn wipes_crashes_partitions_and_pauses_never_choose_two_values_for_a_slot() {
         sim.cut.clear();
         sim.cut_one_way.clear();
         sim.acceptor_down.clear();
+        sim.filter = None;
+        sim.release_held(|_| true);
         assert!(
             sim.run_until(20_000, |s| (1..=5).all(|n| voting(s, n))),
             "seed {seed}: a wiped replica never voted again"
