@@ -41,8 +41,13 @@ impl Ballot {
 }
 
 impl std::fmt::Display for Ballot {
+    /// `round.node`; from epoch 1 on, `epoch:round-within-epoch.node` (`1:0.3` is node 3's
+    /// fence of epoch 1), since the raw round is unreadable there.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}.{}", self.round, self.node)
+        match self.epoch() {
+            0 => write!(f, "{}.{}", self.round, self.node),
+            epoch => write!(f, "{epoch}:{}.{}", self.round & ((1 << EPOCH_SHIFT) - 1), self.node),
+        }
     }
 }
 

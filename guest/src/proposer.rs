@@ -189,6 +189,11 @@ impl Proposer {
         true
     }
 
+    /// A random delay below `max_ms` (from this replica's seeded PRNG), to break ties.
+    pub fn random_delay_ms(&mut self, max_ms: u64) -> u64 {
+        self.rng.range(0, max_ms)
+    }
+
     /// Stops leading (CheckQuorum: no majority heard from within an election timeout).
     pub fn stand_down(&mut self, now_ms: u64) {
         self.step_down(now_ms);

@@ -136,6 +136,9 @@ struct Announcement {
 #[derive(Clone, Debug, Default)]
 pub struct Rejoin {
     fence: Option<Fence>,
+    /// A refused rejoiner's next fence waits until then (a random back-off, so that two
+    /// replicas rejoining at once do not refuse each other for ever).
+    next_fence_ms: u64,
     catching_up: Option<CatchingUp>,
     announcement: Option<Announcement>,
 }
@@ -217,13 +220,19 @@ impl Rejoin {
         Some(FenceDone { ballot: fence.ballot, adopt: fence.adopt, log_start, adopted })
     }
 
-    /// An acceptor refused `ballot`. When it is our fence's, the fence is abandoned; returns
-    /// whether it was a rejoiner's (the caller starts another above the refusing promise).
-    pub fn on_nack(&mut self, ballot: Ballot) -> Option<bool> {
+    /// An acceptor refused `ballot`. When it is our fence's, the fence is abandoned, and a
+    /// rejoiner's next one waits `backoff_ms`; returns whether it was a rejoiner's.
+    pub fn on_nack(&mut self, ballot: Ballot, now_ms: u64, backoff_ms: u64) -> Option<bool> {
         if self.fence.as_ref().is_some_and(|f| f.ballot == ballot) {
+            self.next_fence_ms = now_ms + backoff_ms;
             return self.fence.take().map(|f| f.adopt);
         }
         None
+    }
+
+    /// Whether a rejoiner without a fence should start one now.
+    pub fn fence_due(&self, now_ms: u64) -> bool {
+        self.fence.is_none() && self.catching_up.is_none() && now_ms >= self.next_fence_ms
     }
 
     /// A hot swap found this replica's fence completed (the hand-over's promise is its own

@@ -483,7 +483,7 @@ impl Replica {
         if cfg!(feature = "bug-rejoin-early") {
             return;
         }
-        if !self.voting && !self.rejoin.fencing() && self.rejoin.catching_up_to().is_none() {
+        if !self.voting && self.rejoin.fence_due(self.now_ms) {
             self.start_fence(true);
         }
         let mut out = Vec::new();
@@ -973,10 +973,12 @@ impl Replica {
                 if self.proposer.on_nack(ballot, promised, self.now_ms) {
                     self.log(format!("ballot {ballot} lost to {promised}: following"));
                 }
-                match self.rejoin.on_nack(ballot) {
+                let backoff_ms = self.proposer.random_delay_ms(crate::rejoin::FENCE_RESEND_MS);
+                match self.rejoin.on_nack(ballot, self.now_ms, backoff_ms) {
                     Some(true) => {
-                        self.log(format!("fence {ballot} refused by node {src} (promised {promised}): fencing higher"));
-                        self.start_fence(true);
+                        self.log(format!(
+                            "fence {ballot} refused by node {src} (promised {promised}): fencing higher in {backoff_ms} ms"
+                        ));
                     }
                     Some(false) => {
                         // Another replica is opening an epoch too: back off for a random election

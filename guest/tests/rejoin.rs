@@ -279,3 +279,30 @@ fn wipes_crashes_partitions_and_pauses_never_choose_two_values_for_a_slot() {
         }
     }
 }
+
+/// Two replicas of five lose their disks at once: each fence needs all three voting others,
+/// and the two must not refuse each other for ever. Both vote again, nothing is lost.
+#[test]
+fn two_replicas_wiped_at_once_both_rejoin() {
+    for seed in 47..57 {
+        let mut sim = Sim::with_retain(5, seed, 10);
+        sim.wait_for_leader();
+        sim.run_for(1_000);
+        let leader = sim.wait_for_leader();
+        for i in 0..30 {
+            assert_eq!(sim.call(leader, 8, i + 1, put(&format!("k{i}"), "v")), Outcome::Done);
+        }
+        let wiped: Vec<NodeId> = (1..=5).filter(|&n| n != leader).take(2).collect();
+        for &n in &wiped {
+            sim.wipe_and_restart(n);
+        }
+        let all_voting = |s: &Sim| (1..=5).all(|n| voting(s, n));
+        assert!(sim.run_until(20_000, all_voting), "seed {seed}: the two wiped replicas never both voted again");
+        let leader = sim.wait_for_leader();
+        assert_eq!(sim.call(leader, 9, 1, put("after", "x")), Outcome::Done);
+        for &n in &wiped {
+            assert!(sim.run_until(5_000, |s| s.value_at(n, "after").is_some()));
+            assert_eq!(sim.value_at(n, "k0"), Some(b"v".to_vec()));
+        }
+    }
+}
