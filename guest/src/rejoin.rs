@@ -16,19 +16,20 @@
 //! own (`Proposer::epoch_unopened`). Epoch 0 is open from the start.
 //!
 //! # The fence
-//! A voting replica opens an epoch with the same fence, without adopting anything: `q - 1`
-//! other answers and its own promise make a majority that holds the epoch.
-//!
 //! The rejoiner `r` picks `E` = (highest epoch it has seen) + 1 and sends
 //! `Fence { B_f = Ballot::fence(E, r) }` to every other acceptor. A voting acceptor answers only
 //! if every ballot it promised is of a *strictly lower* epoch: it then promises `B_f` (persisted
 //! before the answer leaves) and reports everything it accepted and its `log_start` (`Fenced`);
-//! otherwise it refuses with its promise (`Nack`) and `r` retries above that epoch. A
-//! non-voting acceptor does not answer. With answers from a set `M` of at least `n - q + 1`
-//! other members (`q = n/2 + 1`; 3 of the 4 others when n = 5), `r` promises `B_f`, sets its
-//! `log_start` to `L` = the highest `log_start` reported, adopts for every slot `>= L` the
-//! highest-ballot accepted value reported (persisted as `Record::Accepted`), announces the open
-//! epoch, catches its learner up to `L`, and only then persists `Voting(true)` and votes.
+//! otherwise it refuses with its promise (`Nack`) and `r` retries above that epoch (after a
+//! random back-off). A non-voting acceptor does not answer. With answers from a set `M` of at
+//! least `n - q + 1` other members (`q = n/2 + 1`; 3 of the 4 others when n = 5), `r` promises
+//! `B_f`, sets its `log_start` to `L` = the highest `log_start` reported, adopts for every slot
+//! `>= L` the highest-ballot accepted value reported (persisted as `Record::Accepted`),
+//! announces the open epoch, catches its learner up to `L`, and only then persists
+//! `Voting(true)` and votes.
+//!
+//! A voting replica opens an epoch with the same fence, adopting nothing: `q - 1` other answers
+//! and its own promise make a majority that holds the epoch.
 //!
 //! # Why this is safe
 //! Assume (as Paxos does for crashes) that fewer than `q` replicas are at once without their
@@ -36,17 +37,17 @@
 //! earlier incarnation for a ballot `b`. Each member of `M` answered the fence after that vote.
 //! 1. *`B_f` is above `b`.* Phase-1 and phase-2 ballots are only counted up within an epoch
 //!    known open, so when `b` was created at least `q` acceptors held (had promised) a ballot
-//!    of epoch `>= epoch(b)`. A promised epoch never decreases; an acceptor that loses its disk
-//!    holds nothing until its own fence completes, and that fence (by this same argument,
-//!    induction over completed fences) opens an epoch above every epoch open before it began.
-//!    If `k < q` replicas do not answer fences (wiped, or fenced but still catching up), at
-//!    least `q - k` holders are among the `n - k` that do, and `M` is `n - q + 1` of the
-//!    `n - k` answering ones... counted without `r`: `(q - k) + (n - q + 1) > n - k`. So some
-//!    member of `M` answered while holding an epoch `>= epoch(b)`: `E > epoch(b)`, `B_f > b`,
-//!    and `r` never again votes for a ballot `<= b` — all that a promise of `b` asked of it
-//!    (Paxos Made Simple §2.2, P1a). A fence answer of the earlier incarnation is counted only
-//!    by that fence, whose own step 2 needs `r`'s later votes above the ballots it bounds:
-//!    they are, being `>= B_f`.
+//!    of epoch `>= epoch(b)`: a completed fence's answers and its fencer, or a phase-1
+//!    majority. A promised epoch never decreases, except that a wiped acceptor holds nothing
+//!    until its own fence completes — and that fence, by this same argument (induction over
+//!    completed fences), opens an epoch above `epoch(b)`, so it holds one again. Let `k < q` be
+//!    the replicas that answer no fence (wiped, or fenced but still catching up; `r` among
+//!    them). At least `q - k` holders are among the `n - k` that answer, and `M` is `n - q + 1`
+//!    of those: `(q - k) + (n - q + 1) > n - k`, so they share an acceptor, which answered
+//!    holding an epoch `>= epoch(b)`. Hence `E > epoch(b)` and `B_f > b`: `r` never again votes
+//!    for a ballot `<= b` — all that a promise of `b` asked of it (Paxos Made Simple §2.2,
+//!    P1a). (A fence answer of the earlier incarnation counts only for that fence, whose step 2
+//!    needs `r`'s later votes above the ballots it bounds: they are, being `>= B_f`.)
 //! 2. *A value `r` accepted is reported to it.* If `Q` counted `r`'s accept of `(s, b, v)`:
 //!    `Q \ {r}` has `q - 1` of the `n - 1` others and `M` has `n - q + 1` of them, so they share
 //!    an acceptor `z`. `z` accepted `(s, b, v)` either before answering the fence — then it
@@ -62,7 +63,11 @@
 //!    which keeps P2c's "highest-ballot value is safe" argument intact.
 //!
 //! The honest cost: `M` promised `B_f`, so the current leader's accepts are refused and it steps
-//! down; a new leader is elected in the epoch the fence opened — one leader change per rejoin.
+//! down (at once, if its own acceptor answered: `Proposer::yield_to`); a new leader is elected
+//! in the epoch the fence opened — one leader change per rejoin. A fence needs `n - q + 1`
+//! answers from acceptors of this build or later (older builds drop the message): a disk should
+//! not be wiped and rejoined in the middle of a rolling upgrade, whose older builds also count
+//! rounds up without regard to epochs.
 //!
 //! Nothing here is durable beyond `Voting`, `Promised` and `Accepted` records: a rejoiner that
 //! restarts (crash or hot swap) before it votes simply runs a new fence, with a higher epoch; a
