@@ -94,3 +94,30 @@ fn a_read_confirmation_from_before_a_hot_swap_never_confirms_a_read_after_it() {
     sim.run_for(1_000);
     assert_ne!(sim.replies.get(&read), Some(&Outcome::Value(Some(b"old".to_vec()))), "stale read after a hot swap");
 }
+
+/// A hand-over written by a build before the read-state trailer (the same bytes without it)
+/// is accepted: the new build leads on, answers reads, and numbers its confirmation rounds
+/// above any the old one could have sent.
+#[test]
+fn a_handover_from_a_build_without_the_read_state_trailer_is_accepted() {
+    let mut sim = Sim::new(5, 44);
+    sim.wait_for_leader();
+    let first = sim.wait_for_leader();
+    assert_eq!(sim.call(first, 1, 1, put("k", "v")), Outcome::Done);
+    sim.run_for(2_000);
+    let l = sim.wait_for_leader();
+    let slots = sim.nodes[&l].proposer.next_slot;
+    assert_eq!(sim.call(l, 1, 2, get("k")), Outcome::Value(Some(b"v".to_vec())));
+    assert_eq!(sim.nodes[&l].proposer.next_slot, slots, "the read took the ReadIndex path");
+    let handover = sim.nodes[&l].snapshot(true);
+    // This build's trailer: version 1, read round 1 (one read), no fence in progress.
+    let trailer = message::encode_as(1, &(1u64, None::<u64>));
+    assert!(handover.ends_with(&trailer), "the trailer is the last bytes: {:?}", &handover[handover.len() - 4..]);
+    let older = &handover[..handover.len() - trailer.len()];
+    let config = sim.nodes[&l].config().clone();
+    let swapped = Replica::start(config, Some(older), &[]).expect("an older build's hand-over is accepted");
+    assert!(swapped.proposer.is_leader());
+    sim.nodes.insert(l, swapped);
+    assert_eq!(sim.call(l, 1, 3, get("k")), Outcome::Value(Some(b"v".to_vec())));
+    assert_eq!(sim.leaders(), vec![l], "no leader change");
+}
