@@ -463,7 +463,9 @@ impl Replica {
     /// highest ballot seen is of one no fence is known to have opened (counting rounds up in
     /// it could collide with a rejoiner's fence: `rejoin`).
     fn elect_or_open_epoch(&mut self) {
-        if self.proposer.is_leader() || !self.voting {
+        // A leader heard from since the pre-vote began (its yeses may predate that leader):
+        // raising our ballot now would only make our acceptor refuse it.
+        if self.proposer.is_leader() || !self.voting || self.leader_is_alive(self.config.me) {
             return;
         }
         if self.proposer.epoch_unopened() {
@@ -993,6 +995,8 @@ impl Replica {
                 let before = self.proposer.known_leader();
                 if self.proposer.on_heartbeat(src, ballot, self.now_ms) {
                     self.last_heartbeat_ms = Some(self.now_ms);
+                    // A leader exists after all: a pre-vote in progress is moot.
+                    self.pre_vote = None;
                     self.send(src, Role::Proposer, Message::HeartbeatAck { ballot });
                     if before != Some(src) {
                         self.log(format!("following node {src} (ballot {ballot})"));
