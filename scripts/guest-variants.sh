@@ -26,6 +26,11 @@ else
   build bug-forget-promise bug-forget-promise bug-forget-promise
   build bug-skip-phase1 bug-skip-phase1 bug-skip-phase1
   build bug-apply-out-of-order bug-apply-out-of-order bug-apply-out-of-order
+  build bug-rejoin-early bug-rejoin-early bug-rejoin-early
+  build bug-no-check-quorum bug-no-check-quorum bug-no-check-quorum
+  build bug-reads-reset-on-swap bug-reads-reset-on-swap bug-reads-reset-on-swap
+  build bug-silent-forgotten bug-silent-forgotten bug-silent-forgotten
+  build bug-no-pre-vote bug-no-pre-vote bug-no-pre-vote
   # Last: its timestamp is what "up to date" is judged by.
   build trap-on-start trap-on-start test-trap-on-start
 fi

@@ -36,18 +36,37 @@ impl Acceptor {
     }
 
     /// Phase 2b: accept `value` at `slot` unless a higher ballot was promised. A slot already
-    /// forgotten (chosen long ago) is not answered: its value is settled.
+    /// forgotten (chosen long ago) is not accepted again: its value is settled, and the answer
+    /// says so (`Forgotten`), so that a proposer whose learner lacks it catches up instead of
+    /// waiting for an accept that never comes.
     pub fn on_accept(&mut self, ballot: Ballot, slot: u64, value: Value) -> (Option<Message>, Option<Record>) {
         if ballot < self.promised {
             return (Some(Message::Nack { ballot, promised: self.promised }), None);
         }
         if slot < self.log_start {
-            return (None, None);
+            if cfg!(feature = "bug-silent-forgotten") {
+                // Planted bug (simulator test builds only): drop the accept without a word.
+                return (None, None);
+            }
+            return (Some(Message::Forgotten { ballot, slot, below: self.log_start }), None);
         }
         self.promised = ballot;
         let record = Record::Accepted { slot, ballot, value: value.clone() };
         self.accepted.insert(slot, (ballot, value));
         (Some(Message::Accepted { ballot, slot }), Some(record))
+    }
+
+    /// A fence (`rejoin`): promise `ballot` only if every ballot promised so far is of a
+    /// strictly lower epoch — a lower ballot of the same epoch is not enough, since normal
+    /// elections count rounds up within an epoch without bound. The answer reports every
+    /// accepted value, like a phase-1b promise from slot 0.
+    pub fn on_fence(&mut self, ballot: Ballot) -> (Message, Option<Record>) {
+        if self.promised.epoch() >= ballot.epoch() {
+            return (Message::Nack { ballot, promised: self.promised }, None);
+        }
+        self.promised = ballot;
+        let accepted = self.accepted.iter().map(|(&slot, (b, v))| (slot, *b, v.clone())).collect();
+        (Message::Fenced { ballot, accepted, log_start: self.log_start }, Some(Record::Promised(ballot)))
     }
 
     /// Replays a persisted record (start-up).

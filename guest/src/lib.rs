@@ -4,8 +4,12 @@
 //! - `types`: plain Rust mirrors of the WIT types; the roles never see WIT.
 //! - `message`: the versioned wire format of payloads and persisted records.
 //! - `acceptor`, `proposer`, `learner`: one module per Paxos role.
+//! - `prevote`: a would-be candidate asks first, so a follower that missed heartbeats does not
+//!   depose a healthy leader.
 //! - `reads`: linearizable reads without a log slot (ReadIndex), at the leader.
 //! - `follower_reads`: linearizable reads at a follower, with the leader's read index.
+//! - `rejoin`: how a replica that lost its disk earns its vote back (the fence), and ballot
+//!   epochs.
 //! - `kv`: the replicated state machine with exactly-once client sessions.
 //! - `replica`: the sans-IO `step(now, events) -> effects` that ties them together.
 //! - this file: the WIT glue, compiled for wasm32 only, so everything else runs natively in
@@ -17,8 +21,10 @@ pub mod follower_reads;
 pub mod kv;
 pub mod learner;
 pub mod message;
+pub mod prevote;
 pub mod proposer;
 pub mod reads;
+pub mod rejoin;
 pub mod replica;
 pub mod rng;
 pub mod types;

@@ -20,14 +20,34 @@ pub struct Ballot {
     pub node: NodeId,
 }
 
+/// A ballot's epoch is its round shifted right by this many bits (`rejoin`): normal elections
+/// count rounds within an epoch; only a completed fence opens a new one.
+pub const EPOCH_SHIFT: u32 = 40;
+
 impl Ballot {
     /// Below every real ballot.
     pub const ZERO: Ballot = Ballot { round: 0, node: 0 };
+
+    /// The epoch (high bits of the round): see `rejoin`.
+    pub fn epoch(self) -> u64 {
+        self.round >> EPOCH_SHIFT
+    }
+
+    /// The fence ballot of `epoch` owned by `node`: the lowest ballot of that epoch for it,
+    /// above every ballot of every lower epoch.
+    pub fn fence(epoch: u64, node: NodeId) -> Ballot {
+        Ballot { round: epoch << EPOCH_SHIFT, node }
+    }
 }
 
 impl std::fmt::Display for Ballot {
+    /// `round.node`; from epoch 1 on, `epoch:round-within-epoch.node` (`1:0.3` is node 3's
+    /// fence of epoch 1), since the raw round is unreadable there.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}.{}", self.round, self.node)
+        match self.epoch() {
+            0 => write!(f, "{}.{}", self.round, self.node),
+            epoch => write!(f, "{epoch}:{}.{}", self.round & ((1 << EPOCH_SHIFT) - 1), self.node),
+        }
     }
 }
 
@@ -164,6 +184,54 @@ pub enum Message {
         /// The read index.
         index: u64,
     },
+    /// A fence (`rejoin`), to acceptors: promise `ballot` if every ballot you promised is of a
+    /// lower epoch, and report everything you accepted.
+    Fence {
+        /// The fence ballot: `Ballot::fence(epoch, sender)`.
+        ballot: Ballot,
+    },
+    /// The answer to a fence: `ballot` is promised (and persisted); like a phase-1b promise
+    /// from slot 0.
+    Fenced {
+        /// The fence ballot promised.
+        ballot: Ballot,
+        /// Every `(slot, accepted ballot, value)` the acceptor holds.
+        accepted: Vec<(u64, Ballot, Value)>,
+        /// The acceptor forgot every slot below this one (all chosen and applied there).
+        log_start: u64,
+    },
+    /// A fence of `ballot`'s epoch completed: a majority promised it, so proposers may now run
+    /// elections in that epoch (`rejoin`).
+    EpochOpened {
+        /// The completed fence's ballot.
+        ballot: Ballot,
+    },
+    /// A follower heard the leader's heartbeat (CheckQuorum: the leader counts who hears it).
+    HeartbeatAck {
+        /// The heartbeat's ballot.
+        ballot: Ballot,
+    },
+    /// Pre-vote (`prevote`): would you take part in an election for `ballot`? (Nothing is
+    /// promised.)
+    PreVote {
+        /// The ballot the asker's election would use.
+        ballot: Ballot,
+    },
+    /// Yes to a pre-vote: no live leader heard within the minimum election timeout.
+    PreVoteGranted {
+        /// The pre-vote's ballot.
+        ballot: Ballot,
+    },
+    /// An accept for `slot` reached an acceptor that already forgot every slot below `below`
+    /// (they are chosen and applied there): the proposer must catch up from it.
+    Forgotten {
+        /// The refused accept's ballot.
+        ballot: Ballot,
+        /// The refused accept's slot.
+        slot: u64,
+        /// The acceptor's `log_start`.
+        below: u64,
+    },
 }
 
 /// A record of acceptor or learner state that must survive a crash.
@@ -263,6 +331,16 @@ pub fn encode_with_capacity<T: Serialize>(version: u8, value: &T, capacity: usiz
 /// Decodes what `encode` wrote.
 pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, DecodeError> {
     decode_up_to(FORMAT_VERSION, bytes)
+}
+
+/// Decodes what `encode_as` wrote with a version up to `newest`, and returns the bytes after
+/// it (a trailer that older builds ignore).
+pub fn decode_with_rest<T: for<'de> Deserialize<'de>>(newest: u8, bytes: &[u8]) -> Result<(T, &[u8]), DecodeError> {
+    let (&version, body) = bytes.split_first().ok_or(DecodeError::Empty)?;
+    if version > newest {
+        return Err(DecodeError::NewerVersion { found: version, newest });
+    }
+    postcard::take_from_bytes(body).map_err(|e| DecodeError::Malformed(e.to_string()))
 }
 
 /// Decodes what `encode_as` wrote with a version up to `newest`.

@@ -7,6 +7,12 @@
 //! heartbeats, and steps down as soon as any acceptor reports a higher promise. A follower that
 //! hears no heartbeat for a randomized timeout starts phase 1 with a higher round; the random
 //! spread (and a random back-off after losing) keeps duelling proposers from livelocking.
+//!
+//! Ballots carry an epoch (`Ballot::epoch`, see `rejoin`): an election counts rounds up within
+//! the highest epoch known to be *open* (a fence of it completed, or a leader of it was heard),
+//! never into an epoch seen only in a fence that may not have completed. When the highest
+//! ballot seen is of an epoch not known open, the replica must open one by a fence first
+//! (`epoch_unopened`).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -116,6 +122,11 @@ pub struct Proposer {
     /// Commands waiting for a slot (leader only).
     pub queue: VecDeque<ClientCommand>,
     rng: Rng,
+    /// The highest epoch known open: a majority promised a ballot of it (a fence of it
+    /// completed, or a leader of it won phase 1). Not part of the hand-over's format: derived
+    /// again after a swap (`open_epoch` from the ballots it still holds).
+    #[serde(skip)]
+    open_epoch: u64,
 }
 
 impl Proposer {
@@ -136,6 +147,63 @@ impl Proposer {
             in_flight: BTreeMap::new(),
             queue: VecDeque::new(),
             rng,
+            open_epoch: 0,
+        }
+    }
+
+    /// Notes that `epoch` is open (a majority promised a ballot of it).
+    pub fn open_epoch(&mut self, epoch: u64) {
+        self.open_epoch = self.open_epoch.max(epoch);
+    }
+
+    /// The highest epoch known open.
+    pub fn opened_epoch(&self) -> u64 {
+        self.open_epoch
+    }
+
+    /// True when the highest ballot seen is of an epoch not known open: an election would have
+    /// to count rounds in it, so a fence must open an epoch first.
+    pub fn epoch_unopened(&self) -> bool {
+        self.max_seen.epoch() > self.open_epoch
+    }
+
+    /// True when the election timer ran out (follower or candidate).
+    pub fn election_due(&self, now_ms: u64) -> bool {
+        !self.is_leader() && now_ms >= self.election_deadline_ms
+    }
+
+    /// Puts the next election off by a fresh random timeout (an epoch must be opened first).
+    pub fn defer_election(&mut self, now_ms: u64) {
+        self.reset_election_timer(now_ms);
+    }
+
+    /// This replica's own acceptor promised `promised`: a leader or candidate of a lower
+    /// ballot stops at once, rather than keep counting under a ballot its own acceptor has
+    /// abandoned. Returns true when it stopped.
+    pub fn yield_to(&mut self, promised: Ballot, now_ms: u64) -> bool {
+        self.observe(promised);
+        if self.phase == Phase::Follower || promised <= self.ballot {
+            return false;
+        }
+        self.step_down(now_ms);
+        true
+    }
+
+    /// A random delay below `max_ms` (from this replica's seeded PRNG), to break ties.
+    pub fn random_delay_ms(&mut self, max_ms: u64) -> u64 {
+        self.rng.range(0, max_ms)
+    }
+
+    /// Stops leading (CheckQuorum: no majority heard from within an election timeout).
+    pub fn stand_down(&mut self, now_ms: u64) {
+        self.step_down(now_ms);
+    }
+
+    /// Drops slots in flight below `slot`: a learner learned them chosen (a snapshot).
+    pub fn forget_in_flight_below(&mut self, slot: u64) {
+        self.in_flight = self.in_flight.split_off(&slot);
+        if self.next_slot < slot {
+            self.next_slot = slot;
         }
     }
 
@@ -192,7 +260,8 @@ impl Proposer {
                 }
             }
             Phase::Follower | Phase::Candidate { .. } => {
-                if now_ms >= self.election_deadline_ms {
+                // An unopened epoch needs a fence first (the replica runs it; `epoch_unopened`).
+                if now_ms >= self.election_deadline_ms && !self.epoch_unopened() {
                     self.start_election(now_ms, first_unchosen, out);
                 }
             }
@@ -200,6 +269,7 @@ impl Proposer {
     }
 
     /// Phase 1a: a ballot above everything seen, sent to every acceptor (this one included).
+    /// The caller made sure the epoch of everything seen is open (`epoch_unopened`).
     pub fn start_election(&mut self, now_ms: u64, first_unchosen: u64, out: &mut Vec<Outgoing>) {
         self.ballot = Ballot { round: self.max_seen.round + 1, node: self.me };
         self.max_seen = self.ballot;
@@ -330,6 +400,8 @@ impl Proposer {
     /// followed this way is harmless: acceptors refuse its accepts, and it stops. Returns true
     /// when the heartbeat was accepted (the election timer was reset).
     pub fn on_heartbeat(&mut self, src: NodeId, ballot: Ballot, now_ms: u64) -> bool {
+        // A leader's ballot won phase 1: its epoch is open.
+        self.open_epoch(ballot.epoch());
         match self.phase {
             Phase::Leader if ballot <= self.ballot => return false,
             Phase::Leader | Phase::Candidate { .. } => self.step_down(now_ms),

@@ -89,6 +89,18 @@ impl Reads {
         self.waiting.drain(..).collect()
     }
 
+    /// The last confirmation round sent (a hot swap hands it to the new build).
+    pub fn sent_round(&self) -> u64 {
+        self.sent_round
+    }
+
+    /// Numbers the next rounds above `round`, the last one an earlier instance (before a hot
+    /// swap) may have sent under the same ballot: a late answer to one of those then confirms
+    /// no read of this instance (`on_confirmed` counts a round as confirming all below it).
+    pub fn resume_rounds_after(&mut self, round: u64) {
+        self.sent_round = self.sent_round.max(round);
+    }
+
     /// The ballot reads currently wait under.
     pub fn ballot(&self) -> Ballot {
         self.ballot

@@ -21,10 +21,12 @@ use crate::kv::Kv;
 use crate::learner::AppState;
 use crate::learner::Learner;
 use crate::message::{self, Ballot, ClientCommand, DecodeError, Message, Record, Value};
+use crate::prevote::PreVote;
 use crate::proposer::{
     Outgoing, Phase, PhaseOne, Promise, Proposer, ELECTION_TIMEOUT_MAX_MS, ELECTION_TIMEOUT_MIN_MS, EVERY_MEMBER,
 };
 use crate::reads::{Reads, RemoteAsk, WaitingRead};
+use crate::rejoin::{EarlyRejoin, FenceDone, Rejoin};
 use crate::types::{Command, Config, Effect, Envelope, Event, NodeId, Outcome, Request, Role};
 
 /// The guest build's version, reported by `status`: the crate version, plus the build label
@@ -97,8 +99,37 @@ struct Volatile<'a> {
     pending: Cow<'a, BTreeMap<u64, Pending>>,
     last_catchup_ms: Option<u64>,
     last_heartbeat_ms: Option<u64>,
-    rejoin: Rejoin,
+    /// The old rejoin rule's state; the field keeps the hand-over format of earlier builds
+    /// (`rejoin` explains what replaced it).
+    rejoin: EarlyRejoin,
 }
+
+/// What a hand-over carries after `SnapshotState`, as a trailer that builds before it ignore
+/// (postcard stops reading at the end of the value): its own version byte, then this.
+#[derive(Serialize, Deserialize)]
+struct HandoverTrailer {
+    /// The last ReadIndex confirmation round the old instance sent: the new one numbers its
+    /// rounds above it, so a late answer to an old round never confirms a new read.
+    read_round: u64,
+    /// A rejoiner whose fence completed: the log start it must apply up to before it votes.
+    fenced_log_start: Option<u64>,
+}
+
+/// The version of `HandoverTrailer` this build writes.
+const HANDOVER_TRAILER_VERSION: u8 = 1;
+
+/// Without a trailer (a hand-over from an older build), rounds restart above
+/// `now_ms * READ_ROUNDS_PER_MS_MAX`: a build sends at most one round per step, and no host
+/// steps a million times per millisecond.
+const READ_ROUNDS_PER_MS_MAX: u64 = 1 << 20;
+
+/// A leader that has not heard from a majority (itself included) for this long steps down
+/// (CheckQuorum): followers' stickiness then lapses, and one of them can be elected.
+pub const CHECK_QUORUM_MS: u64 = ELECTION_TIMEOUT_MIN_MS;
+/// Followers answer heartbeats (`HeartbeatAck`); a peer silent for this long (a build before
+/// the ack, during a rolling upgrade) is probed with `ReadConfirm` round 0, which every build's
+/// acceptor answers.
+pub const CHECK_QUORUM_PROBE_MS: u64 = 100;
 
 /// A snapshot being received from a peer.
 #[derive(Debug)]
@@ -108,15 +139,6 @@ struct IncomingSnapshot {
     total: u64,
     bytes: Vec<u8>,
     started_ms: u64,
-}
-
-/// How a rejoining replica (lost its disk) earns its vote back.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
-struct Rejoin {
-    /// The leader's `chosen_upto` when first heard of; caught up means applied to here.
-    target: Option<u64>,
-    /// When this replica started rejoining.
-    since_ms: Option<u64>,
 }
 
 /// A replica.
@@ -140,7 +162,18 @@ pub struct Replica {
     /// False while a replica that lost its disk catches up (its acceptor stays silent).
     voting: bool,
     last_heartbeat_ms: Option<u64>,
+    /// The fence that earns a replica that lost its disk its vote back, and epoch opening.
     rejoin: Rejoin,
+    /// The old rule's state (planted bug `bug-rejoin-early`; carried through hand-overs).
+    early_rejoin: EarlyRejoin,
+    /// When each peer was last heard from (CheckQuorum).
+    heard_ms: BTreeMap<NodeId, u64>,
+    /// Since when this replica leads (CheckQuorum gives a new leader one timeout of grace).
+    leading_since_ms: Option<u64>,
+    /// When the leader last probed its acceptors (CheckQuorum).
+    probed_ms: Option<u64>,
+    /// The pre-vote in progress, if any (volatile: a restart or a swap just asks again).
+    pre_vote: Option<PreVote>,
     incoming_snapshot: Option<IncomingSnapshot>,
     snapshot_sent_ms: BTreeMap<NodeId, u64>,
     /// Size of the last snapshot taken, to size the next one's buffer.
@@ -179,7 +212,12 @@ impl Replica {
             last_catchup_ms: None,
             voting,
             last_heartbeat_ms: None,
-            rejoin: Rejoin { target: None, since_ms: None },
+            rejoin: Rejoin::default(),
+            early_rejoin: EarlyRejoin::default(),
+            heard_ms: BTreeMap::new(),
+            leading_since_ms: None,
+            probed_ms: None,
+            pre_vote: None,
             incoming_snapshot: None,
             snapshot_sent_ms: BTreeMap::new(),
             last_snapshot_bytes: std::cell::Cell::new(0),
@@ -187,7 +225,7 @@ impl Replica {
             follower_reads: FollowerReads::default(),
         };
         if let Some(bytes) = snapshot {
-            let state: SnapshotState = message::decode_up_to(message::SNAPSHOT_VERSION, bytes)
+            let (state, trailer): (SnapshotState, &[u8]) = message::decode_with_rest(message::SNAPSHOT_VERSION, bytes)
                 .map_err(|e| format!("snapshot refused: {e}"))?;
             replica.acceptor.promised = state.promised;
             replica.acceptor.accepted = state.accepted.into_owned();
@@ -205,11 +243,25 @@ impl Replica {
                 replica.pending = v.pending.into_owned();
                 replica.last_catchup_ms = v.last_catchup_ms;
                 replica.last_heartbeat_ms = v.last_heartbeat_ms;
-                replica.rejoin = v.rejoin;
+                replica.early_rejoin = v.rejoin;
+                let (read_round, fenced_log_start) =
+                    match message::decode_up_to::<HandoverTrailer>(HANDOVER_TRAILER_VERSION, trailer) {
+                        Ok(t) => (t.read_round, t.fenced_log_start),
+                        Err(_) => (replica.now_ms.saturating_mul(READ_ROUNDS_PER_MS_MAX), None),
+                    };
+                if let (Some(log_start), false) = (fenced_log_start, replica.voting) {
+                    // The fence completed before the swap: only the catch-up remains.
+                    replica.acceptor.forget_below(log_start);
+                    replica.rejoin.resume_catching_up(log_start);
+                }
+                if !cfg!(feature = "bug-reads-reset-on-swap") {
+                    replica.reads.resume_rounds_after(read_round);
+                }
                 // A new instance: its follower-read asks must not match the old one's.
                 replica.follower_reads = FollowerReads::new(replica.instance_nonce());
             }
         }
+        let mut rejoined_before = false;
         for (i, bytes) in wal.iter().enumerate() {
             let record: Record = message::decode(bytes).map_err(|e| format!("WAL record {i} refused: {e}"))?;
             replica.acceptor.restore(&record);
@@ -233,11 +285,23 @@ impl Replica {
                     // from the peers, as after losing a lazy record.
                     _ => replica.log(format!("WAL record {i}: slot {slot} chosen at {ballot}, but that accept is not in the log; relearning it")),
                 },
-                Record::Voting(voting) => replica.voting = voting,
+                Record::Voting(voting) => {
+                    replica.voting = voting;
+                    // A log that once said "not voting" belongs to a disk that rejoined.
+                    rejoined_before |= !voting;
+                }
                 Record::Promised(_) | Record::Accepted { .. } => {}
             }
         }
         replica.learner.apply_ready();
+        if rejoined_before && replica.voting && !cfg!(feature = "bug-rejoin-early") {
+            // This disk once rejoined: its fence's log start is not among the records, but the
+            // learner applied past it before `Voting(true)` (which made every earlier record
+            // durable). Forgetting what is applied is always safe (a candidate behind it
+            // catches up first), and it restores the fence's log start.
+            let applied = replica.learner.next_apply;
+            replica.acceptor.forget_below(applied);
+        }
         if wal.is_empty() && snapshot.is_none() {
             // The first record of a new log: whether this replica votes. A data dir with a roster
             // but no record at all has lost its log (or never voted), and its host rejoins it.
@@ -247,6 +311,7 @@ impl Replica {
         if let Some(slot) = replica.learner.highest_chosen() {
             replica.proposer.note_chosen(slot);
         }
+        replica.derive_open_epoch();
         replica.log(format!(
             "started: promised {}, {} accepted slots, applied up to {}, {} keys",
             replica.acceptor.promised,
@@ -281,7 +346,7 @@ impl Replica {
             pending,
             last_catchup_ms: self.last_catchup_ms,
             last_heartbeat_ms: self.last_heartbeat_ms,
-            rejoin: self.rejoin,
+            rejoin: self.early_rejoin,
         });
         // The last snapshot's size, or (none taken yet) a guess from the number of keys.
         let hint = self.last_snapshot_bytes.get().max(self.learner.kv.data.len() * 64);
@@ -300,6 +365,15 @@ impl Replica {
             },
             hint + hint / 8,
         );
+        let bytes = if handover {
+            let trailer =
+                HandoverTrailer { read_round: self.reads.sent_round(), fenced_log_start: self.rejoin.catching_up_to() };
+            let mut bytes = bytes;
+            bytes.extend(message::encode_as(HANDOVER_TRAILER_VERSION, &trailer));
+            bytes
+        } else {
+            bytes
+        };
         self.last_snapshot_bytes.set(bytes.len());
         bytes
     }
@@ -322,6 +396,7 @@ impl Replica {
             if let Some(slot) = self.learner.highest_chosen() {
                 self.proposer.note_chosen(slot);
             }
+            self.derive_open_epoch();
         }
         for event in events {
             match event {
@@ -331,7 +406,21 @@ impl Replica {
             }
             self.drain_local();
         }
+        self.rejoin_on_time();
+        self.check_quorum();
         let mut out = Vec::new();
+        if self.voting && self.proposer.election_due(self.now_ms) {
+            if cfg!(feature = "bug-no-pre-vote") {
+                // Planted bug (simulator test builds only): no pre-vote.
+                if self.proposer.epoch_unopened() {
+                    self.proposer.defer_election(self.now_ms);
+                    self.elect_or_open_epoch();
+                }
+            } else {
+                self.proposer.defer_election(self.now_ms);
+                self.start_pre_vote();
+            }
+        }
         if self.voting {
             // A replica that cannot vote cannot lead either: it only follows.
             self.proposer.on_time(self.now_ms, self.learner.next_apply, &mut out);
@@ -406,6 +495,179 @@ impl Replica {
         let command = entry.command.clone();
         self.pending.insert(read.request_id, entry);
         self.route(command);
+    }
+
+    /// The highest epoch known open after a restart or a hot swap (the proposer does not carry
+    /// it): the epochs of ballots that won phase 1 — our own while we lead or stand as a
+    /// candidate (counted up only in an open epoch), the leader's, every accepted one.
+    fn derive_open_epoch(&mut self) {
+        let mut epoch = self.proposer.ballot.epoch();
+        if let Some((_, b)) = self.proposer.leader {
+            epoch = epoch.max(b.epoch());
+        }
+        if let Some(b) = self.acceptor.accepted.values().map(|(b, _)| *b).max() {
+            epoch = epoch.max(b.epoch());
+        }
+        self.proposer.open_epoch(epoch);
+    }
+
+    /// Starts a fence one epoch above everything seen (`rejoin`): to earn this replica's vote
+    /// back (`adopt`), or, voting, to open an epoch an election can count rounds in.
+    fn start_fence(&mut self, adopt: bool) {
+        let epoch = self.proposer.max_seen.epoch().max(self.acceptor.promised.epoch()) + 1;
+        let mut out = Vec::new();
+        let members = self.config.members.clone();
+        let ballot = self.rejoin.start_fence(self.config.me, &members, epoch, adopt, self.now_ms, &mut out);
+        // Remembered (and handed over with the proposer): a new fence goes above this one.
+        self.proposer.observe(ballot);
+        self.log(format!(
+            "fence {ballot} sent: {}",
+            if adopt {
+                "this replica lost its disk and votes only once fenced"
+            } else {
+                "opening an epoch to elect in"
+            }
+        ));
+        self.dispatch(out);
+    }
+
+    /// The election timer ran out: ask the others first (`prevote`).
+    fn start_pre_vote(&mut self) {
+        let ballot = Ballot { round: self.proposer.max_seen.round + 1, node: self.config.me };
+        let mut out = Vec::new();
+        let pre_vote = PreVote::start(self.config.me, &self.config.members, ballot, &mut out);
+        self.dispatch(out);
+        if pre_vote.won(self.proposer.quorum()) {
+            self.pre_vote = None;
+            self.elect_or_open_epoch();
+        } else {
+            self.pre_vote = Some(pre_vote);
+        }
+    }
+
+    /// A majority agrees there is no live leader: run phase 1, or first open an epoch when the
+    /// highest ballot seen is of one no fence is known to have opened (counting rounds up in
+    /// it could collide with a rejoiner's fence: `rejoin`).
+    fn elect_or_open_epoch(&mut self) {
+        // A leader heard from since the pre-vote began (its yeses may predate that leader):
+        // raising our ballot now would only make our acceptor refuse it.
+        if self.proposer.is_leader() || !self.voting || self.leader_is_alive(self.config.me) {
+            return;
+        }
+        if self.proposer.epoch_unopened() {
+            if !self.rejoin.fencing() {
+                self.start_fence(false);
+            }
+            return;
+        }
+        let mut out = Vec::new();
+        self.proposer.start_election(self.now_ms, self.learner.next_apply, &mut out);
+        self.dispatch(out);
+    }
+
+    /// Fence timers, and a fenced rejoiner's catch-up: it votes once applied to the fence's
+    /// log start.
+    fn rejoin_on_time(&mut self) {
+        if cfg!(feature = "bug-rejoin-early") {
+            return;
+        }
+        if !self.voting && self.rejoin.fence_due(self.now_ms) {
+            self.start_fence(true);
+        }
+        let mut out = Vec::new();
+        let members = self.config.members.clone();
+        let leader_epoch = self.proposer.leader.map(|(_, b)| b.epoch());
+        self.rejoin.on_time(self.config.me, &members, leader_epoch, self.now_ms, &mut out);
+        self.dispatch(out);
+        if let Some(log_start) = self.rejoin.catching_up_to() {
+            if self.learner.next_apply >= log_start {
+                self.rejoin.caught_up();
+                self.voting = true;
+                self.persist(&Record::Voting(true));
+                self.log(format!("fenced and applied up to slot {}: voting again", self.learner.next_apply));
+            } else if self.rejoin.catch_up_due(self.now_ms, CATCHUP_INTERVAL_MS) {
+                // Anyone who applied past the log start can serve it: the leader if known,
+                // otherwise each peer in turn.
+                let peers: Vec<NodeId> = self.config.members.iter().copied().filter(|&m| m != self.config.me).collect();
+                let ask = self.proposer.known_leader().filter(|&l| l != self.config.me).or_else(|| {
+                    let turn = (self.now_ms / CATCHUP_INTERVAL_MS) as usize;
+                    peers.get(turn % peers.len().max(1)).copied()
+                });
+                if let Some(peer) = ask {
+                    self.last_catchup_ms = Some(self.now_ms);
+                    self.send(peer, Role::Learner, Message::CatchUp { from_slot: self.learner.next_apply });
+                }
+            }
+        }
+    }
+
+    /// A fence completed: promise its ballot; a rejoiner adopts what the fence reported and
+    /// will vote once caught up; the epoch is announced open.
+    fn finish_fence(&mut self, done: FenceDone) {
+        if done.ballot > self.acceptor.promised {
+            self.acceptor.promised = done.ballot;
+            self.persist(&Record::Promised(done.ballot));
+        }
+        if done.adopt {
+            self.acceptor.forget_below(done.log_start);
+            let mut adopted = 0;
+            for (slot, (ballot, value)) in done.adopted {
+                let newer = self.acceptor.accepted.get(&slot).is_none_or(|(have, _)| *have < ballot);
+                if newer && slot >= self.acceptor.log_start {
+                    self.persist(&Record::Accepted { slot, ballot, value: value.clone() });
+                    self.acceptor.accepted.insert(slot, (ballot, value));
+                    adopted += 1;
+                }
+            }
+            self.log(format!(
+                "fence {} complete: promised it, adopted {adopted} accepted slots from slot {}; voting once applied up to there",
+                done.ballot, done.log_start
+            ));
+        } else {
+            self.log(format!("fence {} complete: epoch {} is open", done.ballot, done.ballot.epoch()));
+        }
+        self.proposer.open_epoch(done.ballot.epoch());
+        self.proposer.yield_to(done.ballot, self.now_ms);
+    }
+
+    /// CheckQuorum: a leader that has not heard from a majority (itself included) within
+    /// `CHECK_QUORUM_MS` steps down (issue 11, bug B: a leader that can send but not receive
+    /// kept every follower sticky for ever). Followers ack heartbeats; silent peers are probed.
+    fn check_quorum(&mut self) {
+        if !self.proposer.is_leader() {
+            self.leading_since_ms = None;
+            return;
+        }
+        let now = self.now_ms;
+        let since = *self.leading_since_ms.get_or_insert(now);
+        if self.probed_ms.is_none_or(|t| now >= t + CHECK_QUORUM_PROBE_MS) {
+            self.probed_ms = Some(now);
+            let probe = Message::ReadConfirm { ballot: self.proposer.ballot, round: 0 };
+            let silent: Vec<NodeId> = (self.config.members.iter().copied())
+                .filter(|&m| m != self.config.me)
+                .filter(|m| self.heard_ms.get(m).is_none_or(|&t| now >= t + CHECK_QUORUM_PROBE_MS))
+                .collect();
+            for m in silent {
+                self.send(m, Role::Acceptor, probe.clone());
+            }
+        }
+        if cfg!(feature = "bug-no-check-quorum") || now < since + CHECK_QUORUM_MS {
+            return;
+        }
+        let me = self.config.me;
+        let heard = self
+            .config
+            .members
+            .iter()
+            .filter(|&&m| m == me || self.heard_ms.get(&m).is_some_and(|&t| now < t + CHECK_QUORUM_MS))
+            .count();
+        if heard < self.proposer.quorum() {
+            self.proposer.stand_down(now);
+            self.log(format!(
+                "heard from {heard} of {} members within {CHECK_QUORUM_MS} ms: no longer leading (CheckQuorum)",
+                self.config.members.len()
+            ));
+        }
     }
 
     /// ReadIndex at the leader: falls back to the log for reads that cannot be confirmed under
@@ -700,6 +962,9 @@ impl Replica {
     }
 
     fn handle(&mut self, src: NodeId, _role: Role, msg: Message) {
+        if src != self.config.me {
+            self.heard_ms.insert(src, self.now_ms);
+        }
         match msg {
             Message::Prepare { ballot, first_slot } => {
                 if !self.voting || self.leader_is_alive(src) {
@@ -709,11 +974,66 @@ impl Replica {
                 let (reply, record) = self.acceptor.on_prepare(ballot, first_slot);
                 if let Some(record) = record {
                     self.persist(&record);
+                    self.proposer.yield_to(self.acceptor.promised, self.now_ms);
                 }
                 self.send(src, Role::Proposer, reply);
             }
+            Message::Fence { ballot } => {
+                // No stickiness here: a rejoiner must be able to fence while a leader lives.
+                if !self.voting {
+                    return;
+                }
+                self.proposer.observe(ballot);
+                let (reply, record) = self.acceptor.on_fence(ballot);
+                if let Some(record) = record {
+                    self.persist(&record);
+                    if self.proposer.yield_to(self.acceptor.promised, self.now_ms) {
+                        self.log(format!("our acceptor promised fence {ballot} of node {src}: no longer leading"));
+                    }
+                }
+                self.send(src, Role::Proposer, reply);
+            }
+            Message::Fenced { ballot, accepted, log_start } => {
+                let members = self.config.members.len();
+                if let Some(done) = self.rejoin.on_fenced(self.config.me, members, src, ballot, accepted, log_start) {
+                    self.finish_fence(done);
+                }
+            }
+            // Being heard from (noted above) is all an ack says.
+            Message::HeartbeatAck { .. } => {}
+            Message::PreVote { ballot } => {
+                if self.voting && !self.leader_is_alive(src) {
+                    self.send(src, Role::Proposer, Message::PreVoteGranted { ballot });
+                }
+            }
+            Message::PreVoteGranted { ballot } => {
+                let quorum = self.proposer.quorum();
+                if self.pre_vote.as_mut().is_some_and(|p| p.on_granted(src, ballot, quorum)) {
+                    self.pre_vote = None;
+                    self.elect_or_open_epoch();
+                }
+            }
+            Message::EpochOpened { ballot } => {
+                self.proposer.observe(ballot);
+                self.proposer.open_epoch(ballot.epoch());
+            }
+            Message::Forgotten { ballot, slot, below } => {
+                // Slots below `below` are chosen and applied at `src`: learn them from it
+                // rather than wait for accepts it will never give.
+                let due = self.last_catchup_ms.is_none_or(|t| self.now_ms >= t + CATCHUP_INTERVAL_MS);
+                if below > self.learner.next_apply && due {
+                    self.log(format!(
+                        "node {src} forgot slot {slot} (accept at {ballot}): it applied up to {below}, we up to {}; catching up from it",
+                        self.learner.next_apply
+                    ));
+                    self.last_catchup_ms = Some(self.now_ms);
+                    self.send(src, Role::Learner, Message::CatchUp { from_slot: self.learner.next_apply });
+                }
+            }
             Message::Accept { ballot, slot, value } => {
                 self.proposer.observe(ballot);
+                // Only a leader sends accepts: its ballot won phase 1, its epoch is open.
+                self.proposer.open_epoch(ballot.epoch());
                 if !self.voting {
                     return;
                 }
@@ -759,16 +1079,36 @@ impl Replica {
                 if self.proposer.on_nack(ballot, promised, self.now_ms) {
                     self.log(format!("ballot {ballot} lost to {promised}: following"));
                 }
+                let backoff_ms = self.proposer.random_delay_ms(crate::rejoin::FENCE_RESEND_MS);
+                match self.rejoin.on_nack(ballot, self.now_ms, backoff_ms) {
+                    Some(true) => {
+                        self.log(format!(
+                            "fence {ballot} refused by node {src} (promised {promised}): fencing higher in {backoff_ms} ms"
+                        ));
+                    }
+                    Some(false) => {
+                        // Another replica is opening an epoch too: back off for a random election
+                        // timeout, as a candidate that lost does (no duel of fences).
+                        self.proposer.defer_election(self.now_ms);
+                        self.log(format!("fence {ballot} refused by node {src} (promised {promised}): backing off"));
+                    }
+                    None => {}
+                }
             }
             Message::Heartbeat { ballot, chosen_upto } => {
                 let before = self.proposer.known_leader();
                 if self.proposer.on_heartbeat(src, ballot, self.now_ms) {
                     self.last_heartbeat_ms = Some(self.now_ms);
+                    // A leader exists after all: a pre-vote in progress is moot.
+                    self.pre_vote = None;
+                    self.send(src, Role::Proposer, Message::HeartbeatAck { ballot });
                     if before != Some(src) {
                         self.log(format!("following node {src} (ballot {ballot})"));
                         self.reroute_all_pending();
                     }
-                    self.check_rejoined(chosen_upto);
+                    if cfg!(feature = "bug-rejoin-early") {
+                        self.check_rejoined_early(chosen_upto);
+                    }
                     let receiving = self
                         .incoming_snapshot
                         .as_ref()
@@ -806,16 +1146,20 @@ impl Replica {
             }
             Message::ReadConfirm { ballot, round } => {
                 // No higher promise now: no other leader can have chosen anything yet. A higher
-                // one deposes the asking leader at once, as a refused accept would.
+                // one deposes the asking leader at once, as a refused accept would. (Round 0 is
+                // the leader's CheckQuorum probe; answered the same way.)
                 if !self.voting {
                     return;
                 }
+                self.proposer.open_epoch(ballot.epoch());
                 if self.acceptor.promised <= ballot {
                     self.send(src, Role::Proposer, Message::ReadConfirmed { ballot, round });
                 } else {
                     self.send(src, Role::Proposer, Message::Nack { ballot, promised: self.acceptor.promised });
                 }
             }
+            // Round 0 answers a CheckQuorum probe: being heard from is all it says.
+            Message::ReadConfirmed { round: 0, .. } => {}
             Message::ReadConfirmed { ballot, round } => self.reads.on_confirmed(src, ballot, round),
             Message::ReadIndex { nonce, ask } => {
                 // Only a leader has a read index to give; a follower that asked the wrong
@@ -963,6 +1307,7 @@ impl Replica {
                     self.persist(&Record::Installed(done.bytes));
                     self.acceptor.forget_below(self.learner.next_apply);
                     self.proposer.note_chosen(self.learner.next_apply.saturating_sub(1));
+                    self.proposer.forget_in_flight_below(self.learner.next_apply);
                     self.log(format!(
                         "installed a snapshot from node {src}: applied up to slot {}, {} keys",
                         self.learner.next_apply,
@@ -975,17 +1320,14 @@ impl Replica {
         }
     }
 
-    /// A rejoining replica votes again once it applied what the leader had chosen when it
-    /// first heard from it, and at least two election timeouts passed (so any ballot it may
-    /// have promised before losing its disk is superseded by one it has seen since).
-    fn check_rejoined(&mut self, chosen_upto: u64) {
+    /// The rule issue 11 replaced (planted bug `bug-rejoin-early`): vote again once applied
+    /// what the leader had chosen when first heard from, and two election timeouts passed.
+    fn check_rejoined_early(&mut self, chosen_upto: u64) {
         if self.voting {
             return;
         }
-        let now = self.now_ms;
-        let since = *self.rejoin.since_ms.get_or_insert(now);
-        let target = *self.rejoin.target.get_or_insert(chosen_upto);
-        if self.learner.next_apply >= target && now >= since + 2 * ELECTION_TIMEOUT_MAX_MS {
+        let (applied, now) = (self.learner.next_apply, self.now_ms);
+        if self.early_rejoin.ready(applied, chosen_upto, now, 2 * ELECTION_TIMEOUT_MAX_MS) {
             self.voting = true;
             // Never below what the current leader uses.
             self.acceptor.promised = self.acceptor.promised.max(self.proposer.max_seen);
@@ -1037,7 +1379,9 @@ impl Replica {
 /// The role a message is addressed to (checked against the envelope's label).
 pub fn role_of(msg: &Message) -> Role {
     match msg {
-        Message::Prepare { .. } | Message::Accept { .. } | Message::ReadConfirm { .. } => Role::Acceptor,
+        Message::Prepare { .. } | Message::Accept { .. } | Message::ReadConfirm { .. } | Message::Fence { .. } => {
+            Role::Acceptor
+        }
         Message::Promise { .. }
         | Message::Accepted { .. }
         | Message::Nack { .. }
@@ -1045,7 +1389,13 @@ pub fn role_of(msg: &Message) -> Role {
         | Message::Forward { .. }
         | Message::ReadConfirmed { .. }
         | Message::ReadIndex { .. }
-        | Message::ReadIndexed { .. } => Role::Proposer,
+        | Message::ReadIndexed { .. }
+        | Message::Fenced { .. }
+        | Message::EpochOpened { .. }
+        | Message::Forgotten { .. }
+        | Message::HeartbeatAck { .. }
+        | Message::PreVote { .. }
+        | Message::PreVoteGranted { .. } => Role::Proposer,
         Message::Chosen { .. } | Message::CatchUp { .. } | Message::SnapshotChunk { .. } => Role::Learner,
     }
 }

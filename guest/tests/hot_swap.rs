@@ -2,9 +2,10 @@
 
 mod common;
 
-use common::{put, Sim};
+use common::{get, put, Fate, Sim};
+use waxos_guest::message::{self, Message};
 use waxos_guest::replica::Replica;
-use waxos_guest::types::Outcome;
+use waxos_guest::types::{Envelope, NodeId, Outcome};
 
 #[test]
 fn handover_keeps_leadership_and_waiting_requests() {
@@ -34,4 +35,89 @@ fn crash_snapshot_never_restores_leadership() {
     let restarted = Replica::start(config, Some(&durable), &[]).expect("restart");
     assert!(!restarted.proposer.is_leader(), "a crash restart must run phase 1 again");
     assert_eq!(restarted.learner.kv.data.get("a"), Some(&b"1".to_vec()));
+}
+
+/// ReadIndex (Raft dissertation §6.4): a read may be answered only after a majority confirmed
+/// the leader's ballot in a round sent after the read arrived. A hot swap keeps the ballot, so
+/// the new build must not number its rounds from 1 again: a confirmation of an old round
+/// (delivered late) would then complete a new read. The scenario: a1's answer to a
+/// read's round is delayed; the leader l is hot-swapped; l and a2 stall while the others elect
+/// l2, which overwrites k; l resumes (late acks keep it leading), a new read at l is confirmed by
+/// l and a2, and a1's old answer arrives.
+#[test]
+fn a_read_confirmation_from_before_a_hot_swap_never_confirms_a_read_after_it() {
+    let mut sim = Sim::new(5, 43);
+    sim.wait_for_leader();
+    sim.run_for(1_000);
+    let l = sim.wait_for_leader();
+    let others: Vec<NodeId> = (1..=5).filter(|&n| n != l).collect();
+    let (a1, a2) = (others[0], others[1]);
+    assert_eq!(sim.call(l, 1, 1, put("k", "old")), Outcome::Done);
+    sim.run_for(200);
+    sim.filter = Some(Box::new(move |env: &Envelope| match message::decode::<Message>(&env.payload) {
+        Ok(Message::ReadConfirmed { round, .. }) if round > 0 && env.src == a1 && env.dst == l => Fate::Hold,
+        _ => Fate::Deliver,
+    }));
+    assert_eq!(sim.call(l, 1, 2, get("k")), Outcome::Value(Some(b"old".to_vec())));
+    assert_eq!(sim.held.len(), 1, "a1's confirmation is held back");
+    sim.hot_swap(l);
+    // The followers' last acks reach l late (so it resumes believing it leads).
+    sim.filter = Some(Box::new(move |env: &Envelope| match message::decode::<Message>(&env.payload) {
+        Ok(Message::HeartbeatAck { .. }) if env.dst == l => Fate::Hold,
+        _ => Fate::Deliver,
+    }));
+    sim.run_for(60);
+    sim.filter = None;
+    sim.paused.extend([l, a2]);
+    let rest: Vec<NodeId> = others.iter().copied().filter(|&n| n != a2).collect();
+    sim.partition(&[l, a2], &rest);
+    let l2 = loop {
+        sim.tick();
+        if let Some(&n) = sim.leaders().iter().find(|&&n| n != l && !sim.paused.contains(&n)) {
+            break n;
+        }
+        assert!(sim.now_ms < 60_000, "no new leader");
+    };
+    assert_eq!(sim.call(l2, 2, 1, put("k", "new")), Outcome::Done);
+    // l resumes first (a2, resuming right after, finds l's heartbeat and round waiting).
+    sim.paused.remove(&l);
+    let is_ack = |env: &Envelope| matches!(message::decode::<Message>(&env.payload), Ok(Message::HeartbeatAck { .. }));
+    sim.release_held(is_ack);
+    assert!(sim.nodes[&l].proposer.is_leader(), "l should still think it leads");
+    let read = sim.request(l, 3, 1, get("k"));
+    sim.tick();
+    sim.paused.clear();
+    sim.tick();
+    sim.tick();
+    // a1's answer from before the swap arrives now, after l and a2 confirmed the new round.
+    assert_eq!(sim.release_held(|_| true), 1);
+    sim.run_for(1_000);
+    assert_ne!(sim.replies.get(&read), Some(&Outcome::Value(Some(b"old".to_vec()))), "stale read after a hot swap");
+}
+
+/// A hand-over written by a build before the read-state trailer (the same bytes without it)
+/// is accepted: the new build leads on, answers reads, and numbers its confirmation rounds
+/// above any the old one could have sent.
+#[test]
+fn a_handover_from_a_build_without_the_read_state_trailer_is_accepted() {
+    let mut sim = Sim::new(5, 44);
+    sim.wait_for_leader();
+    let first = sim.wait_for_leader();
+    assert_eq!(sim.call(first, 1, 1, put("k", "v")), Outcome::Done);
+    sim.run_for(2_000);
+    let l = sim.wait_for_leader();
+    let slots = sim.nodes[&l].proposer.next_slot;
+    assert_eq!(sim.call(l, 1, 2, get("k")), Outcome::Value(Some(b"v".to_vec())));
+    assert_eq!(sim.nodes[&l].proposer.next_slot, slots, "the read took the ReadIndex path");
+    let handover = sim.nodes[&l].snapshot(true);
+    // This build's trailer: version 1, read round 1 (one read), no fence in progress.
+    let trailer = message::encode_as(1, &(1u64, None::<u64>));
+    assert!(handover.ends_with(&trailer), "the trailer is the last bytes: {:?}", &handover[handover.len() - 4..]);
+    let older = &handover[..handover.len() - trailer.len()];
+    let config = sim.nodes[&l].config().clone();
+    let swapped = Replica::start(config, Some(older), &[]).expect("an older build's hand-over is accepted");
+    assert!(swapped.proposer.is_leader());
+    sim.nodes.insert(l, swapped);
+    assert_eq!(sim.call(l, 1, 3, get("k")), Outcome::Value(Some(b"v".to_vec())));
+    assert_eq!(sim.leaders(), vec![l], "no leader change");
 }

@@ -15,7 +15,7 @@ fn occurrences(haystack: &[u8], needle: &[u8]) -> usize {
 #[test]
 fn every_replica_writes_a_value_to_its_log_once() {
     let mut sim = Sim::new(5, 31);
-    let leader = sim.wait_for_leader();
+    let leader = sim.wait_for_stable_leader();
     let value: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 13) as u8).collect();
     let command = Command::Put("big".into(), value.clone());
     assert_eq!(sim.call(leader, 1, 1, command), Outcome::Done);
@@ -32,7 +32,7 @@ fn every_replica_writes_a_value_to_its_log_once() {
 #[test]
 fn a_restart_rebuilds_a_value_chosen_by_reference_from_its_accept() {
     let mut sim = Sim::new(5, 32);
-    let leader = sim.wait_for_leader();
+    let leader = sim.wait_for_stable_leader();
     for i in 0..20u64 {
         assert_eq!(sim.call(leader, 1, i + 1, put(&format!("k{i}"), &format!("value {i}"))), Outcome::Done);
     }

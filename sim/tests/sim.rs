@@ -83,3 +83,28 @@ fn catches_a_leader_that_skips_phase_one() {
 fn catches_a_learner_that_applies_out_of_order() {
     eprintln!("caught at seed {}", caught_within_default_seeds("bug-apply-out-of-order"));
 }
+
+#[test]
+fn catches_a_wiped_replica_that_votes_again_without_a_fence() {
+    eprintln!("caught at seed {}", caught_within_default_seeds("bug-rejoin-early"));
+}
+
+#[test]
+fn catches_a_leader_that_keeps_leading_without_hearing_a_majority() {
+    eprintln!("caught at seed {}", caught_within_default_seeds("bug-no-check-quorum"));
+}
+
+#[test]
+fn catches_a_hot_swap_that_restarts_read_confirmation_rounds() {
+    eprintln!("caught at seed {}", caught_within_default_seeds("bug-reads-reset-on-swap"));
+}
+
+#[test]
+fn catches_an_acceptor_that_drops_accepts_below_its_log_start_in_silence() {
+    eprintln!("caught at seed {}", caught_within_default_seeds("bug-silent-forgotten"));
+}
+
+#[test]
+fn catches_a_follower_that_raises_its_ballot_without_a_pre_vote() {
+    eprintln!("caught at seed {}", caught_within_default_seeds("bug-no-pre-vote"));
+}

@@ -1,12 +1,25 @@
 //! A deterministic in-memory network of replicas for protocol tests: no sockets, no clock.
 //! Time advances in 10 ms ticks; messages sent in one tick arrive in the next; nodes can be
-//! isolated or crashed (and restarted from the records they persisted).
+//! isolated or crashed (and restarted from the records they persisted), links cut both ways or
+//! one way, acceptors taken offline (as the host's chaos does), disks wiped, builds hot-swapped,
+//! and single messages dropped or held back to be delivered late (a `filter`).
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use waxos_guest::replica::Replica;
 use waxos_guest::types::{Command, Config, Effect, Envelope, Event, NodeId, Outcome, Request, Role};
+
+/// What the network does with one message (see `Sim::filter`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fate {
+    Deliver,
+    Drop,
+    /// Kept in `Sim::held` until a test releases it (a message delayed arbitrarily long).
+    Hold,
+}
+
+pub type Filter = Box<dyn FnMut(&Envelope) -> Fate>;
 
 pub const TICK_MS: u64 = 10;
 
@@ -17,9 +30,21 @@ pub struct Sim {
     pub isolated: BTreeSet<NodeId>,
     /// Links cut in both directions.
     pub cut: BTreeSet<(NodeId, NodeId)>,
+    /// Links cut in one direction only: `(src, dst)`.
+    pub cut_one_way: BTreeSet<(NodeId, NodeId)>,
+    /// Acceptor outage: envelopes for the acceptor role of these nodes are dropped (the host's
+    /// chaos does exactly this).
+    pub acceptor_down: BTreeSet<NodeId>,
+    /// Decides the fate of every message that the cuts let through.
+    pub filter: Option<Filter>,
+    /// Messages held back by the filter.
+    pub held: Vec<Envelope>,
     pub crashed: BTreeSet<NodeId>,
     /// Messages for the learner role of these nodes are lost (they cannot catch up).
     pub learner_blocked: BTreeSet<NodeId>,
+    /// Paused replicas (a stalled VM or process): not stepped, memory kept, messages to them
+    /// queue up and arrive when they resume.
+    pub paused: BTreeSet<NodeId>,
     pub replies: BTreeMap<u64, Outcome>,
     /// Durable records per node (what a restart replays).
     pub wal: BTreeMap<NodeId, Vec<Vec<u8>>>,
@@ -50,8 +75,13 @@ impl Sim {
             inbox: BTreeMap::new(),
             isolated: BTreeSet::new(),
             cut: BTreeSet::new(),
+            cut_one_way: BTreeSet::new(),
+            acceptor_down: BTreeSet::new(),
+            filter: None,
+            held: Vec::new(),
             crashed: BTreeSet::new(),
             learner_blocked: BTreeSet::new(),
+            paused: BTreeSet::new(),
             replies: BTreeMap::new(),
             wal: BTreeMap::new(),
             unsynced: BTreeMap::new(),
@@ -71,10 +101,15 @@ impl Sim {
 
     pub fn tick(&mut self) {
         self.now_ms += TICK_MS;
-        let inbox = std::mem::take(&mut self.inbox);
+        let mut inbox = std::mem::take(&mut self.inbox);
+        for id in &self.paused {
+            if let Some(queued) = inbox.remove(id) {
+                self.inbox.insert(*id, queued);
+            }
+        }
         let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
         for id in ids {
-            if self.crashed.contains(&id) {
+            if self.crashed.contains(&id) || self.paused.contains(&id) {
                 continue;
             }
             let mut events = inbox.get(&id).cloned().unwrap_or_default();
@@ -117,13 +152,21 @@ impl Sim {
                     if self.cut.contains(&(a, b)) {
                         continue;
                     }
-                    if self.crashed.contains(&envelope.dst) {
+                    if self.crashed.contains(&envelope.dst) || self.cut_one_way.contains(&(envelope.src, envelope.dst))
+                    {
                         continue;
                     }
                     if envelope.role == Role::Learner && self.learner_blocked.contains(&envelope.dst) {
                         continue;
                     }
-                    self.deliver(envelope);
+                    if envelope.role == Role::Acceptor && self.acceptor_down.contains(&envelope.dst) {
+                        continue;
+                    }
+                    match self.filter.as_mut().map_or(Fate::Deliver, |f| f(&envelope)) {
+                        Fate::Deliver => self.deliver(envelope),
+                        Fate::Drop => {}
+                        Fate::Hold => self.held.push(envelope),
+                    }
                 }
                 Effect::Reply(request, outcome) => {
                     self.replies.insert(request, outcome);
@@ -139,6 +182,39 @@ impl Sim {
 
     pub fn deliver(&mut self, envelope: Envelope) {
         self.inbox.entry(envelope.dst).or_default().push(Event::Message(envelope));
+    }
+
+    /// Delivers the held messages that `which` selects, ahead of everything else queued for
+    /// their receivers (they were sent long ago), whatever cuts are in place now.
+    pub fn release_held(&mut self, mut which: impl FnMut(&Envelope) -> bool) -> usize {
+        let held = std::mem::take(&mut self.held);
+        let (release, keep): (Vec<Envelope>, Vec<Envelope>) = held.into_iter().partition(|e| which(e));
+        self.held = keep;
+        let count = release.len();
+        for envelope in release.into_iter().rev() {
+            self.inbox.entry(envelope.dst).or_default().insert(0, Event::Message(envelope));
+        }
+        count
+    }
+
+    /// Cuts every link between the two sides.
+    pub fn partition(&mut self, left: &[NodeId], right: &[NodeId]) {
+        for &a in left {
+            for &b in right {
+                self.cut.insert((a.min(b), a.max(b)));
+            }
+        }
+    }
+
+    /// Hot-swaps a node's build: the hand-over snapshot starts a new instance, as the host does.
+    pub fn hot_swap(&mut self, id: NodeId) {
+        let config = self.nodes[&id].config().clone();
+        let handover = self.nodes[&id].snapshot(true);
+        let mut replica =
+            Replica::start(config, Some(&handover), &[]).expect("the new build starts from the hand-over");
+        let effects = replica.take_effects();
+        self.nodes.insert(id, replica);
+        self.carry_out(id, effects);
     }
 
     /// Advances time until `done` holds (true) or `max_ms` passes (false).
@@ -167,6 +243,18 @@ impl Sim {
             .filter(|(id, r)| r.proposer.is_leader() && !self.crashed.contains(id) && !self.isolated.contains(id))
             .map(|(id, _)| *id)
             .collect()
+    }
+
+    /// A leader that has kept its place for a second (start-up elections can duel briefly).
+    pub fn wait_for_stable_leader(&mut self) -> NodeId {
+        loop {
+            let leader = self.wait_for_leader();
+            self.run_for(1_000);
+            if self.leaders() == vec![leader] {
+                return leader;
+            }
+            assert!(self.now_ms < 60_000, "no stable leader");
+        }
     }
 
     pub fn wait_for_leader(&mut self) -> NodeId {
