@@ -716,13 +716,16 @@ mod tests {
         let transport = DiskCheckingTransport { wal_dir: dir.path().join("wal"), seen };
         let mut step_loop = step_loop_in(dir.path(), Box::new(transport));
         let on_disk = || crate::storage::wal::read_records(&dir.path().join("wal")).expect("read WAL").len();
+        // The new log's first record (whether this replica votes) is made durable first.
+        step_loop.turn(Vec::new());
+        assert_eq!(on_disk(), 1);
         let chosen = Message::Chosen { entries: vec![(0, Value::Noop)] };
         step_loop.turn(vec![Input::Message(envelope(2, Role::Learner, &chosen))]);
-        assert_eq!(on_disk(), 0, "a lazy record alone must not cost its step an fsync");
+        assert_eq!(on_disk(), 1, "a lazy record alone must not cost its step an fsync");
         step_loop.turn(Vec::new());
         let records = crate::storage::wal::read_records(&dir.path().join("wal")).expect("read WAL");
         let decoded: Vec<Record> = records.iter().map(|r| message::decode(r).expect("record")).collect();
-        assert_eq!(decoded, vec![Record::Chosen { slot: 0, value: Value::Noop }]);
+        assert_eq!(decoded, vec![Record::Voting(true), Record::Chosen { slot: 0, value: Value::Noop }]);
     }
 
     /// Runs a prepare and an accept through a step loop syncing inline or on the WAL's writer
