@@ -4,6 +4,10 @@
 //! compiled-build cache), linked, and checked to export the `replica-node` world, and its bytes
 //! are written durably next to the data dir. Only then is it handed to the step loop, which
 //! swaps it in between two steps. `--watch` uses the same path when the guest file changes.
+//!
+//! One swap at a time per host (`SWAP_IN_PROGRESS`): every swap writes the same `next.wasm`,
+//! and the step loop renames it to `current.wasm` on success or deletes it on refusal, so two
+//! concurrent swaps could install the refused build, or delete the other's file (issue 17, 4).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -22,6 +26,9 @@ use crate::step_loop::{Input, StepLoopHandle, SwapReport};
 /// Largest build accepted by `SwapGuest`.
 pub const GUEST_BYTES_MAX: usize = 64 << 20;
 
+/// Held for the whole of a swap, from writing `next.wasm` to the step loop's answer.
+static SWAP_IN_PROGRESS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Compiles `bytes`, keeps them durably as the next build, and swaps them in. The error says
 /// why the build was refused; the old guest then keeps running.
 pub async fn swap_in(
@@ -34,6 +41,7 @@ pub async fn swap_in(
     if !step_loop.ready.load(Ordering::Acquire) {
         return Err("the replica is still starting; retry the swap".into());
     }
+    let _one_at_a_time = SWAP_IN_PROGRESS.lock().await;
     let build = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let build = runtime.compile(&bytes, &source)?;
         crate::storage::write_atomically(&guest_dir.join("next.wasm"), &bytes)?;

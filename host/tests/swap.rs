@@ -161,6 +161,31 @@ fn broken_builds_are_refused_and_the_old_guest_keeps_serving() {
     assert!(cluster.log_of(1).contains("swap to"), "refusals are logged");
 }
 
+/// Issue 17, proven bug 4: two swaps at once (a good build and one that traps in `start`) both
+/// wrote `next.wasm`; the refused build could end up installed, and the host then could not
+/// restart. Swaps are one at a time: whatever order they run in, the installed build is the good
+/// one, and a restart comes back serving.
+#[test]
+fn two_swaps_at_once_never_install_the_refused_build() {
+    let mut cluster = Cluster::start(3, &[]);
+    for _round in 0..3 {
+        let good = variant("relabeled");
+        let bad = variant("trap-on-start");
+        let (a, b) = std::thread::scope(|s| {
+            let a = s.spawn(|| swap(&cluster, 1, &good));
+            let b = s.spawn(|| swap(&cluster, 1, &bad));
+            (a.join().expect("swap thread"), b.join().expect("swap thread"))
+        });
+        assert_eq!(a.status.code(), Some(0), "the good build must swap in: {}", stderr(&a));
+        assert_eq!(b.status.code(), Some(1), "the trapping build must be refused: {}", stderr(&b));
+        let installed = cluster.hosts[1].data_dir.join("guest/current.wasm");
+        let bytes = std::fs::read(&installed).expect("an installed build");
+        assert_eq!(bytes, std::fs::read(&good).expect("good build"), "the refused build was installed");
+    }
+    cluster.restart(1);
+    cluster.wait_ready(1);
+}
+
 #[test]
 fn an_older_build_refuses_a_newer_snapshot() {
     let cluster = Cluster::start(3, &[]);
