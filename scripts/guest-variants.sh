@@ -31,6 +31,8 @@ else
   build bug-reads-reset-on-swap bug-reads-reset-on-swap bug-reads-reset-on-swap
   build bug-silent-forgotten bug-silent-forgotten bug-silent-forgotten
   build bug-no-pre-vote bug-no-pre-vote bug-no-pre-vote
+  build bug-fence-without-nonce bug-fence-without-nonce bug-fence-without-nonce
+  build bug-snapshot-forgets-rejoin bug-snapshot-forgets-rejoin bug-snapshot-forgets-rejoin
   # Last: its timestamp is what "up to date" is judged by.
   build trap-on-start trap-on-start test-trap-on-start
 fi

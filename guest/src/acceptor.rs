@@ -60,13 +60,13 @@ impl Acceptor {
     /// strictly lower epoch — a lower ballot of the same epoch is not enough, since normal
     /// elections count rounds up within an epoch without bound. The answer reports every
     /// accepted value, like a phase-1b promise from slot 0.
-    pub fn on_fence(&mut self, ballot: Ballot) -> (Message, Option<Record>) {
+    pub fn on_fence(&mut self, ballot: Ballot, nonce: u64) -> (Message, Option<Record>) {
         if self.promised.epoch() >= ballot.epoch() {
             return (Message::Nack { ballot, promised: self.promised }, None);
         }
         self.promised = ballot;
         let accepted = self.accepted.iter().map(|(&slot, (b, v))| (slot, *b, v.clone())).collect();
-        (Message::Fenced { ballot, accepted, log_start: self.log_start }, Some(Record::Promised(ballot)))
+        (Message::Fenced { ballot, nonce, accepted, log_start: self.log_start }, Some(Record::Promised(ballot)))
     }
 
     /// Replays a persisted record (start-up).

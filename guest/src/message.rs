@@ -189,12 +189,18 @@ pub enum Message {
     Fence {
         /// The fence ballot: `Ballot::fence(epoch, sender)`.
         ballot: Ballot,
+        /// Distinct per fence attempt of each life of the sender: a wiped replica fences with
+        /// the same ballot its earlier life used, and that life's answers (duplicated or late)
+        /// must not complete the new fence.
+        nonce: u64,
     },
     /// The answer to a fence: `ballot` is promised (and persisted); like a phase-1b promise
     /// from slot 0.
     Fenced {
         /// The fence ballot promised.
         ballot: Ballot,
+        /// The fence's nonce, echoed.
+        nonce: u64,
         /// Every `(slot, accepted ballot, value)` the acceptor holds.
         accepted: Vec<(u64, Ballot, Value)>,
         /// The acceptor forgot every slot below this one (all chosen and applied there).

@@ -404,6 +404,10 @@ impl Proposer {
         self.open_epoch(ballot.epoch());
         match self.phase {
             Phase::Leader if ballot <= self.ballot => return false,
+            // A candidate whose ballot is higher carries on: a majority may have promised it
+            // already, and then the lower leader cannot commit anything; giving up would only
+            // leave a leader that looks alive and gets refused (a second election).
+            Phase::Candidate { .. } if ballot < self.ballot => return false,
             Phase::Leader | Phase::Candidate { .. } => self.step_down(now_ms),
             Phase::Follower => {
                 if self.leader.is_some_and(|(_, b)| ballot < b) {

@@ -101,6 +101,8 @@ struct FenceAnswer {
 #[derive(Clone, Debug)]
 struct Fence {
     ballot: Ballot,
+    /// Answers must echo it (see `Message::Fence`).
+    nonce: u64,
     /// A rejoiner adopts what the answers report and then catches up; a voting replica that
     /// only opens an epoch does not.
     adopt: bool,
@@ -177,14 +179,15 @@ impl Rejoin {
         members: &[NodeId],
         epoch: u64,
         adopt: bool,
+        nonce: u64,
         now_ms: u64,
         out: &mut Vec<Outgoing>,
     ) -> Ballot {
         let ballot = Ballot::fence(epoch, me);
-        self.fence = Some(Fence { ballot, adopt, answers: BTreeMap::new(), sent_ms: now_ms });
+        self.fence = Some(Fence { ballot, nonce, adopt, answers: BTreeMap::new(), sent_ms: now_ms });
         for &m in members {
             if m != me {
-                out.push((m, Role::Acceptor, Message::Fence { ballot }));
+                out.push((m, Role::Acceptor, Message::Fence { ballot, nonce }));
             }
         }
         ballot
@@ -198,11 +201,13 @@ impl Rejoin {
         members: usize,
         src: NodeId,
         ballot: Ballot,
+        nonce: u64,
         accepted: Vec<(u64, Ballot, Value)>,
         log_start: u64,
     ) -> Option<FenceDone> {
         let fence = self.fence.as_mut()?;
-        if fence.ballot != ballot || src == me {
+        let other_attempt = fence.nonce != nonce && !cfg!(feature = "bug-fence-without-nonce");
+        if fence.ballot != ballot || other_attempt || src == me {
             return None;
         }
         fence.answers.insert(src, FenceAnswer { accepted, log_start });
@@ -278,7 +283,7 @@ impl Rejoin {
                 fence.sent_ms = now_ms;
                 for &m in members {
                     if m != me && !fence.answers.contains_key(&m) {
-                        out.push((m, Role::Acceptor, Message::Fence { ballot: fence.ballot }));
+                        out.push((m, Role::Acceptor, Message::Fence { ballot: fence.ballot, nonce: fence.nonce }));
                     }
                 }
             }
@@ -336,14 +341,20 @@ mod tests {
     fn a_fence_adopts_the_highest_ballot_per_slot_from_the_highest_log_start() {
         let mut rejoin = Rejoin::default();
         let mut out = Vec::new();
-        let ballot = rejoin.start_fence(1, &[1, 2, 3, 4, 5], 1, true, 0, &mut out);
+        let ballot = rejoin.start_fence(1, &[1, 2, 3, 4, 5], 1, true, 77, 0, &mut out);
         assert_eq!(out.len(), 4);
         let low = Ballot { round: 3, node: 2 };
         let high = Ballot { round: 4, node: 3 };
-        assert!(rejoin.on_fenced(1, 5, 2, ballot, vec![(5, low, Value::Noop)], 2).is_none());
-        assert!(rejoin.on_fenced(1, 5, 2, ballot, vec![], 0).is_none(), "the same acceptor twice counts once");
-        assert!(rejoin.on_fenced(1, 5, 3, ballot, vec![(1, high, Value::Noop), (5, high, Value::Noop)], 4).is_none());
-        let done = rejoin.on_fenced(1, 5, 4, ballot, vec![], 0).expect("three of four others answered");
+        assert!(rejoin.on_fenced(1, 5, 2, ballot, 77, vec![(5, low, Value::Noop)], 2).is_none());
+        assert!(rejoin.on_fenced(1, 5, 2, ballot, 77, vec![], 0).is_none(), "the same acceptor twice counts once");
+        assert!(rejoin
+            .on_fenced(1, 5, 3, ballot, 77, vec![(1, high, Value::Noop), (5, high, Value::Noop)], 4)
+            .is_none());
+        assert!(
+            rejoin.on_fenced(1, 5, 4, ballot, 76, vec![], 0).is_none(),
+            "an answer to another attempt (an earlier life's) does not count"
+        );
+        let done = rejoin.on_fenced(1, 5, 4, ballot, 77, vec![], 0).expect("three of four others answered");
         assert_eq!(done.log_start, 4);
         assert_eq!(done.adopted.keys().copied().collect::<Vec<_>>(), vec![5], "slot 1 is below the log start");
         assert_eq!(done.adopted[&5].0, high);

@@ -224,6 +224,9 @@ impl Replica {
             reads: Reads::default(),
             follower_reads: FollowerReads::default(),
         };
+        // Whether this disk once rejoined: its log (or the snapshot that covers the start of it)
+        // said "not voting" at some point.
+        let mut rejoined_before = false;
         if let Some(bytes) = snapshot {
             let (state, trailer): (SnapshotState, &[u8]) = message::decode_with_rest(message::SNAPSHOT_VERSION, bytes)
                 .map_err(|e| format!("snapshot refused: {e}"))?;
@@ -236,6 +239,7 @@ impl Replica {
             replica.learner.kv = state.kv.into_owned();
             replica.learner.kv.rebuild_index();
             replica.voting = state.voting;
+            rejoined_before = !state.voting && !cfg!(feature = "bug-snapshot-forgets-rejoin");
             if let Some(v) = state.volatile {
                 replica.now_ms = v.now_ms;
                 replica.started = true;
@@ -261,7 +265,6 @@ impl Replica {
                 replica.follower_reads = FollowerReads::new(replica.instance_nonce());
             }
         }
-        let mut rejoined_before = false;
         for (i, bytes) in wal.iter().enumerate() {
             let record: Record = message::decode(bytes).map_err(|e| format!("WAL record {i} refused: {e}"))?;
             replica.acceptor.restore(&record);
@@ -517,7 +520,10 @@ impl Replica {
         let epoch = self.proposer.max_seen.epoch().max(self.acceptor.promised.epoch()) + 1;
         let mut out = Vec::new();
         let members = self.config.members.clone();
-        let ballot = self.rejoin.start_fence(self.config.me, &members, epoch, adopt, self.now_ms, &mut out);
+        // A fresh nonce per attempt (see `Message::Fence`): a wiped replica's clock and seed
+        // differ from its earlier life's when it fences again.
+        let nonce = crate::rng::Rng::new(self.instance_nonce() ^ self.now_ms.rotate_left(17) ^ epoch).next_u64();
+        let ballot = self.rejoin.start_fence(self.config.me, &members, epoch, adopt, nonce, self.now_ms, &mut out);
         // Remembered (and handed over with the proposer): a new fence goes above this one.
         self.proposer.observe(ballot);
         self.log(format!(
@@ -978,13 +984,13 @@ impl Replica {
                 }
                 self.send(src, Role::Proposer, reply);
             }
-            Message::Fence { ballot } => {
+            Message::Fence { ballot, nonce } => {
                 // No stickiness here: a rejoiner must be able to fence while a leader lives.
                 if !self.voting {
                     return;
                 }
                 self.proposer.observe(ballot);
-                let (reply, record) = self.acceptor.on_fence(ballot);
+                let (reply, record) = self.acceptor.on_fence(ballot, nonce);
                 if let Some(record) = record {
                     self.persist(&record);
                     if self.proposer.yield_to(self.acceptor.promised, self.now_ms) {
@@ -993,9 +999,11 @@ impl Replica {
                 }
                 self.send(src, Role::Proposer, reply);
             }
-            Message::Fenced { ballot, accepted, log_start } => {
+            Message::Fenced { ballot, nonce, accepted, log_start } => {
                 let members = self.config.members.len();
-                if let Some(done) = self.rejoin.on_fenced(self.config.me, members, src, ballot, accepted, log_start) {
+                if let Some(done) =
+                    self.rejoin.on_fenced(self.config.me, members, src, ballot, nonce, accepted, log_start)
+                {
                     self.finish_fence(done);
                 }
             }

@@ -92,18 +92,18 @@ fn wiped_acceptor_cannot_vote_against_a_value_it_accepted_before_the_wipe() {
 fn a_fence_is_promised_only_from_a_strictly_lower_epoch() {
     let mut acceptor = Acceptor::default();
     acceptor.on_accept(Ballot { round: 7, node: 1 }, 3, Value::Noop);
-    let (reply, record) = acceptor.on_fence(Ballot::fence(1, 2));
+    let (reply, record) = acceptor.on_fence(Ballot::fence(1, 2), 7);
     assert_eq!(record, Some(Record::Promised(Ballot::fence(1, 2))), "the promise is persisted");
     let Message::Fenced { accepted, log_start: 0, .. } = reply else { panic!("expected Fenced: {reply:?}") };
     assert_eq!(accepted, vec![(3, Ballot { round: 7, node: 1 }, Value::Noop)]);
     // A higher ballot of the same epoch: refused.
-    let (reply, record) = acceptor.on_fence(Ballot::fence(1, 3));
+    let (reply, record) = acceptor.on_fence(Ballot::fence(1, 3), 7);
     assert_eq!(reply, Message::Nack { ballot: Ballot::fence(1, 3), promised: Ballot::fence(1, 2) });
     assert_eq!(record, None);
     // An election counted up in epoch 1, then a fence of epoch 1 again: refused too.
     acceptor.on_prepare(Ballot { round: (1 << 40) + 5, node: 4 }, 0);
-    assert!(matches!(acceptor.on_fence(Ballot::fence(1, 5)).0, Message::Nack { .. }));
-    assert!(matches!(acceptor.on_fence(Ballot::fence(2, 5)).0, Message::Fenced { .. }));
+    assert!(matches!(acceptor.on_fence(Ballot::fence(1, 5), 7).0, Message::Nack { .. }));
+    assert!(matches!(acceptor.on_fence(Ballot::fence(2, 5), 7).0, Message::Fenced { .. }));
 }
 
 /// A replica that rejoined, voted, and then restarts from its WAL (no snapshot) must still say
