@@ -87,17 +87,12 @@ fn a_rejoiner_restarted_from_a_snapshot_taken_before_its_fence_keeps_the_fence_l
     let mark = sim.wal.get(&r).map_or(0, |w| w.len());
     // r can reach u and w again (their learners stay blocked).
     sim.cut.retain(|&(a, b)| !((a == r || b == r) && [u, w].contains(&(a + b - r))));
-    assert!(
-        {
-            let ok = (0..2_000).any(|_| {
-                sim.tick();
-                record_learned(&sim, &mut learned);
-                voting(&sim, r)
-            });
-            ok
-        },
-        "r never voted again"
-    );
+    let voted_again = (0..2_000).any(|_| {
+        sim.tick();
+        record_learned(&sim, &mut learned);
+        voting(&sim, r)
+    });
+    assert!(voted_again, "r never voted again");
     let fence_log_start = sim.nodes[&r].acceptor.log_start;
     eprintln!("r fenced; acceptor log start {fence_log_start}; applied {}", sim.nodes[&r].learner.next_apply);
     run_recording(&mut sim, 2_000, &mut learned);
@@ -288,11 +283,10 @@ fn chaos_run(seed: u64, opts: &ChaosOpts) {
                 }
             }
             6 => sim.cut_one_way.clear(),
-            7 => {
-                if !sim.acceptor_down.remove(&node) {
-                    sim.acceptor_down.insert(node);
-                }
+            7 if !sim.acceptor_down.remove(&node) => {
+                sim.acceptor_down.insert(node);
             }
+            7 => {}
             8 if sim.paused.is_empty() && up => {
                 sim.paused.insert(node);
             }
