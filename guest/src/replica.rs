@@ -1105,7 +1105,11 @@ impl Replica {
             }
             Message::Heartbeat { ballot, chosen_upto } => {
                 let before = self.proposer.known_leader();
-                if self.proposer.on_heartbeat(src, ballot, self.now_ms) {
+                // A leader below our acceptor's promise cannot count on our vote, and our next
+                // answer to it deposes it: following its (possibly late) heartbeats would only
+                // keep this replica sticky to a leader that cannot commit.
+                let below_our_promise = ballot < self.acceptor.promised && !self.proposer.is_leader();
+                if !below_our_promise && self.proposer.on_heartbeat(src, ballot, self.now_ms) {
                     self.last_heartbeat_ms = Some(self.now_ms);
                     // A leader exists after all: a pre-vote in progress is moot.
                     self.pre_vote = None;
