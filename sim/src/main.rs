@@ -69,7 +69,7 @@ fn run(args: &Args) -> anyhow::Result<i32> {
                     run.trace.iter().for_each(|l| println!("{l}"));
                 }
                 ops += run.history.len() as u64;
-                add(&mut total, &run.stats);
+                total.add(&run.stats);
             }
             Err((failure, trace)) => {
                 trace.iter().for_each(|l| println!("{l}"));
@@ -81,34 +81,14 @@ fn run(args: &Args) -> anyhow::Result<i32> {
     }
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "{} seeds, {ops} client ops ({} completed, {} unknown), {} guest steps, {} messages delivered, faults: {} crashes, {} partitions, {} acceptor outages, {} hot swaps, {} lost, {} duplicated; 0 violations; {:.1} s ({:.1} seeds/s, {:.0} steps/s)",
+        "{} seeds, {ops} client ops ({} completed, {} unknown), {} guest steps; {total}; 0 violations; {:.1} s ({:.1} seeds/s, {:.0} steps/s)",
         seeds.len(),
         total.completed,
         total.unknown,
         total.steps,
-        total.delivered,
-        total.crashes,
-        total.partitions,
-        total.outages,
-        total.swaps,
-        total.lost,
-        total.duplicated,
         secs,
         seeds.len() as f64 / secs,
         total.steps as f64 / secs,
     );
     Ok(0)
-}
-
-fn add(total: &mut Stats, s: &Stats) {
-    total.steps += s.steps;
-    total.delivered += s.delivered;
-    total.lost += s.lost;
-    total.duplicated += s.duplicated;
-    total.crashes += s.crashes;
-    total.partitions += s.partitions;
-    total.outages += s.outages;
-    total.swaps += s.swaps;
-    total.completed += s.completed;
-    total.unknown += s.unknown;
 }

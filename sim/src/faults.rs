@@ -1,0 +1,337 @@
+//! The fault schedule: which faults start, where, and for how long, and when they heal; and
+//! the progress check that only makes sense against it.
+//!
+//! Faults are drawn from the run's seed every tick of the fault window, each kind at its own
+//! rate, so that production's whole fault model is covered:
+//! - *crash*: the host dies; its disk keeps what was durable (see `disk`), it restarts from
+//!   `start(snapshot, wal)` after a while;
+//! - *wipe*: the host loses its disk and comes back with nothing, `rejoining` (as
+//!   `host/src/main.rs` starts a host whose coordinator says it lost its state); never more
+//!   than a minority is without state at once;
+//! - *pause*: the host stops stepping for up to seconds while its inbox fills, then resumes
+//!   with a queue of old messages;
+//! - *partitions*: symmetric (two sides, often the leader with one follower), asymmetric (one
+//!   side hears the other, not the reverse), a single link cut one way, a *deaf leader* (what a
+//!   majority of followers send the leader is lost; it can still send), a slow link;
+//! - *acceptor outage* (the host's chaos: envelopes to the acceptor role dropped);
+//! - *hot swap* to the other build, half the time at the leader.
+//!
+//! At the end of the window everything heals at once. The progress check: while a majority of
+//! replicas is up, unpaused, voting, free of outages and fully connected among itself (both
+//! directions, no slow link), some client operation must complete within `PROGRESS_MS` — a
+//! cluster that could make progress but does not (a leader nobody can depose) is a failure even
+//! before the faults heal.
+
+use crate::world::{Failure, World};
+
+/// With a healthy connected majority, some operation must complete within this time (several
+/// election timeouts, plus a client's retry at another replica).
+pub const PROGRESS_MS: u64 = 4_000;
+/// How often a rejoining replica's status is looked at (is it voting again?).
+const REJOIN_POLL_MS: u64 = 100;
+
+/// Per-tick probability of each fault kind, and how long each lasts (ms).
+mod rate {
+    pub const CRASH: f64 = 0.003;
+    pub const CRASH_DURING_PARTITION: f64 = 0.015;
+    pub const CRASH_DOWN_MS: (u64, u64) = (50, 800);
+    pub const WIPE: f64 = 0.0005;
+    pub const WIPE_DOWN_MS: (u64, u64) = (100, 1_500);
+    pub const PAUSE: f64 = 0.0008;
+    pub const PAUSE_MS: (u64, u64) = (300, 4_000);
+    pub const PARTITION: f64 = 0.002;
+    pub const PARTITION_MS: (u64, u64) = (200, 2_000);
+    pub const ASYMMETRIC_PARTITION: f64 = 0.0008;
+    pub const ASYMMETRIC_PARTITION_MS: (u64, u64) = (300, 3_000);
+    pub const ONE_WAY_CUT: f64 = 0.002;
+    pub const ONE_WAY_CUT_MS: (u64, u64) = (200, 3_000);
+    pub const DEAF_LEADER: f64 = 0.0005;
+    pub const DEAF_LEADER_MS: (u64, u64) = (4_500, 7_500);
+    pub const SLOW_LINK: f64 = 0.001;
+    pub const SLOW_LINK_MS: (u64, u64) = (300, 3_000);
+    pub const OUTAGE: f64 = 0.003;
+    pub const OUTAGE_MS: (u64, u64) = (100, 1_000);
+    pub const SWAP: f64 = 0.003;
+}
+
+impl World<'_> {
+    /// Starts this tick's faults (none outside the fault window).
+    pub(crate) fn inject_faults(&mut self) {
+        if !self.config.faults || self.now >= self.config.fault_window_ms {
+            return;
+        }
+        let n = self.nodes.len();
+        let partitioned = self.now < self.partition_until_ms;
+        if self.rng.chance(if partitioned { rate::CRASH_DURING_PARTITION } else { rate::CRASH }) {
+            let i = self.rng.range(0, n as u64) as usize;
+            self.crash(i, false);
+        }
+        if self.rng.chance(rate::WIPE) {
+            let i = self.rng.range(0, n as u64) as usize;
+            let without_state = self.nodes.iter().filter(|node| node.rejoining).count();
+            if !self.nodes[i].rejoining && without_state < (n - 1) / 2 {
+                self.crash(i, true);
+            }
+        }
+        if self.rng.chance(rate::PAUSE) {
+            let i = self.rng.range(0, n as u64) as usize;
+            if self.nodes[i].guest.is_some() && self.now >= self.nodes[i].paused_until_ms {
+                let ms = self.rng.range(rate::PAUSE_MS.0, rate::PAUSE_MS.1);
+                self.nodes[i].paused_until_ms = self.now + ms;
+                self.stats.pauses += 1;
+                self.note(|| format!("pause node {} for {ms} ms", i + 1));
+            }
+        }
+        if !partitioned && self.rng.chance(rate::PARTITION) {
+            self.partition();
+        }
+        if self.rng.chance(rate::ASYMMETRIC_PARTITION) {
+            let ms = self.rng.range(rate::ASYMMETRIC_PARTITION_MS.0, rate::ASYMMETRIC_PARTITION_MS.1);
+            let deaf: Vec<bool> = (0..n).map(|_| self.rng.chance(0.5)).collect();
+            for a in 0..n {
+                for b in 0..n {
+                    if deaf[b] && !deaf[a] {
+                        self.net.cut(a, b, self.now + ms);
+                    }
+                }
+            }
+            self.stats.asymmetric_partitions += 1;
+            self.note(|| format!("asymmetric partition for {ms} ms: {deaf:?} hear nothing from the others"));
+        }
+        if self.rng.chance(rate::ONE_WAY_CUT) {
+            let src = self.rng.range(0, n as u64) as usize;
+            let dst = (src + 1 + self.rng.range(0, n as u64 - 1) as usize) % n;
+            let ms = self.rng.range(rate::ONE_WAY_CUT_MS.0, rate::ONE_WAY_CUT_MS.1);
+            self.net.cut(src, dst, self.now + ms);
+            self.stats.one_way_cuts += 1;
+            self.note(|| format!("cut {} -> {} for {ms} ms", src + 1, dst + 1));
+        }
+        if self.rng.chance(rate::DEAF_LEADER) {
+            self.deafen_leader();
+        }
+        if self.rng.chance(rate::SLOW_LINK) {
+            let src = self.rng.range(0, n as u64) as usize;
+            let dst = (src + 1 + self.rng.range(0, n as u64 - 1) as usize) % n;
+            let ms = self.rng.range(rate::SLOW_LINK_MS.0, rate::SLOW_LINK_MS.1);
+            self.net.slow(src, dst, self.now + ms);
+            self.stats.slow_links += 1;
+            self.note(|| format!("slow link {} -> {} for {ms} ms", src + 1, dst + 1));
+        }
+        if self.rng.chance(rate::OUTAGE) {
+            let i = self.rng.range(0, n as u64) as usize;
+            let ms = self.rng.range(rate::OUTAGE_MS.0, rate::OUTAGE_MS.1);
+            self.nodes[i].acceptor_out_until_ms = self.now + ms;
+            self.stats.outages += 1;
+            self.note(|| format!("acceptor outage on node {} for {ms} ms", i + 1));
+        }
+        if self.builds.len() > 1 && self.rng.chance(rate::SWAP) {
+            let at_leader = self.rng.chance(0.5);
+            let i = match at_leader.then(|| self.leader()).flatten() {
+                Some(leader) => leader,
+                None => self.rng.range(0, n as u64) as usize,
+            };
+            self.swap(i);
+        }
+    }
+
+    /// Crashes node `i` (with `wipe`, its disk is lost too); it restarts after a while.
+    fn crash(&mut self, i: usize, wipe: bool) {
+        if self.nodes[i].guest.is_none() {
+            return;
+        }
+        let (low, high) = if wipe { rate::WIPE_DOWN_MS } else { rate::CRASH_DOWN_MS };
+        let down_ms = self.rng.range(low, high);
+        let node = &mut self.nodes[i];
+        node.guest = None;
+        node.inbox.clear();
+        node.loopback.clear();
+        node.paused_until_ms = 0;
+        node.down_until_ms = Some(self.now + down_ms);
+        if wipe {
+            node.disk.wipe();
+            node.wiped = true;
+            node.rejoining = true;
+            self.stats.wipes += 1;
+            self.note(|| format!("wipe node {} (disk lost) and restart it in {down_ms} ms", i + 1));
+        } else {
+            let loss = node.disk.crash(&mut self.rng);
+            self.stats.crashes += 1;
+            self.stats.records_lost += loss.lost as u64;
+            self.stats.held_steps_lost += loss.held_steps as u64;
+            self.note(|| {
+                format!(
+                    "crash node {} for {down_ms} ms ({} records not durable lost, {} kept from a torn sync, {} steps' effects never sent)",
+                    i + 1,
+                    loss.lost,
+                    loss.kept,
+                    loss.held_steps
+                )
+            });
+        }
+    }
+
+    /// A symmetric partition: random sides, or (half the time) the leader with one follower
+    /// against the rest — the classic nemesis, where the old leader keeps proposing in the
+    /// minority while the majority elects another.
+    fn partition(&mut self) {
+        let n = self.nodes.len();
+        let mut sides: Vec<u8> = (0..n).map(|_| (self.rng.next_u64() % 2) as u8).collect();
+        if self.rng.chance(0.5) {
+            if let Some(leader) = self.leader() {
+                let buddy = (leader + 1 + self.rng.range(0, n as u64 - 1) as usize) % n;
+                sides = (0..n).map(|i| u8::from(i == leader || i == buddy)).collect();
+            }
+        }
+        let ms = self.rng.range(rate::PARTITION_MS.0, rate::PARTITION_MS.1);
+        self.partition_until_ms = self.now + ms;
+        for a in 0..n {
+            for b in 0..n {
+                if sides[a] != sides[b] {
+                    self.net.cut(a, b, self.partition_until_ms);
+                }
+            }
+        }
+        self.stats.partitions += 1;
+        self.note(|| format!("partition {sides:?} for {ms} ms"));
+    }
+
+    /// The leader can send but not receive: what a majority of its followers (or all) send it
+    /// is lost.
+    fn deafen_leader(&mut self) {
+        let Some(leader) = self.leader() else { return };
+        let n = self.nodes.len();
+        let followers: Vec<usize> = (0..n).filter(|&i| i != leader).collect();
+        let skip = if self.rng.chance(0.5) { None } else { Some(self.rng.range(0, followers.len() as u64) as usize) };
+        let ms = self.rng.range(rate::DEAF_LEADER_MS.0, rate::DEAF_LEADER_MS.1);
+        let mut deaf_to = Vec::new();
+        for (k, &f) in followers.iter().enumerate() {
+            if Some(k) != skip {
+                self.net.cut(f, leader, self.now + ms);
+                deaf_to.push(f + 1);
+            }
+        }
+        self.stats.deaf_leaders += 1;
+        self.note(|| format!("deaf leader: node {} hears nothing from {deaf_to:?} for {ms} ms", leader + 1));
+    }
+
+    /// Hot swap node `i` to the other build: hand-over snapshot, start, replace. Its held
+    /// effects stay held (they belong to steps already taken); messages in flight to it arrive
+    /// at the new build.
+    fn swap(&mut self, i: usize) {
+        if self.now < self.nodes[i].paused_until_ms {
+            return;
+        }
+        let other = 1 - self.nodes[i].build;
+        let Some(old) = self.nodes[i].guest.as_mut() else { return };
+        let leading = old.status().is_ok_and(|s| s.contains("\"role\":\"leader\""));
+        let Ok(handover) = old.snapshot(true) else { return };
+        let Ok(mut new) = self.builds[other].instantiate() else { return };
+        if let Ok(Ok(effects)) = new.start(&self.nodes[i].config, Some(&handover), &[]) {
+            self.nodes[i].guest = Some(new);
+            self.nodes[i].build = other;
+            self.nodes[i].swapped_at_ms = Some(self.now);
+            self.stats.swaps += 1;
+            self.stats.leader_swaps += u64::from(leading);
+            self.note(|| format!("hot swap node {} to build {other}{}", i + 1, if leading { " (leader)" } else { "" }));
+            self.carry_out(i, effects);
+        }
+    }
+
+    /// Ends faults whose time is up; at the end of the fault window, every fault.
+    pub(crate) fn heal(&mut self) -> Result<(), Failure> {
+        let over = self.now >= self.config.fault_window_ms;
+        if over && !self.healed {
+            self.healed = true;
+            self.net.heal_all();
+            self.partition_until_ms = 0;
+            for node in &mut self.nodes {
+                node.paused_until_ms = 0;
+                node.acceptor_out_until_ms = 0;
+            }
+            self.note(|| "fault window over: every fault healed".into());
+        }
+        for i in 0..self.nodes.len() {
+            let due = self.nodes[i].down_until_ms.is_some_and(|t| self.now >= t || over);
+            if due {
+                self.nodes[i].down_until_ms = None;
+                self.boot(i)?;
+                let how = if self.nodes[i].config.rejoining {
+                    "with an empty disk, rejoining"
+                } else if self.nodes[i].disk.snapshot.is_some() {
+                    "from its snapshot and WAL"
+                } else {
+                    "from its WAL"
+                };
+                self.note(|| format!("restart node {} {how}", i + 1));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether node `i` could take part in a quorum right now.
+    fn healthy(&self, i: usize) -> bool {
+        let node = &self.nodes[i];
+        node.guest.is_some()
+            && !node.rejoining
+            && self.now >= node.paused_until_ms
+            && self.now >= node.acceptor_out_until_ms
+    }
+
+    /// Whether `set` is healthy and every link among its members up (both ways) and fast.
+    fn connected_and_healthy(&self, set: &[usize]) -> bool {
+        set.iter().all(|&a| {
+            self.healthy(a)
+                && set.iter().all(|&b| a == b || (self.net.link_up(a, b, self.now) && !self.net.link_slow(a, b, self.now)))
+        })
+    }
+
+    /// The largest healthy, fully connected majority, if any.
+    fn healthy_majority(&self) -> Option<Vec<usize>> {
+        let n = self.nodes.len();
+        let healthy: Vec<usize> = (0..n).filter(|&i| self.healthy(i)).collect();
+        let majority = n / 2 + 1;
+        let mut best: Option<Vec<usize>> = None;
+        for mask in 1u32..(1 << healthy.len()) {
+            if (mask.count_ones() as usize) < majority.max(best.as_ref().map_or(0, |b| b.len() + 1)) {
+                continue;
+            }
+            let set: Vec<usize> =
+                healthy.iter().enumerate().filter(|(k, _)| mask & (1 << k) != 0).map(|(_, &i)| i).collect();
+            if self.connected_and_healthy(&set) {
+                best = Some(set);
+            }
+        }
+        best
+    }
+
+    /// The progress check (see the module doc), and rejoining replicas that vote again.
+    pub(crate) fn check_progress(&mut self) {
+        if self.now.is_multiple_of(REJOIN_POLL_MS) {
+            for i in 0..self.nodes.len() {
+                if self.nodes[i].rejoining && self.nodes[i].guest.is_some() {
+                    let voting = self.status(i).is_some_and(|s| s.contains("\"voting\":true"));
+                    if voting {
+                        self.nodes[i].rejoining = false;
+                        self.note(|| format!("node {} votes again after its wipe", i + 1));
+                    }
+                }
+            }
+        }
+        // The same majority must stay healthy and connected: when it breaks up, the clock starts
+        // again with the next one (a leader in it may have been lost).
+        let still = self.healthy.as_ref().is_some_and(|(_, set)| self.connected_and_healthy(set));
+        if !still {
+            self.healthy = self.healthy_majority().map(|set| (self.now, set));
+        }
+        let Some((since, set)) = self.healthy.as_ref() else { return };
+        let (since, set) = (*since, set.clone());
+        let stalled_ms = self.now - since.max(self.progress_ms);
+        if stalled_ms > PROGRESS_MS && self.liveness.is_none() {
+            let set: Vec<usize> = set.iter().map(|i| i + 1).collect();
+            self.liveness = Some(format!(
+                "no client operation completed for {stalled_ms} ms at {} ms although nodes {set:?} were up, voting and connected all that time",
+                self.now
+            ));
+        }
+    }
+}
