@@ -54,6 +54,95 @@ mod rate {
     pub const SWAP: f64 = 0.003;
 }
 
+/// Fault kinds, for the per-seed mix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Crash and restart from disk.
+    Crash,
+    /// Disk lost, rejoin.
+    Wipe,
+    /// Not stepped for a while.
+    Pause,
+    /// Two sides, both directions cut.
+    Partition,
+    /// One side cannot hear the other.
+    AsymmetricPartition,
+    /// One link cut one way.
+    OneWayCut,
+    /// What followers send the leader is lost.
+    DeafLeader,
+    /// Every message on a link delayed long.
+    SlowLink,
+    /// The acceptor role's envelopes dropped.
+    Outage,
+    /// Hot swap to the other build.
+    Swap,
+}
+
+/// Every kind, in the order the mix is drawn.
+pub const KINDS: [Kind; 10] = [
+    Kind::Crash,
+    Kind::Wipe,
+    Kind::Pause,
+    Kind::Partition,
+    Kind::AsymmetricPartition,
+    Kind::OneWayCut,
+    Kind::DeafLeader,
+    Kind::SlowLink,
+    Kind::Outage,
+    Kind::Swap,
+];
+
+/// Each fault kind is on in a seed with this probability…
+const KIND_ON_CHANCE: f64 = 0.7;
+/// …at its base rate times a factor in this range (percent).
+const KIND_RATE_PERCENT: (u64, u64) = (40, 250);
+
+/// Which fault kinds a seed injects, and how often relative to their base rate: seeds differ
+/// in kind, not only in timing (as Jepsen combines nemeses), so that a fault whose effect
+/// another kind would mask (a deaf leader that crashes soon after) also runs on its own.
+#[derive(Clone, Debug)]
+pub struct FaultMix {
+    /// Rate factor per kind, in `KINDS` order (0: off).
+    factor: [f64; KINDS.len()],
+}
+
+impl FaultMix {
+    /// Draws a mix.
+    pub fn draw(rng: &mut crate::rng::Rng) -> FaultMix {
+        let mut factor = [0.0; KINDS.len()];
+        for f in factor.iter_mut() {
+            let on = rng.chance(KIND_ON_CHANCE);
+            let percent = rng.range(KIND_RATE_PERCENT.0, KIND_RATE_PERCENT.1);
+            *f = if on { percent as f64 / 100.0 } else { 0.0 };
+        }
+        FaultMix { factor }
+    }
+
+    /// Every kind at its base rate.
+    pub fn all() -> FaultMix {
+        FaultMix { factor: [1.0; KINDS.len()] }
+    }
+
+    /// The per-tick probability of `kind`, from its base rate.
+    pub fn rate(&self, kind: Kind, base: f64) -> f64 {
+        let k = KINDS.iter().position(|&x| x == kind).unwrap_or(0);
+        base * self.factor[k]
+    }
+}
+
+impl std::fmt::Display for FaultMix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let on: Vec<String> = KINDS
+            .iter()
+            .zip(self.factor)
+            .filter(|(_, x)| *x > 0.0)
+            .map(|(k, x)| format!("{k:?} x{x:.1}"))
+            .collect();
+        write!(f, "{}", on.join(", "))
+    }
+}
+
 impl World<'_> {
     /// Starts this tick's faults (none outside the fault window).
     pub(crate) fn inject_faults(&mut self) {
@@ -62,18 +151,18 @@ impl World<'_> {
         }
         let n = self.nodes.len();
         let partitioned = self.now < self.partition_until_ms;
-        if self.rng.chance(if partitioned { rate::CRASH_DURING_PARTITION } else { rate::CRASH }) {
+        if self.rng.chance(self.mix.rate(Kind::Crash, if partitioned { rate::CRASH_DURING_PARTITION } else { rate::CRASH })) {
             let i = self.rng.range(0, n as u64) as usize;
             self.crash(i, false);
         }
-        if self.rng.chance(rate::WIPE) {
+        if self.rng.chance(self.mix.rate(Kind::Wipe, rate::WIPE)) {
             let i = self.rng.range(0, n as u64) as usize;
             let without_state = self.nodes.iter().filter(|node| node.rejoining).count();
             if !self.nodes[i].rejoining && without_state < (n - 1) / 2 {
                 self.crash(i, true);
             }
         }
-        if self.rng.chance(rate::PAUSE) {
+        if self.rng.chance(self.mix.rate(Kind::Pause, rate::PAUSE)) {
             let i = self.rng.range(0, n as u64) as usize;
             if self.nodes[i].guest.is_some() && self.now >= self.nodes[i].paused_until_ms {
                 let ms = self.rng.range(rate::PAUSE_MS.0, rate::PAUSE_MS.1);
@@ -82,10 +171,10 @@ impl World<'_> {
                 self.note(|| format!("pause node {} for {ms} ms", i + 1));
             }
         }
-        if !partitioned && self.rng.chance(rate::PARTITION) {
+        if !partitioned && self.rng.chance(self.mix.rate(Kind::Partition, rate::PARTITION)) {
             self.partition();
         }
-        if self.rng.chance(rate::ASYMMETRIC_PARTITION) {
+        if self.rng.chance(self.mix.rate(Kind::AsymmetricPartition, rate::ASYMMETRIC_PARTITION)) {
             let ms = self.rng.range(rate::ASYMMETRIC_PARTITION_MS.0, rate::ASYMMETRIC_PARTITION_MS.1);
             let deaf: Vec<bool> = (0..n).map(|_| self.rng.chance(0.5)).collect();
             for a in 0..n {
@@ -98,7 +187,7 @@ impl World<'_> {
             self.stats.asymmetric_partitions += 1;
             self.note(|| format!("asymmetric partition for {ms} ms: {deaf:?} hear nothing from the others"));
         }
-        if self.rng.chance(rate::ONE_WAY_CUT) {
+        if self.rng.chance(self.mix.rate(Kind::OneWayCut, rate::ONE_WAY_CUT)) {
             let src = self.rng.range(0, n as u64) as usize;
             let dst = (src + 1 + self.rng.range(0, n as u64 - 1) as usize) % n;
             let ms = self.rng.range(rate::ONE_WAY_CUT_MS.0, rate::ONE_WAY_CUT_MS.1);
@@ -106,10 +195,12 @@ impl World<'_> {
             self.stats.one_way_cuts += 1;
             self.note(|| format!("cut {} -> {} for {ms} ms", src + 1, dst + 1));
         }
-        if self.rng.chance(rate::DEAF_LEADER) {
+        // Early enough that it outlasts the progress check before the window ends.
+        let early = self.now + PROGRESS_MS + 1_500 < self.config.fault_window_ms;
+        if early && self.rng.chance(self.mix.rate(Kind::DeafLeader, rate::DEAF_LEADER)) {
             self.deafen_leader();
         }
-        if self.rng.chance(rate::SLOW_LINK) {
+        if self.rng.chance(self.mix.rate(Kind::SlowLink, rate::SLOW_LINK)) {
             let src = self.rng.range(0, n as u64) as usize;
             let dst = (src + 1 + self.rng.range(0, n as u64 - 1) as usize) % n;
             let ms = self.rng.range(rate::SLOW_LINK_MS.0, rate::SLOW_LINK_MS.1);
@@ -117,14 +208,14 @@ impl World<'_> {
             self.stats.slow_links += 1;
             self.note(|| format!("slow link {} -> {} for {ms} ms", src + 1, dst + 1));
         }
-        if self.rng.chance(rate::OUTAGE) {
+        if self.rng.chance(self.mix.rate(Kind::Outage, rate::OUTAGE)) {
             let i = self.rng.range(0, n as u64) as usize;
             let ms = self.rng.range(rate::OUTAGE_MS.0, rate::OUTAGE_MS.1);
             self.nodes[i].acceptor_out_until_ms = self.now + ms;
             self.stats.outages += 1;
             self.note(|| format!("acceptor outage on node {} for {ms} ms", i + 1));
         }
-        if self.builds.len() > 1 && self.rng.chance(rate::SWAP) {
+        if self.builds.len() > 1 && self.rng.chance(self.mix.rate(Kind::Swap, rate::SWAP)) {
             let at_leader = self.rng.chance(0.5);
             let i = match at_leader.then(|| self.leader()).flatten() {
                 Some(leader) => leader,
@@ -175,7 +266,9 @@ impl World<'_> {
     /// minority while the majority elects another.
     fn partition(&mut self) {
         let n = self.nodes.len();
-        let mut sides: Vec<u8> = (0..n).map(|_| (self.rng.next_u64() % 2) as u8).collect();
+        // Random sides, both non-empty.
+        let cut = self.rng.range(1, (1 << n) - 1);
+        let mut sides: Vec<u8> = (0..n).map(|i| ((cut >> i) & 1) as u8).collect();
         if self.rng.chance(0.5) {
             if let Some(leader) = self.leader() {
                 let buddy = (leader + 1 + self.rng.range(0, n as u64 - 1) as usize) % n;
@@ -285,25 +378,6 @@ impl World<'_> {
         })
     }
 
-    /// The largest healthy, fully connected majority, if any.
-    fn healthy_majority(&self) -> Option<Vec<usize>> {
-        let n = self.nodes.len();
-        let healthy: Vec<usize> = (0..n).filter(|&i| self.healthy(i)).collect();
-        let majority = n / 2 + 1;
-        let mut best: Option<Vec<usize>> = None;
-        for mask in 1u32..(1 << healthy.len()) {
-            if (mask.count_ones() as usize) < majority.max(best.as_ref().map_or(0, |b| b.len() + 1)) {
-                continue;
-            }
-            let set: Vec<usize> =
-                healthy.iter().enumerate().filter(|(k, _)| mask & (1 << k) != 0).map(|(_, &i)| i).collect();
-            if self.connected_and_healthy(&set) {
-                best = Some(set);
-            }
-        }
-        best
-    }
-
     /// The progress check (see the module doc), and rejoining replicas that vote again.
     pub(crate) fn check_progress(&mut self) {
         if self.now.is_multiple_of(REJOIN_POLL_MS) {
@@ -317,14 +391,26 @@ impl World<'_> {
                 }
             }
         }
-        // The same majority must stay healthy and connected: when it breaks up, the clock starts
-        // again with the next one (a leader in it may have been lost).
-        let still = self.healthy.as_ref().is_some_and(|(_, set)| self.connected_and_healthy(set));
-        if !still {
-            self.healthy = self.healthy_majority().map(|set| (self.now, set));
+        // Each majority's own clock: since when it has been healthy and connected without a
+        // break. The longest-standing one, measured from the last progress, is the stall.
+        let n = self.nodes.len();
+        let majority = n / 2 + 1;
+        let mut longest: Option<(u64, Vec<usize>)> = None;
+        for mask in 1..(1usize << n) {
+            if (mask.count_ones() as usize) < majority {
+                continue;
+            }
+            let set: Vec<usize> = (0..n).filter(|i| mask & (1 << i) != 0).collect();
+            if !self.connected_and_healthy(&set) {
+                self.healthy_since_ms[mask] = None;
+                continue;
+            }
+            let since = *self.healthy_since_ms[mask].get_or_insert(self.now);
+            if longest.as_ref().is_none_or(|(t, _)| since < *t) {
+                longest = Some((since, set));
+            }
         }
-        let Some((since, set)) = self.healthy.as_ref() else { return };
-        let (since, set) = (*since, set.clone());
+        let Some((since, set)) = longest else { return };
         let stalled_ms = self.now - since.max(self.progress_ms);
         if stalled_ms > PROGRESS_MS && self.liveness.is_none() {
             let set: Vec<usize> = set.iter().map(|i| i + 1).collect();

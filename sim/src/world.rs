@@ -138,12 +138,15 @@ pub struct World<'a> {
     pub(crate) agreement: Agreement,
     /// A safety failure found while stepping (a slot with two values).
     pub(crate) divergence: Option<String>,
-    /// Since when which majority has been healthy and fully connected (see `faults`).
-    pub(crate) healthy: Option<(u64, Vec<usize>)>,
+    /// Per set of replicas (a bit mask), since when it has been healthy and fully connected
+    /// (see `faults`).
+    pub(crate) healthy_since_ms: Vec<Option<u64>>,
     /// A symmetric partition lasts until then.
     pub(crate) partition_until_ms: u64,
     /// The fault window is over and everything healed.
     pub(crate) healed: bool,
+    /// Which fault kinds this seed injects, how often.
+    pub(crate) mix: crate::faults::FaultMix,
     /// The last time a client operation completed, or no client waited.
     pub(crate) progress_ms: u64,
 }
@@ -170,6 +173,7 @@ impl<'a> World<'a> {
     pub fn new(builds: &'a [GuestBuild], config: SimConfig, seed: u64, trace: bool) -> Result<World<'a>, Failure> {
         let mut rng = Rng::new(seed);
         let members: Vec<u32> = (1..=config.nodes).collect();
+        let mix = crate::faults::FaultMix::draw(&mut rng);
         let retain_slots = if config.faults { rng.range(RETAIN_SLOTS.0, RETAIN_SLOTS.1) } else { 50 };
         let mut nodes = Vec::new();
         for &me in &members {
@@ -205,6 +209,8 @@ impl<'a> World<'a> {
         let clients = (0..config.clients)
             .map(|_| Client { done: 0, idle_until: 0, current: None, history_index: None })
             .collect();
+        // One clock per set of replicas for the progress check (five replicas: 32 sets).
+        let sets = 1usize << nodes.len().min(16);
         let mut world = World {
             builds,
             net: Net::new(nodes.len(), config.faults),
@@ -221,12 +227,14 @@ impl<'a> World<'a> {
             liveness: None,
             agreement: Agreement::default(),
             divergence: None,
-            healthy: None,
+            healthy_since_ms: vec![None; sets],
             partition_until_ms: 0,
             healed: false,
+            mix,
             progress_ms: 1_000,
         };
-        world.note(|| format!("retain_slots {retain_slots}"));
+        let mix = world.mix.to_string();
+        world.note(|| format!("retain_slots {retain_slots}; faults: {mix}"));
         for i in 0..world.nodes.len() {
             world.boot(i)?;
         }
