@@ -45,7 +45,7 @@ mod rate {
     pub const ASYMMETRIC_PARTITION_MS: (u64, u64) = (300, 3_000);
     pub const ONE_WAY_CUT: f64 = 0.002;
     pub const ONE_WAY_CUT_MS: (u64, u64) = (200, 3_000);
-    pub const DEAF_LEADER: f64 = 0.0005;
+    pub const DEAF_LEADER: f64 = 0.0012;
     pub const DEAF_LEADER_MS: (u64, u64) = (4_500, 7_500);
     pub const SLOW_LINK: f64 = 0.001;
     pub const SLOW_LINK_MS: (u64, u64) = (300, 3_000);
@@ -77,10 +77,16 @@ pub enum Kind {
     Outage,
     /// Hot swap to the other build.
     Swap,
+    /// Scenario (see `scenarios`): a wipe while most acceptors are out, then a partition.
+    WipeDuringOutages,
+    /// Scenario: slow confirmations, a hot swap of the leader, then a partition.
+    ReadAcrossSwap,
+    /// Scenario: three followers' learners fall behind, the leader crashes.
+    LaggingMajority,
 }
 
 /// Every kind, in the order the mix is drawn.
-pub const KINDS: [Kind; 10] = [
+pub const KINDS: [Kind; 13] = [
     Kind::Crash,
     Kind::Wipe,
     Kind::Pause,
@@ -91,6 +97,9 @@ pub const KINDS: [Kind; 10] = [
     Kind::SlowLink,
     Kind::Outage,
     Kind::Swap,
+    Kind::WipeDuringOutages,
+    Kind::ReadAcrossSwap,
+    Kind::LaggingMajority,
 ];
 
 /// Each fault kind is on in a seed with this probability…
@@ -204,17 +213,14 @@ impl World<'_> {
             let src = self.rng.range(0, n as u64) as usize;
             let dst = (src + 1 + self.rng.range(0, n as u64 - 1) as usize) % n;
             let ms = self.rng.range(rate::SLOW_LINK_MS.0, rate::SLOW_LINK_MS.1);
-            self.net.slow(src, dst, self.now + ms);
-            self.stats.slow_links += 1;
-            self.note(|| format!("slow link {} -> {} for {ms} ms", src + 1, dst + 1));
+            self.slow_link(src, dst, ms);
         }
         if self.rng.chance(self.mix.rate(Kind::Outage, rate::OUTAGE)) {
             let i = self.rng.range(0, n as u64) as usize;
             let ms = self.rng.range(rate::OUTAGE_MS.0, rate::OUTAGE_MS.1);
-            self.nodes[i].acceptor_out_until_ms = self.now + ms;
-            self.stats.outages += 1;
-            self.note(|| format!("acceptor outage on node {} for {ms} ms", i + 1));
+            self.outage(i, ms);
         }
+        self.run_scenarios();
         if self.builds.len() > 1 && self.rng.chance(self.mix.rate(Kind::Swap, rate::SWAP)) {
             let at_leader = self.rng.chance(0.5);
             let i = match at_leader.then(|| self.leader()).flatten() {
@@ -225,13 +231,33 @@ impl World<'_> {
         }
     }
 
+    /// Envelopes to node `i`'s acceptor are dropped for `ms`.
+    pub(crate) fn outage(&mut self, i: usize, ms: u64) {
+        let until = &mut self.nodes[i].acceptor_out_until_ms;
+        *until = (*until).max(self.now + ms);
+        self.stats.outages += 1;
+        self.note(|| format!("acceptor outage on node {} for {ms} ms", i + 1));
+    }
+
+    /// Every message src→dst is long-delayed for `ms`.
+    pub(crate) fn slow_link(&mut self, src: usize, dst: usize, ms: u64) {
+        self.net.slow(src, dst, self.now + ms);
+        self.stats.slow_links += 1;
+        self.note(|| format!("slow link {} -> {} for {ms} ms", src + 1, dst + 1));
+    }
+
     /// Crashes node `i` (with `wipe`, its disk is lost too); it restarts after a while.
     fn crash(&mut self, i: usize, wipe: bool) {
+        let (low, high) = if wipe { rate::WIPE_DOWN_MS } else { rate::CRASH_DOWN_MS };
+        let down_ms = self.rng.range(low, high);
+        self.crash_for(i, wipe, down_ms);
+    }
+
+    /// Crashes node `i` for `down_ms` (with `wipe`, its disk is lost too).
+    pub(crate) fn crash_for(&mut self, i: usize, wipe: bool, down_ms: u64) {
         if self.nodes[i].guest.is_none() {
             return;
         }
-        let (low, high) = if wipe { rate::WIPE_DOWN_MS } else { rate::CRASH_DOWN_MS };
-        let down_ms = self.rng.range(low, high);
         let node = &mut self.nodes[i];
         node.guest = None;
         node.inbox.clear();
@@ -276,11 +302,17 @@ impl World<'_> {
             }
         }
         let ms = self.rng.range(rate::PARTITION_MS.0, rate::PARTITION_MS.1);
-        self.partition_until_ms = self.now + ms;
+        self.partition_sides(sides, ms);
+    }
+
+    /// Cuts both directions between nodes of different `sides` for `ms`.
+    pub(crate) fn partition_sides(&mut self, sides: Vec<u8>, ms: u64) {
+        let n = self.nodes.len();
+        self.partition_until_ms = self.partition_until_ms.max(self.now + ms);
         for a in 0..n {
             for b in 0..n {
                 if sides[a] != sides[b] {
-                    self.net.cut(a, b, self.partition_until_ms);
+                    self.net.cut(a, b, self.now + ms);
                 }
             }
         }
@@ -310,7 +342,7 @@ impl World<'_> {
     /// Hot swap node `i` to the other build: hand-over snapshot, start, replace. Its held
     /// effects stay held (they belong to steps already taken); messages in flight to it arrive
     /// at the new build.
-    fn swap(&mut self, i: usize) {
+    pub(crate) fn swap(&mut self, i: usize) {
         if self.now < self.nodes[i].paused_until_ms {
             return;
         }

@@ -10,6 +10,7 @@
 //!   compaction, and what a crash or a wipe leaves.
 //! - `faults`: the fault schedule (crashes, wipes, pauses, partitions of every shape, acceptor
 //!   outages, hot swaps) and the progress check while a majority is healthy.
+//! - `scenarios`: composed faults around the leader, in the shapes known to break Paxos.
 //! - `checker`: linearizability of the resulting key-value history.
 //! - `agreement`: no slot chosen with two values; replicas converge on one state.
 //! - `stats`: what a run did, fault by fault kind.
@@ -21,6 +22,7 @@ pub mod disk;
 pub mod faults;
 pub mod net;
 pub mod rng;
+pub mod scenarios;
 pub mod stats;
 pub mod world;
 

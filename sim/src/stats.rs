@@ -43,6 +43,8 @@ pub struct Stats {
     pub outages: u64,
     /// Hot swaps.
     pub swaps: u64,
+    /// Composed fault scenarios started (their faults are counted by kind too).
+    pub scenarios: u64,
     /// Hot swaps of the replica that led at the time.
     pub leader_swaps: u64,
     /// Messages sent before their receiver was hot-swapped and delivered after.
@@ -79,6 +81,7 @@ impl Stats {
             pauses,
             outages,
             swaps,
+            scenarios,
             leader_swaps,
             late_after_swap,
             records_lost,
@@ -104,6 +107,7 @@ impl Stats {
         self.pauses += pauses;
         self.outages += outages;
         self.swaps += swaps;
+        self.scenarios += scenarios;
         self.leader_swaps += leader_swaps;
         self.late_after_swap += late_after_swap;
         self.records_lost += records_lost;
@@ -133,7 +137,7 @@ impl fmt::Display for Stats {
         write!(
             f,
             "faults: {} crashes, {} wipes, {} pauses, {} partitions, {} asymmetric partitions, {} one-way cuts, \
-             {} deaf leaders, {} slow links, {} acceptor outages, {} hot swaps ({} at the leader); \
+             {} deaf leaders, {} slow links, {} acceptor outages, {} hot swaps ({} at the leader), {} composed scenarios; \
              network: {} delivered, {} lost, {} duplicated, {} long-delayed, {} late after a swap; \
              disk: {} compactions, {} restarts from a snapshot, {} snapshot installs, {} records lost in crashes, \
              {} steps' held effects dropped",
@@ -148,6 +152,7 @@ impl fmt::Display for Stats {
             self.outages,
             self.swaps,
             self.leader_swaps,
+            self.scenarios,
             self.delivered,
             self.lost,
             self.duplicated,

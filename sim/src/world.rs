@@ -145,6 +145,8 @@ pub struct World<'a> {
     pub(crate) partition_until_ms: u64,
     /// The fault window is over and everything healed.
     pub(crate) healed: bool,
+    /// The steps of the scenario in progress (see `scenarios`), by time.
+    pub(crate) script: Vec<(u64, crate::scenarios::Action)>,
     /// Which fault kinds this seed injects, how often.
     pub(crate) mix: crate::faults::FaultMix,
     /// The last time a client operation completed, or no client waited.
@@ -230,6 +232,7 @@ impl<'a> World<'a> {
             healthy_since_ms: vec![None; sets],
             partition_until_ms: 0,
             healed: false,
+            script: Vec::new(),
             mix,
             progress_ms: 1_000,
         };

@@ -1,0 +1,154 @@
+//! Composed faults: a few of the primitive faults of `faults`, placed together around the
+//! current leader with random timing, in the shapes known to break Paxos implementations.
+//!
+//! Random faults alone reach these shapes too rarely to matter (each needs three or four faults
+//! in the right order within a second or two). A scenario is still only a schedule of ordinary
+//! faults — acceptor outages, wipes, partitions, slow links, crashes, hot swaps — so a correct
+//! replica survives it like any other run; it just makes the dangerous interleavings common:
+//! - *wipe during outages*: most acceptors are out while the leader proposes, so only the
+//!   leader and one follower accept; that follower is wiped and rejoins; then the two sides of
+//!   a partition each try to finish the slot (a rejoined acceptor whose old vote still counts
+//!   lets both succeed);
+//! - *read across a swap*: answers to the leader's read confirmations are slowed, the leader is
+//!   hot-swapped, then cut off with one follower while the rest elect another leader and write
+//!   (a late confirmation from before the swap must not complete a read after it);
+//! - *lagging majority*: the leader's messages to three followers are slowed (their learners
+//!   fall behind, its announcements arrive late), the leader crashes and the one up-to-date
+//!   follower is cut off, so a lagging replica leads a lagging majority while late
+//!   announcements make some of them compact what it still needs.
+
+use crate::faults::Kind;
+use crate::world::World;
+
+/// One fault of a scenario, due at a time.
+#[derive(Clone, Debug)]
+pub enum Action {
+    /// Envelopes to node's acceptor dropped for `ms`.
+    Outage { node: usize, ms: u64 },
+    /// Node loses its disk and restarts, rejoining, after `down_ms`.
+    Wipe { node: usize, down_ms: u64 },
+    /// Node crashes and restarts from its disk after `down_ms`.
+    Crash { node: usize, down_ms: u64 },
+    /// Both directions between `side` and the rest cut for `ms`.
+    Isolate { side: Vec<usize>, ms: u64 },
+    /// Messages src→dst long-delayed for `ms`.
+    Slow { src: usize, dst: usize, ms: u64 },
+    /// Hot swap of the node.
+    Swap { node: usize },
+}
+
+/// Per-tick base rate of starting a scenario (when its kind is on in the seed's mix and no
+/// other scenario runs).
+const SCENARIO_RATE: f64 = 0.0006;
+
+impl World<'_> {
+    /// Starts a scenario now and then; runs the steps of the one in progress that are due.
+    pub(crate) fn run_scenarios(&mut self) {
+        while self.script.first().is_some_and(|(at, _)| *at <= self.now) {
+            let (_, action) = self.script.remove(0);
+            self.act(action);
+        }
+        // Late enough in the window, a scenario could not play out before everything heals.
+        if !self.script.is_empty() || self.now + 6_000 > self.config.fault_window_ms {
+            return;
+        }
+        for kind in [Kind::WipeDuringOutages, Kind::ReadAcrossSwap, Kind::LaggingMajority] {
+            if self.rng.chance(self.mix.rate(kind, SCENARIO_RATE)) {
+                self.plan(kind);
+                return;
+            }
+        }
+    }
+
+    fn later(&mut self, after_ms: (u64, u64), action: Action) -> u64 {
+        let at = self.now + self.rng.range(after_ms.0, after_ms.1);
+        self.schedule(at, action);
+        at
+    }
+
+    fn schedule(&mut self, at_ms: u64, action: Action) {
+        let k = self.script.partition_point(|(t, _)| *t <= at_ms);
+        self.script.insert(k, (at_ms, action));
+    }
+
+    /// Lays out a scenario of `kind` around the current leader (none: nothing happens).
+    fn plan(&mut self, kind: Kind) {
+        let Some(leader) = self.leader() else { return };
+        let n = self.nodes.len();
+        // The followers in a random order.
+        let mut others: Vec<usize> = (0..n).filter(|&i| i != leader).collect();
+        for k in (1..others.len()).rev() {
+            let j = self.rng.range(0, k as u64 + 1) as usize;
+            others.swap(k, j);
+        }
+        if others.len() < 4 {
+            return;
+        }
+        let (b, c, d, e) = (others[0], others[1], others[2], others[3]);
+        match kind {
+            Kind::WipeDuringOutages => {
+                let now = self.now;
+                let b_ms = self.rng.range(3_500, 6_000);
+                self.schedule(now, Action::Outage { node: b, ms: b_ms });
+                for x in [d, e] {
+                    let ms = self.rng.range(1_500, 2_800);
+                    self.schedule(now, Action::Outage { node: x, ms });
+                }
+                let down_ms = self.rng.range(50, 400);
+                self.later((100, 600), Action::Wipe { node: c, down_ms });
+                let ms = self.rng.range(2_000, 4_000);
+                self.later((2_000, 3_200), Action::Isolate { side: vec![leader, b], ms });
+            }
+            Kind::ReadAcrossSwap => {
+                let slow_ms = self.rng.range(1_500, 3_500);
+                for x in [c, d, e] {
+                    if self.rng.chance(0.7) {
+                        self.schedule(self.now, Action::Slow { src: x, dst: leader, ms: slow_ms });
+                    }
+                }
+                let swap_at = self.later((50, 600), Action::Swap { node: leader });
+                if self.rng.chance(0.3) {
+                    let again = swap_at + self.rng.range(50, 300);
+                    self.schedule(again, Action::Swap { node: leader });
+                }
+                let ms = self.rng.range(1_500, 3_500);
+                let at = swap_at + self.rng.range(50, 500);
+                self.schedule(at, Action::Isolate { side: vec![leader, b], ms });
+            }
+            Kind::LaggingMajority => {
+                let slow_ms = self.rng.range(2_500, 5_000);
+                for x in [b, c, d] {
+                    self.schedule(self.now, Action::Slow { src: leader, dst: x, ms: slow_ms });
+                }
+                let crash_at = self.now + self.rng.range(1_500, slow_ms);
+                let down_ms = self.rng.range(800, 3_000);
+                self.schedule(crash_at, Action::Crash { node: leader, down_ms });
+                let ms = self.rng.range(1_500, 4_000);
+                self.schedule(crash_at, Action::Isolate { side: vec![e], ms });
+            }
+            _ => return,
+        }
+        self.stats.scenarios += 1;
+        let names: Vec<usize> = others.iter().map(|i| i + 1).collect();
+        self.note(|| format!("scenario {kind:?} around leader {} (followers {names:?})", leader + 1));
+    }
+
+    fn act(&mut self, action: Action) {
+        match action {
+            Action::Outage { node, ms } => self.outage(node, ms),
+            Action::Wipe { node, down_ms } => {
+                let without_state = self.nodes.iter().filter(|node| node.rejoining).count();
+                if !self.nodes[node].rejoining && without_state < (self.nodes.len() - 1) / 2 {
+                    self.crash_for(node, true, down_ms);
+                }
+            }
+            Action::Crash { node, down_ms } => self.crash_for(node, false, down_ms),
+            Action::Isolate { side, ms } => {
+                let sides: Vec<u8> = (0..self.nodes.len()).map(|i| u8::from(side.contains(&i))).collect();
+                self.partition_sides(sides, ms);
+            }
+            Action::Slow { src, dst, ms } => self.slow_link(src, dst, ms),
+            Action::Swap { node } => self.swap(node),
+        }
+    }
+}
