@@ -33,7 +33,7 @@ const REJOIN_POLL_MS: u64 = 100;
 /// Per-tick probability of each fault kind, and how long each lasts (ms).
 mod rate {
     pub const CRASH: f64 = 0.003;
-    pub const CRASH_DURING_PARTITION: f64 = 0.015;
+    pub const CRASH_DURING_PARTITION: f64 = 0.006;
     pub const CRASH_DOWN_MS: (u64, u64) = (50, 800);
     pub const WIPE: f64 = 0.0005;
     pub const WIPE_DOWN_MS: (u64, u64) = (100, 1_500);
@@ -159,6 +159,15 @@ impl World<'_> {
             return;
         }
         let n = self.nodes.len();
+        self.run_scenarios();
+        if self.now < self.quiet_until_ms {
+            // A scenario plays out: random crashes, wipes, pauses and cuts would only blur it.
+            if self.builds.len() > 1 && self.rng.chance(self.mix.rate(Kind::Swap, rate::SWAP)) {
+                let i = self.rng.range(0, n as u64) as usize;
+                self.swap(i);
+            }
+            return;
+        }
         let partitioned = self.now < self.partition_until_ms;
         if self.rng.chance(self.mix.rate(Kind::Crash, if partitioned { rate::CRASH_DURING_PARTITION } else { rate::CRASH })) {
             let i = self.rng.range(0, n as u64) as usize;
@@ -220,7 +229,6 @@ impl World<'_> {
             let ms = self.rng.range(rate::OUTAGE_MS.0, rate::OUTAGE_MS.1);
             self.outage(i, ms);
         }
-        self.run_scenarios();
         if self.builds.len() > 1 && self.rng.chance(self.mix.rate(Kind::Swap, rate::SWAP)) {
             let at_leader = self.rng.chance(0.5);
             let i = match at_leader.then(|| self.leader()).flatten() {

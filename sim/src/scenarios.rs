@@ -37,9 +37,12 @@ pub enum Action {
     Swap { node: usize },
 }
 
+/// Random crashes, wipes, pauses and cuts wait this long after a scenario's last step.
+const QUIET_AFTER_MS: u64 = 2_500;
+
 /// Per-tick base rate of starting a scenario (when its kind is on in the seed's mix and no
 /// other scenario runs).
-const SCENARIO_RATE: f64 = 0.0006;
+const SCENARIO_RATE: f64 = 0.0012;
 
 impl World<'_> {
     /// Starts a scenario now and then; runs the steps of the one in progress that are due.
@@ -129,6 +132,7 @@ impl World<'_> {
             _ => return,
         }
         self.stats.scenarios += 1;
+        self.quiet_until_ms = self.script.last().map_or(self.now, |(t, _)| *t) + QUIET_AFTER_MS;
         let names: Vec<usize> = others.iter().map(|i| i + 1).collect();
         self.note(|| format!("scenario {kind:?} around leader {} (followers {names:?})", leader + 1));
     }

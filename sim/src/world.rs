@@ -147,6 +147,8 @@ pub struct World<'a> {
     pub(crate) healed: bool,
     /// The steps of the scenario in progress (see `scenarios`), by time.
     pub(crate) script: Vec<(u64, crate::scenarios::Action)>,
+    /// Random faults other than hot swaps wait until then (a scenario plays out).
+    pub(crate) quiet_until_ms: u64,
     /// Which fault kinds this seed injects, how often.
     pub(crate) mix: crate::faults::FaultMix,
     /// The last time a client operation completed, or no client waited.
@@ -233,6 +235,7 @@ impl<'a> World<'a> {
             partition_until_ms: 0,
             healed: false,
             script: Vec::new(),
+            quiet_until_ms: 0,
             mix,
             progress_ms: 1_000,
         };
