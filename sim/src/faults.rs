@@ -17,8 +17,11 @@
 //! - *hot swap* to the other build, half the time at the leader.
 //!
 //! At the end of the window everything heals at once. The progress check: while a majority of
-//! replicas is up, unpaused, voting, free of outages and fully connected among itself (both
-//! directions, no slow link), some client operation must complete within `PROGRESS_MS` — a
+//! replicas is up, unpaused, voting, free of outages, fully connected among itself (both
+//! directions, no slow link) and not flooded with stale messages from outside (a slow link into
+//! it, or one within the longest delay from a replica that was down or paused meanwhile: a
+//! stream of seconds-old heartbeats from a dead leader is indistinguishable from a slow live
+//! one), some client operation must complete within `PROGRESS_MS` — a
 //! cluster that could make progress but does not (a leader nobody can depose) is a failure even
 //! before the faults heal.
 
@@ -185,6 +188,7 @@ impl World<'_> {
             if self.nodes[i].guest.is_some() && self.now >= self.nodes[i].paused_until_ms {
                 let ms = self.rng.range(rate::PAUSE_MS.0, rate::PAUSE_MS.1);
                 self.nodes[i].paused_until_ms = self.now + ms;
+                self.nodes[i].back_at_ms = self.now + ms;
                 self.stats.pauses += 1;
                 self.note(|| format!("pause node {} for {ms} ms", i + 1));
             }
@@ -344,6 +348,9 @@ impl World<'_> {
             }
         }
         self.stats.deaf_leaders += 1;
+        // Other random faults would depose the leader for other reasons and hide whether the
+        // cluster gets past one that can no longer hear: they wait.
+        self.quiet_until_ms = self.quiet_until_ms.max(self.now + ms);
         self.note(|| format!("deaf leader: node {} hears nothing from {deaf_to:?} for {ms} ms", leader + 1));
     }
 
@@ -387,6 +394,7 @@ impl World<'_> {
             let due = self.nodes[i].down_until_ms.is_some_and(|t| self.now >= t || over);
             if due {
                 self.nodes[i].down_until_ms = None;
+                self.nodes[i].back_at_ms = self.now;
                 self.boot(i)?;
                 let how = if self.nodes[i].config.rejoining {
                     "with an empty disk, rejoining"
@@ -410,11 +418,25 @@ impl World<'_> {
             && self.now >= node.acceptor_out_until_ms
     }
 
-    /// Whether `set` is healthy and every link among its members up (both ways) and fast.
+    /// Whether messages from `x` to `a` may still arrive, seconds old, over a slow link while `x`
+    /// is (or was lately) down or paused: a dead leader's heartbeats, indistinguishable from a
+    /// slow live leader's.
+    fn stale_from_the_dead(&self, x: usize, a: usize) -> bool {
+        let node = &self.nodes[x];
+        let troubled = node.guest.is_none()
+            || self.now < node.paused_until_ms
+            || self.now < node.back_at_ms.saturating_add(crate::net::LONG_DELAY_MS.1);
+        self.net.link_slow(x, a, self.now) || (troubled && self.net.stale(x, a, self.now))
+    }
+
+    /// Whether `set` is healthy, every link among its members up (both ways) and fast, and no
+    /// stream of stale messages from a dead replica outside still reaching it.
     fn connected_and_healthy(&self, set: &[usize]) -> bool {
+        let n = self.nodes.len();
         set.iter().all(|&a| {
             self.healthy(a)
                 && set.iter().all(|&b| a == b || (self.net.link_up(a, b, self.now) && !self.net.link_slow(a, b, self.now)))
+                && (0..n).all(|x| set.contains(&x) || !self.stale_from_the_dead(x, a))
         })
     }
 

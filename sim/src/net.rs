@@ -88,6 +88,12 @@ impl Net {
         src != dst && now_ms < self.slow_until_ms[src][dst]
     }
 
+    /// Whether anything `src` sent to `dst` over a slow link may still be on its way at
+    /// `now_ms` (the link is slow now, or was less than the longest delay ago).
+    pub fn stale(&self, src: usize, dst: usize, now_ms: u64) -> bool {
+        src != dst && now_ms < self.slow_until_ms[src][dst].saturating_add(LONG_DELAY_MS.1)
+    }
+
     /// Cuts src→dst until `until_ms` (a longer cut already in place stays).
     pub fn cut(&mut self, src: usize, dst: usize, until_ms: u64) {
         if src != dst {

@@ -52,7 +52,8 @@ impl World<'_> {
             self.act(action);
         }
         // Late enough in the window, a scenario could not play out before everything heals.
-        if !self.script.is_empty() || self.now + 6_000 > self.config.fault_window_ms {
+        let busy = !self.script.is_empty() || self.now < self.quiet_until_ms;
+        if busy || self.now + 6_000 > self.config.fault_window_ms {
             return;
         }
         for kind in [Kind::WipeDuringOutages, Kind::ReadAcrossSwap, Kind::LaggingMajority] {

@@ -67,6 +67,8 @@ pub(crate) struct Node {
     pub(crate) loopback: Vec<Envelope>,
     /// Crashed (or wiped) until then.
     pub(crate) down_until_ms: Option<u64>,
+    /// When it last came back from a crash or a pause.
+    pub(crate) back_at_ms: u64,
     /// Not stepped before this time (its inbox keeps filling).
     pub(crate) paused_until_ms: u64,
     pub(crate) acceptor_out_until_ms: u64,
@@ -203,6 +205,7 @@ impl<'a> World<'a> {
                 inbox: Vec::new(),
                 loopback: Vec::new(),
                 down_until_ms: None,
+                back_at_ms: 0,
                 paused_until_ms: 0,
                 acceptor_out_until_ms: 0,
                 wiped: false,
