@@ -108,8 +108,11 @@ impl Disk {
         } else {
             rng.range(0, SYNC_MS_MAX)
         };
-        self.syncing =
-            Some(Sync { ticket: self.sync_issued, records: std::mem::take(&mut self.buffered), done_at_ms: now_ms + took_ms });
+        self.syncing = Some(Sync {
+            ticket: self.sync_issued,
+            records: std::mem::take(&mut self.buffered),
+            done_at_ms: now_ms + took_ms,
+        });
     }
 
     /// Completes the sync if it is done by `now_ms`; returns the effects it releases (in step

@@ -145,12 +145,8 @@ impl FaultMix {
 
 impl std::fmt::Display for FaultMix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let on: Vec<String> = KINDS
-            .iter()
-            .zip(self.factor)
-            .filter(|(_, x)| *x > 0.0)
-            .map(|(k, x)| format!("{k:?} x{x:.1}"))
-            .collect();
+        let on: Vec<String> =
+            KINDS.iter().zip(self.factor).filter(|(_, x)| *x > 0.0).map(|(k, x)| format!("{k:?} x{x:.1}")).collect();
         write!(f, "{}", on.join(", "))
     }
 }
@@ -172,7 +168,10 @@ impl World<'_> {
             return;
         }
         let partitioned = self.now < self.partition_until_ms;
-        if self.rng.chance(self.mix.rate(Kind::Crash, if partitioned { rate::CRASH_DURING_PARTITION } else { rate::CRASH })) {
+        if self
+            .rng
+            .chance(self.mix.rate(Kind::Crash, if partitioned { rate::CRASH_DURING_PARTITION } else { rate::CRASH }))
+        {
             let i = self.rng.range(0, n as u64) as usize;
             self.crash(i, false);
         }
@@ -435,7 +434,9 @@ impl World<'_> {
         let n = self.nodes.len();
         set.iter().all(|&a| {
             self.healthy(a)
-                && set.iter().all(|&b| a == b || (self.net.link_up(a, b, self.now) && !self.net.link_slow(a, b, self.now)))
+                && set
+                    .iter()
+                    .all(|&b| a == b || (self.net.link_up(a, b, self.now) && !self.net.link_slow(a, b, self.now)))
                 && (0..n).all(|x| set.contains(&x) || !self.stale_from_the_dead(x, a))
         })
     }

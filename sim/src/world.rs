@@ -191,11 +191,8 @@ impl<'a> World<'a> {
                 retain_slots,
                 rejoining: false,
             };
-            let snapshot_every_records = if config.faults {
-                rng.range(SNAPSHOT_EVERY_RECORDS.0, SNAPSHOT_EVERY_RECORDS.1)
-            } else {
-                u64::MAX
-            };
+            let snapshot_every_records =
+                if config.faults { rng.range(SNAPSHOT_EVERY_RECORDS.0, SNAPSHOT_EVERY_RECORDS.1) } else { u64::MAX };
             nodes.push(Node {
                 guest: None,
                 build: 0,
@@ -557,7 +554,7 @@ impl<'a> World<'a> {
     pub(crate) fn read_stale(&mut self, i: usize, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>, Failure> {
         const STALE_ID_BASE: u64 = 1 << 62;
         let mut events: Vec<Event> = self.nodes[i].loopback.drain(..).map(Event::Message).collect();
-        events.extend(self.nodes[i].inbox.drain(..));
+        events.append(&mut self.nodes[i].inbox);
         events.extend(keys.iter().enumerate().map(|(k, key)| {
             Event::Request(Request {
                 id: STALE_ID_BASE + k as u64,
@@ -569,8 +566,7 @@ impl<'a> World<'a> {
         let Some(guest) = self.nodes[i].guest.as_mut() else {
             return Err(Failure::GuestCrash(format!("node {} is down after every fault healed", i + 1)));
         };
-        let effects =
-            guest.step(self.now, &events).map_err(|e| Failure::GuestCrash(format!("node {}: {e}", i + 1)))?;
+        let effects = guest.step(self.now, &events).map_err(|e| Failure::GuestCrash(format!("node {}: {e}", i + 1)))?;
         let mut values = vec![None; keys.len()];
         for effect in &effects {
             if let Effect::Reply((id, Outcome::Value(value))) = effect {
