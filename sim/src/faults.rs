@@ -357,7 +357,7 @@ impl World<'_> {
     /// effects stay held (they belong to steps already taken); messages in flight to it arrive
     /// at the new build.
     pub(crate) fn swap(&mut self, i: usize) {
-        if self.now < self.nodes[i].paused_until_ms {
+        if self.builds.len() < 2 || self.now < self.nodes[i].paused_until_ms {
             return;
         }
         let other = 1 - self.nodes[i].build;
