@@ -123,8 +123,9 @@ impl FaultMix {
     /// Draws a mix.
     pub fn draw(rng: &mut crate::rng::Rng) -> FaultMix {
         let mut factor = [0.0; KINDS.len()];
-        for f in factor.iter_mut() {
-            let on = rng.chance(KIND_ON_CHANCE);
+        for (k, f) in factor.iter_mut().enumerate() {
+            // Crashes are the bread and butter of every run (most safety bugs need one).
+            let on = rng.chance(KIND_ON_CHANCE) || KINDS[k] == Kind::Crash;
             let percent = rng.range(KIND_RATE_PERCENT.0, KIND_RATE_PERCENT.1);
             *f = if on { percent as f64 / 100.0 } else { 0.0 };
         }
