@@ -10,8 +10,8 @@
 //!   a partition each try to finish the slot (a rejoined acceptor whose old vote still counts
 //!   lets both succeed);
 //! - *read across a swap*: answers to the leader's read confirmations are slowed, the leader is
-//!   hot-swapped, then cut off with one follower while the rest elect another leader and write
-//!   (a late confirmation from before the swap must not complete a read after it);
+//!   hot-swapped twice, then cut off with one follower while the rest elect another leader and
+//!   write (a late confirmation from before a swap must not complete a read after it);
 //! - *lagging majority*: the leader's messages to three followers are slowed (their learners
 //!   fall behind, its announcements arrive late), the leader crashes and the one up-to-date
 //!   follower is cut off, so a lagging replica leads a lagging majority while late
@@ -64,10 +64,9 @@ impl World<'_> {
         }
     }
 
-    fn later(&mut self, after_ms: (u64, u64), action: Action) -> u64 {
+    fn later(&mut self, after_ms: (u64, u64), action: Action) {
         let at = self.now + self.rng.range(after_ms.0, after_ms.1);
         self.schedule(at, action);
-        at
     }
 
     fn schedule(&mut self, at_ms: u64, action: Action) {
@@ -104,20 +103,23 @@ impl World<'_> {
                 self.later((2_000, 3_200), Action::Isolate { side: vec![leader, b], ms });
             }
             Kind::ReadAcrossSwap => {
-                let slow_ms = self.rng.range(1_500, 3_500);
+                // Confirmations from three followers arrive late; the leader is swapped and
+                // serves reads under the new build's round numbers; it is cut off with one
+                // follower; while the rest elect another leader and write, it is swapped again
+                // (the numbers start over once more) and serves reads on its side.
+                let first_at = self.now + self.rng.range(50, 300);
+                let cut_at = first_at + self.rng.range(400, 1_200);
+                let cut_ms = self.rng.range(3_000, 4_500);
+                let second_at = cut_at + self.rng.range(1_300, 2_300);
+                let slow_ms = cut_at + cut_ms - self.now;
                 for x in [c, d, e] {
-                    if self.rng.chance(0.7) {
+                    if self.rng.chance(0.8) {
                         self.schedule(self.now, Action::Slow { src: x, dst: leader, ms: slow_ms });
                     }
                 }
-                let swap_at = self.later((50, 600), Action::Swap { node: leader });
-                if self.rng.chance(0.3) {
-                    let again = swap_at + self.rng.range(50, 300);
-                    self.schedule(again, Action::Swap { node: leader });
-                }
-                let ms = self.rng.range(1_500, 3_500);
-                let at = swap_at + self.rng.range(50, 500);
-                self.schedule(at, Action::Isolate { side: vec![leader, b], ms });
+                self.schedule(first_at, Action::Swap { node: leader });
+                self.schedule(cut_at, Action::Isolate { side: vec![leader, b], ms: cut_ms });
+                self.schedule(second_at, Action::Swap { node: leader });
             }
             Kind::LaggingMajority => {
                 let slow_ms = self.rng.range(2_500, 5_000);

@@ -376,7 +376,10 @@ impl<'a> World<'a> {
                 continue;
             }
             if now >= current.attempt_deadline {
-                let node = self.rng.range(0, n) as usize;
+                // The first attempt goes to the client's own replica (as a client process bound
+                // to one host); retries to a random one.
+                let first = current.attempt_deadline == 0;
+                let node = if first { c % n as usize } else { self.rng.range(0, n) as usize };
                 let id = self.next_request;
                 self.next_request += 1;
                 let Some(current) = self.clients[c].current.as_mut() else { continue };
@@ -388,7 +391,12 @@ impl<'a> World<'a> {
                     Op::Delete => Command::Delete(current.key.clone()),
                 };
                 let request = Request { id, client: 10_000 + c as u64, seq: current.seq, command };
-                self.requests.insert(id, (c, current.seq));
+                let seq = current.seq;
+                if self.trace.is_some() {
+                    let line = format!("client {c} sends {:?} to node {}", request.command, node + 1);
+                    self.note(|| line);
+                }
+                self.requests.insert(id, (c, seq));
                 // A paused host still queues requests; a crashed one refuses the connection.
                 if self.nodes[node].guest.is_some() {
                     self.nodes[node].inbox.push(Event::Request(request));
@@ -397,7 +405,7 @@ impl<'a> World<'a> {
         }
     }
 
-    fn on_reply(&mut self, id: u64, outcome: Outcome) {
+    fn on_reply(&mut self, node: usize, id: u64, outcome: Outcome) {
         let Some((c, seq)) = self.requests.remove(&id) else { return };
         let Some(current) = self.clients[c].current.as_ref() else { return };
         if current.seq != seq {
@@ -412,6 +420,15 @@ impl<'a> World<'a> {
             Outcome::Redirect(_) | Outcome::Rejected(_) => return,
         };
         if let Some(index) = self.clients[c].history_index.take() {
+            let entry = &self.history[index];
+            let line = format!(
+                "client {c} {} {:?} -> {ret:?} from node {} (called at {} ms)",
+                entry.key,
+                entry.op,
+                node + 1,
+                entry.call
+            );
+            self.note(|| line);
             self.history[index].ret = Some((self.now, ret));
         }
         self.clients[c].current = None;
@@ -426,7 +443,7 @@ impl<'a> World<'a> {
         for effect in effects {
             match effect {
                 Effect::Send(envelope) => self.send(envelope),
-                Effect::Reply((id, outcome)) => self.on_reply(id, outcome),
+                Effect::Reply((id, outcome)) => self.on_reply(i, id, outcome),
                 Effect::Log(line) => self.note(|| format!("node {}: {line}", i + 1)),
                 Effect::Persist(_) | Effect::PersistLazy(_) => {}
             }
