@@ -425,7 +425,7 @@ impl World<'_> {
         let node = &self.nodes[x];
         let troubled = node.guest.is_none()
             || self.now < node.paused_until_ms
-            || self.now < node.back_at_ms.saturating_add(crate::net::LONG_DELAY_MS.1);
+            || self.now < node.back_at_ms.saturating_add(crate::net::SLOW_LINK_DELAY_MS.1);
         self.net.link_slow(x, a, self.now) || (troubled && self.net.stale(x, a, self.now))
     }
 

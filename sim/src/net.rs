@@ -23,8 +23,10 @@ pub const NORMAL_DELAY_MS_MAX: u64 = 30;
 pub const CALM_DELAY_MS_MAX: u64 = 5;
 /// One message in `LONG_DELAY_ONE_IN` is held back for `LONG_DELAY_MS` ms.
 pub const LONG_DELAY_ONE_IN: u64 = 400;
-/// Range of a long delay (and of every delay on a slow link).
+/// Range of a long delay.
 pub const LONG_DELAY_MS: (u64, u64) = (200, 3_000);
+/// Range of every delay on a slow link (a stream stuck behind a congested connection).
+pub const SLOW_LINK_DELAY_MS: (u64, u64) = (500, 5_000);
 /// Probability that a message is lost outright.
 pub const LOSS_CHANCE: f64 = 0.02;
 /// Probability that a message is delivered twice.
@@ -91,7 +93,7 @@ impl Net {
     /// Whether anything `src` sent to `dst` over a slow link may still be on its way at
     /// `now_ms` (the link is slow now, or was less than the longest delay ago).
     pub fn stale(&self, src: usize, dst: usize, now_ms: u64) -> bool {
-        src != dst && now_ms < self.slow_until_ms[src][dst].saturating_add(LONG_DELAY_MS.1)
+        src != dst && now_ms < self.slow_until_ms[src][dst].saturating_add(SLOW_LINK_DELAY_MS.1)
     }
 
     /// Cuts src→dst until `until_ms` (a longer cut already in place stays).
@@ -129,8 +131,11 @@ impl Net {
         let copies = if self.faults && rng.chance(DUPLICATE_CHANCE) { 2 } else { 1 };
         let mut any_long = false;
         for _ in 0..copies {
-            let long = self.faults && (self.link_slow(src, dst, now_ms) || rng.range(0, LONG_DELAY_ONE_IN) == 0);
-            let delay_ms = if long {
+            let slow = self.faults && self.link_slow(src, dst, now_ms);
+            let long = slow || (self.faults && rng.range(0, LONG_DELAY_ONE_IN) == 0);
+            let delay_ms = if slow {
+                rng.range(SLOW_LINK_DELAY_MS.0, SLOW_LINK_DELAY_MS.1)
+            } else if long {
                 rng.range(LONG_DELAY_MS.0, LONG_DELAY_MS.1)
             } else {
                 rng.range(1, if self.faults { NORMAL_DELAY_MS_MAX } else { CALM_DELAY_MS_MAX })

@@ -9,9 +9,13 @@
 //!   leader and one follower accept; that follower is wiped and rejoins; then the two sides of
 //!   a partition each try to finish the slot (a rejoined acceptor whose old vote still counts
 //!   lets both succeed);
-//! - *read across a swap*: answers to the leader's read confirmations are slowed, the leader is
-//!   hot-swapped twice, then cut off with one follower while the rest elect another leader and
-//!   write (a late confirmation from before a swap must not complete a read after it);
+//! - *read across a swap*: one follower's answers to the leader are slowed, the leader is
+//!   hot-swapped, cut off with one follower and swapped again while the rest elect another
+//!   leader and write, and a client reads at the old leader (a late confirmation from before a
+//!   swap must not complete a read after it). Clients are steered to the majority side for the
+//!   while, except that reader, and pause just before the cut: a write in flight at the old
+//!   leader would hold every later read there behind its unchosen slot (the read index), which
+//!   is safe and hides the question;
 //! - *lagging majority*: the leader's messages to three followers are slowed (their learners
 //!   fall behind, its announcements arrive late), the leader crashes and the one up-to-date
 //!   follower is cut off, so a lagging replica leads a lagging majority while late
@@ -35,6 +39,13 @@ pub enum Action {
     Slow { src: usize, dst: usize, ms: u64 },
     /// Hot swap of the node.
     Swap { node: usize },
+    /// Clients go to other replicas than `avoid`, except `reader`, which only reads, at
+    /// `reader_node`, until `until_ms`.
+    Steer { avoid: Vec<usize>, reader: usize, reader_node: usize, until_ms: u64 },
+    /// The client starts no new operation before `until_ms`.
+    Hold { client: usize, until_ms: u64 },
+    /// The client's read in progress is sent again at once, as a first attempt.
+    Retry { client: usize },
 }
 
 /// Random crashes, wipes, pauses and cuts wait this long after a scenario's last step.
@@ -103,21 +114,32 @@ impl World<'_> {
                 self.later((2_000, 3_200), Action::Isolate { side: vec![leader, b], ms });
             }
             Kind::ReadAcrossSwap => {
-                // Confirmations from three followers arrive late; the leader is swapped and
-                // serves reads under the new build's round numbers; it is cut off with one
-                // follower; while the rest elect another leader and write, it is swapped again
-                // (the numbers start over once more) and serves reads on its side.
+                // What one follower answers the leader arrives late. The leader is swapped and a
+                // reader reads there (its rounds start over; the late answers are on their way);
+                // the other clients pause so that nothing is left in flight at the leader (an
+                // unchosen slot would hold every read there behind it, which is safe and hides
+                // the question); the leader is cut off with one follower and swapped again (the
+                // rounds start over once more) while the rest elect another leader and write;
+                // then the reader reads at the old leader once more, as late answers arrive.
                 let first_at = self.now + self.rng.range(50, 300);
-                let cut_at = first_at + self.rng.range(400, 1_200);
-                let cut_ms = self.rng.range(3_000, 4_500);
-                let second_at = cut_at + self.rng.range(1_300, 2_300);
-                let slow_ms = cut_at + cut_ms - self.now;
-                for x in [c, d, e] {
-                    if self.rng.chance(0.8) {
-                        self.schedule(self.now, Action::Slow { src: x, dst: leader, ms: slow_ms });
-                    }
-                }
+                let cut_at = first_at + self.rng.range(800, 1_300);
+                let second_at = cut_at + self.rng.range(300, 900);
+                let late_read_at = cut_at + self.rng.range(1_500, 3_000);
+                let cut_ms = late_read_at + 1_000 - cut_at;
+                let slow_ms = late_read_at + 1_000 - self.now;
+                self.schedule(self.now, Action::Slow { src: c, dst: leader, ms: slow_ms });
+                let reader = self.rng.range(0, self.clients.len() as u64) as usize;
+                let until_ms = late_read_at + 1_000;
+                let steer = Action::Steer { avoid: vec![leader, b], reader, reader_node: leader, until_ms };
+                self.schedule(self.now, steer);
+                self.schedule(self.now, Action::Hold { client: reader, until_ms: first_at + 20 });
                 self.schedule(first_at, Action::Swap { node: leader });
+                self.schedule(first_at + 20, Action::Retry { client: reader });
+                for other in (0..self.clients.len()).filter(|&k| k != reader) {
+                    self.schedule(cut_at - 800, Action::Hold { client: other, until_ms: cut_at + 100 });
+                }
+                self.schedule(cut_at - 50, Action::Hold { client: reader, until_ms: late_read_at });
+                self.schedule(late_read_at, Action::Retry { client: reader });
                 self.schedule(cut_at, Action::Isolate { side: vec![leader, b], ms: cut_ms });
                 self.schedule(second_at, Action::Swap { node: leader });
             }
@@ -156,6 +178,25 @@ impl World<'_> {
             }
             Action::Slow { src, dst, ms } => self.slow_link(src, dst, ms),
             Action::Swap { node } => self.swap(node),
+            Action::Steer { avoid, reader, reader_node, until_ms } => {
+                let names: Vec<usize> = avoid.iter().map(|i| i + 1).collect();
+                self.note(|| {
+                    format!("clients steered away from {names:?}; client {reader} reads at node {}", reader_node + 1)
+                });
+                self.steer = Some(crate::world::Steer { avoid, reader, reader_node, until_ms });
+            }
+            Action::Retry { client } => {
+                if let Some(steer) = self.steer.as_ref().filter(|_| self.tracing()) {
+                    let node = steer.reader_node;
+                    let status = self.status(node).unwrap_or_default();
+                    self.note(|| format!("client {client} reads at node {} now; its status: {status}", node + 1));
+                }
+                self.retry_read(client);
+            }
+            Action::Hold { client, until_ms } => {
+                let idle = &mut self.clients[client].idle_until;
+                *idle = (*idle).max(until_ms);
+            }
         }
     }
 }

@@ -89,10 +89,19 @@ struct ClientOp {
     request_id: u64,
 }
 
-struct Client {
+/// Where clients go while a scenario steers them (see `scenarios`): away from `avoid`, except
+/// one client that only reads, at `reader_node`.
+pub(crate) struct Steer {
+    pub(crate) avoid: Vec<usize>,
+    pub(crate) reader: usize,
+    pub(crate) reader_node: usize,
+    pub(crate) until_ms: u64,
+}
+
+pub(crate) struct Client {
     done: u32,
     /// The next operation starts no earlier than this (think time).
-    idle_until: u64,
+    pub(crate) idle_until: u64,
     current: Option<ClientOp>,
     history_index: Option<usize>,
 }
@@ -129,7 +138,9 @@ pub struct World<'a> {
     pub(crate) now: u64,
     pub(crate) nodes: Vec<Node>,
     pub(crate) net: Net,
-    clients: Vec<Client>,
+    pub(crate) clients: Vec<Client>,
+    /// Clients steered by a scenario.
+    pub(crate) steer: Option<Steer>,
     /// request id -> (client index, seq).
     requests: std::collections::BTreeMap<u64, (usize, u64)>,
     next_request: u64,
@@ -223,6 +234,7 @@ impl<'a> World<'a> {
             now: 1_000,
             nodes,
             clients,
+            steer: None,
             requests: std::collections::BTreeMap::new(),
             next_request: 1,
             history: Vec::new(),
@@ -245,6 +257,11 @@ impl<'a> World<'a> {
             world.boot(i)?;
         }
         Ok(world)
+    }
+
+    /// Whether a trace is kept (what only the trace needs is computed only then).
+    pub(crate) fn tracing(&self) -> bool {
+        self.trace.is_some()
     }
 
     pub(crate) fn note(&mut self, line: impl FnOnce() -> String) {
@@ -336,11 +353,14 @@ impl<'a> World<'a> {
                 && self.now >= self.clients[c].idle_until
             {
                 let key = format!("k{}", self.rng.range(0, u64::from(self.config.keys)));
-                let op = match self.rng.range(0, 10) {
+                let mut op = match self.rng.range(0, 10) {
                     0..=3 => Op::Put(format!("c{c}-{}", self.clients[c].done).into_bytes()),
                     4..=7 => Op::Get,
                     _ => Op::Delete,
                 };
+                if self.steer.as_ref().is_some_and(|s| s.reader == c && self.now < s.until_ms) {
+                    op = Op::Get;
+                }
                 let seq = u64::from(self.clients[c].done) + 1;
                 self.history.push(Entry {
                     client: c as u32,
@@ -379,7 +399,15 @@ impl<'a> World<'a> {
                 // The first attempt goes to the client's own replica (as a client process bound
                 // to one host); retries to a random one.
                 let first = current.attempt_deadline == 0;
-                let node = if first { c % n as usize } else { self.rng.range(0, n) as usize };
+                let mut node = if first { c % n as usize } else { self.rng.range(0, n) as usize };
+                if let Some(steer) = self.steer.as_ref().filter(|s| now < s.until_ms) {
+                    if first && c == steer.reader {
+                        node = steer.reader_node;
+                    } else if steer.avoid.contains(&node) {
+                        let allowed: Vec<usize> = (0..n as usize).filter(|i| !steer.avoid.contains(i)).collect();
+                        node = allowed[(c + self.rng.range(0, allowed.len() as u64) as usize) % allowed.len()];
+                    }
+                }
                 let id = self.next_request;
                 self.next_request += 1;
                 let Some(current) = self.clients[c].current.as_mut() else { continue };
@@ -596,6 +624,18 @@ impl<'a> World<'a> {
         }
         self.carry_out(i, effects);
         Ok(values)
+    }
+
+    /// Client `c`'s read in progress, if any, is sent again now as a first attempt.
+    /// Any other operation in progress is given up (its outcome stays unknown, as when a client
+    /// times out), so the next one, a read, starts now.
+    pub(crate) fn retry_read(&mut self, c: usize) {
+        let Some(current) = self.clients[c].current.as_mut() else { return };
+        if current.op == Op::Get {
+            current.attempt_deadline = 0;
+        } else {
+            current.give_up_at = self.now;
+        }
     }
 
     /// Every client key name of this run.
