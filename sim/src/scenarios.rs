@@ -144,14 +144,22 @@ impl World<'_> {
                 self.schedule(second_at, Action::Swap { node: leader });
             }
             Kind::LaggingMajority => {
-                let slow_ms = self.rng.range(2_500, 5_000);
+                // The leader's messages to three followers are slowed (accepts and chosen
+                // announcements arrive late and out of order); the clients write through the
+                // leader; the leader crashes and the one fast follower is cut off, so a lagging
+                // replica leads the lagging three while the old leader's late announcements
+                // arrive and make some of them compact.
+                let slow_ms = self.rng.range(3_000, 6_000);
                 for x in [b, c, d] {
                     self.schedule(self.now, Action::Slow { src: leader, dst: x, ms: slow_ms });
                 }
-                let crash_at = self.now + self.rng.range(1_500, slow_ms);
-                let down_ms = self.rng.range(800, 3_000);
+                let crash_at = self.now + self.rng.range(2_000, slow_ms);
+                let reader = self.rng.range(0, self.clients.len() as u64) as usize;
+                let steer = Action::Steer { avoid: vec![b, c, d], reader, reader_node: leader, until_ms: crash_at };
+                self.schedule(self.now, steer);
+                let down_ms = self.rng.range(1_000, 3_000);
                 self.schedule(crash_at, Action::Crash { node: leader, down_ms });
-                let ms = self.rng.range(1_500, 4_000);
+                let ms = self.rng.range(2_000, 4_000);
                 self.schedule(crash_at, Action::Isolate { side: vec![e], ms });
             }
             _ => return,
