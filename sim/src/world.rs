@@ -268,6 +268,16 @@ impl<'a> World<'a> {
         Ok(world)
     }
 
+    /// Every replica's status, into the trace (when a run fails).
+    pub(crate) fn note_statuses(&mut self) {
+        if self.tracing() {
+            for i in 0..self.nodes.len() {
+                let status = self.status(i).unwrap_or_else(|| "down".into());
+                self.note(|| format!("node {} status: {status}", i + 1));
+            }
+        }
+    }
+
     /// Whether a trace is kept (what only the trace needs is computed only then).
     pub(crate) fn tracing(&self) -> bool {
         self.trace.is_some()
@@ -579,6 +589,7 @@ impl<'a> World<'a> {
                 return Err((Failure::Divergence(problem), self.trace.unwrap_or_default()));
             }
             if let Some(problem) = self.liveness.take() {
+                self.note_statuses();
                 return Err((Failure::Liveness(problem), self.trace.unwrap_or_default()));
             }
             if self.now > end {
