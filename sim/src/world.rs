@@ -183,8 +183,8 @@ const STEP_EVENTS_MAX: usize = 4_096;
 const SNAPSHOT_EVERY_RECORDS: (u64, u64) = (20, 61);
 /// Retained applied slots (drawn per run): small, so catch-up by snapshot transfer happens.
 const RETAIN_SLOTS: (u64, u64) = (8, 41);
-/// Retained applied slots in a run with the lagging-majority scenario.
-const RETAIN_SLOTS_LAGGING: (u64, u64) = (3, 9);
+/// Retained applied slots in a run with the lagging-majority scenario, and in half the others.
+const RETAIN_SLOTS_LAGGING: (u64, u64) = (5, 12);
 
 impl<'a> World<'a> {
     /// A world of `config.nodes` instances of `builds[0]` (a second build, if given, is swapped
@@ -195,8 +195,8 @@ impl<'a> World<'a> {
         let mix = crate::faults::FaultMix::draw(&mut rng);
         let retain_slots = if !config.faults {
             50
-        } else if mix.rate(crate::faults::Kind::LaggingMajority, 1.0) > 0.0 {
-            // A lagging majority matters only when it lags by more than what is retained.
+        } else if mix.rate(crate::faults::Kind::LaggingMajority, 1.0) > 0.0 || rng.chance(0.5) {
+            // Tiny: lagging replicas fall behind what the others retain all the time.
             rng.range(RETAIN_SLOTS_LAGGING.0, RETAIN_SLOTS_LAGGING.1)
         } else {
             rng.range(RETAIN_SLOTS.0, RETAIN_SLOTS.1)
