@@ -35,6 +35,10 @@ pub enum Action {
     Crash { node: usize, down_ms: u64 },
     /// Both directions between `side` and the rest cut for `ms`.
     Isolate { side: Vec<usize>, ms: u64 },
+    /// As `Isolate`, but only once `leader` has nothing in flight (every slot it proposed is
+    /// applied and no request of its own waits), polling until `give_up_ms`; the rest of the
+    /// scenario moves later by as much.
+    IsolateIdle { side: Vec<usize>, ms: u64, leader: usize, give_up_ms: u64 },
     /// Messages src→dst long-delayed for `ms`.
     Slow { src: usize, dst: usize, ms: u64 },
     /// Hot swap of the node.
@@ -140,7 +144,8 @@ impl World<'_> {
                 }
                 self.schedule(cut_at - 50, Action::Hold { client: reader, until_ms: late_read_at });
                 self.schedule(late_read_at, Action::Retry { client: reader });
-                self.schedule(cut_at, Action::Isolate { side: vec![leader, b], ms: cut_ms });
+                let idle = Action::IsolateIdle { side: vec![leader, b], ms: cut_ms, leader, give_up_ms: cut_at + 1_000 };
+                self.schedule(cut_at, idle);
                 self.schedule(second_at, Action::Swap { node: leader });
             }
             Kind::LaggingMajority => {
@@ -183,6 +188,23 @@ impl World<'_> {
             Action::Isolate { side, ms } => {
                 let sides: Vec<u8> = (0..self.nodes.len()).map(|i| u8::from(side.contains(&i))).collect();
                 self.partition_sides(sides, ms);
+            }
+            Action::IsolateIdle { side, ms, leader, give_up_ms } => {
+                let status = self.status(leader).unwrap_or_default();
+                let number = |field| crate::world::status_number(&status, field);
+                let idle = number("next_slot").is_some_and(|next| Some(next) == number("applied"))
+                    && number("pending") == Some(0);
+                if idle || self.now >= give_up_ms {
+                    self.act(Action::Isolate { side, ms });
+                } else {
+                    const POLL_MS: u64 = 20;
+                    for (at, _) in self.script.iter_mut() {
+                        *at += POLL_MS;
+                    }
+                    self.quiet_until_ms += POLL_MS;
+                    let retry = Action::IsolateIdle { side, ms, leader, give_up_ms };
+                    self.schedule(self.now + POLL_MS, retry);
+                }
             }
             Action::Slow { src, dst, ms } => self.slow_link(src, dst, ms),
             Action::Swap { node } => self.swap(node),
