@@ -71,8 +71,12 @@ impl World<'_> {
         if busy || self.now + 6_000 > self.config.fault_window_ms {
             return;
         }
-        for kind in [Kind::WipeDuringOutages, Kind::ReadAcrossSwap, Kind::LaggingMajority] {
-            if self.rng.chance(self.mix.rate(kind, SCENARIO_RATE)) {
+        // The read across a swap needs the most luck (a late answer landing in a read's
+        // 200 ms window): it is tried most often.
+        for (kind, weight) in
+            [(Kind::WipeDuringOutages, 1.0), (Kind::ReadAcrossSwap, 3.0), (Kind::LaggingMajority, 1.0)]
+        {
+            if self.rng.chance(self.mix.rate(kind, SCENARIO_RATE * weight)) {
                 self.plan(kind);
                 return;
             }
@@ -144,7 +148,8 @@ impl World<'_> {
                 }
                 self.schedule(cut_at - 50, Action::Hold { client: reader, until_ms: late_read_at });
                 self.schedule(late_read_at, Action::Retry { client: reader });
-                let idle = Action::IsolateIdle { side: vec![leader, b], ms: cut_ms, leader, give_up_ms: cut_at + 1_000 };
+                let idle =
+                    Action::IsolateIdle { side: vec![leader, b], ms: cut_ms, leader, give_up_ms: cut_at + 1_000 };
                 self.schedule(cut_at, idle);
                 self.schedule(second_at, Action::Swap { node: leader });
             }
