@@ -74,7 +74,7 @@ impl World<'_> {
         // The read across a swap needs the most luck (a late answer landing in a read's
         // 200 ms window): it is tried most often.
         for (kind, weight) in
-            [(Kind::WipeDuringOutages, 1.0), (Kind::ReadAcrossSwap, 3.0), (Kind::LaggingMajority, 1.0)]
+            [(Kind::WipeDuringOutages, 1.5), (Kind::ReadAcrossSwap, 4.0), (Kind::LaggingMajority, 1.0)]
         {
             if self.rng.chance(self.mix.rate(kind, SCENARIO_RATE * weight)) {
                 self.plan(kind);

@@ -44,10 +44,10 @@ impl Default for SimConfig {
         SimConfig {
             nodes: 5,
             clients: 5,
-            ops_per_client: 40,
+            ops_per_client: 50,
             keys: 6,
             faults: true,
-            fault_window_ms: 10_000,
+            fault_window_ms: 12_000,
             liveness_ms: 20_000,
         }
     }
