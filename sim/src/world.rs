@@ -1,42 +1,24 @@
-//! The simulated world: N instances of one guest build on a virtual clock and network.
+//! The simulated world: N instances of the real guest build on a virtual clock, driven as the
+//! host drives them, with clients whose history is checked.
 //!
-//! Everything is drawn from one seed: message delays, loss, duplication and reordering,
-//! partitions, crashes (a crashed node keeps exactly the records of the steps it completed, and
-//! restarts through `start(snapshot, wal)`), acceptor outages, hot swaps between two builds, and
-//! the clients' operations. The same seed replays the same history, bit for bit.
+//! It owns the run loop and the replicas' life cycle: boot (`start(snapshot, wal)`, with
+//! `rejoining` when the disk was wiped, as `host/src/main.rs` does), stepping (inbox batches,
+//! the guest's messages to itself looped back into its next step, the effects handed to the
+//! replica's `Disk`, which holds them until their sync, compaction every few records), and the
+//! clients (random puts, gets and deletes, retried on a random replica, given up after a
+//! while). The network is `net`, storage is `disk`, the fault schedule is `faults`, and the
+//! checks are `checker` (linearizability) and `agreement` (no slot with two values; replicas
+//! converge). Everything is drawn from one seed: the same seed replays the same history, bit
+//! for bit.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use waxos_host::runtime::{Command, Effect, Envelope, Event, Guest, GuestBuild, GuestConfig, Outcome, Request};
 
-use waxos_host::runtime::{Command, Effect, Envelope, Event, Guest, GuestBuild, GuestConfig, Outcome, Request, Role};
-
+use crate::agreement::Agreement;
 use crate::checker::{Entry, Op, Ret};
-
-/// SplitMix64: the simulator's only source of randomness.
-pub struct Rng(u64);
-
-impl Rng {
-    /// From a seed.
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-    /// 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// In `low..high`.
-    pub fn range(&mut self, low: u64, high: u64) -> u64 {
-        low + self.next_u64() % (high - low).max(1)
-    }
-    /// True with probability `p`.
-    pub fn chance(&mut self, p: f64) -> bool {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64 <= p
-    }
-}
+use crate::disk::Disk;
+use crate::net::Net;
+pub use crate::rng::Rng;
+pub use crate::stats::Stats;
 
 /// What a run does.
 #[derive(Clone, Debug)]
@@ -49,7 +31,7 @@ pub struct SimConfig {
     pub ops_per_client: u32,
     /// Key space.
     pub keys: u32,
-    /// Inject faults (crashes, partitions, outages, loss, duplication, swaps).
+    /// Inject faults (crashes, wipes, pauses, partitions, cuts, outages, loss, delays, swaps).
     pub faults: bool,
     /// Virtual time during which faults happen; then everything heals.
     pub fault_window_ms: u64,
@@ -62,51 +44,40 @@ impl Default for SimConfig {
         SimConfig {
             nodes: 5,
             clients: 5,
-            ops_per_client: 40,
+            ops_per_client: 50,
             keys: 6,
             faults: true,
-            fault_window_ms: 8_000,
+            fault_window_ms: 12_000,
             liveness_ms: 20_000,
         }
     }
 }
 
-/// Counts of what a run did.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Stats {
-    /// Guest steps.
-    pub steps: u64,
-    /// Messages delivered.
-    pub delivered: u64,
-    /// Messages lost (dropped, partitioned, to a crashed node).
-    pub lost: u64,
-    /// Messages duplicated.
-    pub duplicated: u64,
-    /// Crashes (and restarts).
-    pub crashes: u64,
-    /// Partitions.
-    pub partitions: u64,
-    /// Acceptor outages.
-    pub outages: u64,
-    /// Hot swaps.
-    pub swaps: u64,
-    /// Client operations completed.
-    pub completed: u64,
-    /// Client operations given up on (outcome unknown).
-    pub unknown: u64,
-}
-
-struct Node {
-    guest: Option<Guest>,
-    build: usize,
-    config: GuestConfig,
-    /// Records made durable: what survives a crash.
-    durable: Vec<Vec<u8>>,
-    /// Lazily persisted records not yet synced (the host's WAL buffer): a crash loses them.
-    unsynced: Vec<Vec<u8>>,
-    inbox: Vec<Event>,
-    down_until: Option<u64>,
-    acceptor_out_until: u64,
+/// One simulated host: its guest, its disk and what waits for its next step.
+pub(crate) struct Node {
+    pub(crate) guest: Option<Guest>,
+    /// Which of the builds runs.
+    pub(crate) build: usize,
+    pub(crate) config: GuestConfig,
+    pub(crate) disk: Disk,
+    /// Compaction every this many records (the host's `--snapshot-every`).
+    pub(crate) snapshot_every_records: u64,
+    pub(crate) inbox: Vec<Event>,
+    /// The guest's messages to itself: the first events of its next step.
+    pub(crate) loopback: Vec<Envelope>,
+    /// Crashed (or wiped) until then.
+    pub(crate) down_until_ms: Option<u64>,
+    /// When it last came back from a crash or a pause.
+    pub(crate) back_at_ms: u64,
+    /// Not stepped before this time (its inbox keeps filling).
+    pub(crate) paused_until_ms: u64,
+    pub(crate) acceptor_out_until_ms: u64,
+    /// The disk was wiped once: a restart with nothing on it rejoins.
+    pub(crate) wiped: bool,
+    /// Wiped and not voting again yet: without state.
+    pub(crate) rejoining: bool,
+    /// When the last hot swap happened.
+    pub(crate) swapped_at_ms: Option<u64>,
 }
 
 struct ClientOp {
@@ -118,10 +89,19 @@ struct ClientOp {
     request_id: u64,
 }
 
-struct Client {
+/// Where clients go while a scenario steers them (see `scenarios`): away from `avoid`, except
+/// one client that only reads, at `reader_node`.
+pub(crate) struct Steer {
+    pub(crate) avoid: Vec<usize>,
+    pub(crate) reader: usize,
+    pub(crate) reader_node: usize,
+    pub(crate) until_ms: u64,
+}
+
+pub(crate) struct Client {
     done: u32,
     /// The next operation starts no earlier than this (think time).
-    idle_until: u64,
+    pub(crate) idle_until: u64,
     current: Option<ClientOp>,
     history_index: Option<usize>,
 }
@@ -133,8 +113,11 @@ pub enum Failure {
     GuestCrash(String),
     /// The history is not linearizable.
     NotLinearizable(String),
-    /// Requests still pending long after every fault healed.
+    /// Requests still pending long after every fault healed, or no progress while a majority
+    /// was healthy and connected.
     Liveness(String),
+    /// Replicas disagree: a slot learned with two values, or different states at one slot.
+    Divergence(String),
 }
 
 /// A finished run.
@@ -149,34 +132,59 @@ pub struct Run {
 
 /// One simulation.
 pub struct World<'a> {
-    builds: &'a [GuestBuild],
-    config: SimConfig,
-    rng: Rng,
-    now: u64,
-    nodes: Vec<Node>,
-    queue: BinaryHeap<Reverse<(u64, u64)>>,
-    in_flight: BTreeMap<u64, Envelope>,
-    next_seq: u64,
-    /// Partition: node index -> side; empty = none.
-    sides: Vec<u8>,
-    partition_until: u64,
-    clients: Vec<Client>,
+    pub(crate) builds: &'a [GuestBuild],
+    pub(crate) config: SimConfig,
+    pub(crate) rng: Rng,
+    pub(crate) now: u64,
+    pub(crate) nodes: Vec<Node>,
+    pub(crate) net: Net,
+    pub(crate) clients: Vec<Client>,
+    /// Clients steered by a scenario.
+    pub(crate) steer: Option<Steer>,
     /// request id -> (client index, seq).
-    requests: BTreeMap<u64, (usize, u64)>,
+    requests: std::collections::BTreeMap<u64, (usize, u64)>,
     next_request: u64,
     history: Vec<Entry>,
-    stats: Stats,
+    pub(crate) stats: Stats,
     trace: Option<Vec<String>>,
-    liveness: Option<String>,
+    pub(crate) liveness: Option<String>,
+    pub(crate) agreement: Agreement,
+    /// A safety failure found while stepping (a slot with two values).
+    pub(crate) divergence: Option<String>,
+    /// Per set of replicas (a bit mask), since when it has been healthy and fully connected
+    /// (see `faults`).
+    pub(crate) healthy_since_ms: Vec<Option<u64>>,
+    /// A symmetric partition lasts until then.
+    pub(crate) partition_until_ms: u64,
+    /// The fault window is over and everything healed.
+    pub(crate) healed: bool,
+    /// The steps of the scenario in progress (see `scenarios`), by time.
+    pub(crate) script: Vec<(u64, crate::scenarios::Action)>,
+    /// Random faults other than hot swaps wait until then (a scenario plays out).
+    pub(crate) quiet_until_ms: u64,
+    /// Which fault kinds this seed injects, how often.
+    pub(crate) mix: crate::faults::FaultMix,
+    /// The last time a client operation completed, or no client waited.
+    pub(crate) progress_ms: u64,
 }
 
-const TICK_MS: u64 = 5;
+pub(crate) const TICK_MS: u64 = 5;
 const ATTEMPT_TIMEOUT_MS: u64 = 400;
 const GIVE_UP_MS: u64 = 4_000;
-/// Time allowed after the fault window for the cluster to settle (elections, catch-up).
-const RECOVERY_MS: u64 = 2_000;
+/// Time allowed after the fault window for the cluster to settle (elections, catch-up, and the
+/// long-delayed messages still in flight).
+const RECOVERY_MS: u64 = 3_000;
 /// Mean pause between a client's operations, so a run spans the fault window.
-const THINK_MS: u64 = 120;
+const THINK_MS: u64 = 150;
+/// Bound on events handed to one `step` (the host's `STEP_EVENTS_MAX`).
+const STEP_EVENTS_MAX: usize = 4_096;
+/// Compaction every `SNAPSHOT_EVERY_RECORDS` records (drawn per replica): small, so restarts
+/// from a snapshot are common.
+const SNAPSHOT_EVERY_RECORDS: (u64, u64) = (20, 61);
+/// Retained applied slots (drawn per run): small, so catch-up by snapshot transfer happens.
+const RETAIN_SLOTS: (u64, u64) = (8, 41);
+/// Retained applied slots in a run with the lagging-majority scenario, and in half the others.
+const RETAIN_SLOTS_LAGGING: (u64, u64) = (5, 12);
 
 impl<'a> World<'a> {
     /// A world of `config.nodes` instances of `builds[0]` (a second build, if given, is swapped
@@ -184,6 +192,15 @@ impl<'a> World<'a> {
     pub fn new(builds: &'a [GuestBuild], config: SimConfig, seed: u64, trace: bool) -> Result<World<'a>, Failure> {
         let mut rng = Rng::new(seed);
         let members: Vec<u32> = (1..=config.nodes).collect();
+        let mix = crate::faults::FaultMix::draw(&mut rng);
+        let retain_slots = if !config.faults {
+            50
+        } else if mix.rate(crate::faults::Kind::LaggingMajority, 1.0) > 0.0 || rng.chance(0.5) {
+            // Tiny: lagging replicas fall behind what the others retain all the time.
+            rng.range(RETAIN_SLOTS_LAGGING.0, RETAIN_SLOTS_LAGGING.1)
+        } else {
+            rng.range(RETAIN_SLOTS.0, RETAIN_SLOTS.1)
+        };
         let mut nodes = Vec::new();
         for &me in &members {
             let guest_config = GuestConfig {
@@ -191,219 +208,178 @@ impl<'a> World<'a> {
                 members: members.clone(),
                 seed: rng.next_u64(),
                 test_hooks: false,
-                retain_slots: 50,
+                retain_slots,
                 rejoining: false,
             };
+            let snapshot_every_records =
+                if config.faults { rng.range(SNAPSHOT_EVERY_RECORDS.0, SNAPSHOT_EVERY_RECORDS.1) } else { u64::MAX };
             nodes.push(Node {
                 guest: None,
                 build: 0,
                 config: guest_config,
-                durable: Vec::new(),
-                unsynced: Vec::new(),
+                disk: Disk::default(),
+                snapshot_every_records,
                 inbox: Vec::new(),
-                down_until: None,
-                acceptor_out_until: 0,
+                loopback: Vec::new(),
+                down_until_ms: None,
+                back_at_ms: 0,
+                paused_until_ms: 0,
+                acceptor_out_until_ms: 0,
+                wiped: false,
+                rejoining: false,
+                swapped_at_ms: None,
             });
         }
         let clients = (0..config.clients)
             .map(|_| Client { done: 0, idle_until: 0, current: None, history_index: None })
             .collect();
+        // One clock per set of replicas for the progress check (five replicas: 32 sets).
+        let sets = 1usize << nodes.len().min(16);
         let mut world = World {
             builds,
+            net: Net::new(nodes.len(), config.faults),
             config,
             rng,
             now: 1_000,
             nodes,
-            queue: BinaryHeap::new(),
-            in_flight: BTreeMap::new(),
-            next_seq: 0,
-            sides: Vec::new(),
-            partition_until: 0,
             clients,
-            requests: BTreeMap::new(),
+            steer: None,
+            requests: std::collections::BTreeMap::new(),
             next_request: 1,
             history: Vec::new(),
             stats: Stats::default(),
             trace: trace.then(Vec::new),
             liveness: None,
+            agreement: Agreement::default(),
+            divergence: None,
+            healthy_since_ms: vec![None; sets],
+            partition_until_ms: 0,
+            healed: false,
+            script: Vec::new(),
+            quiet_until_ms: 0,
+            mix,
+            progress_ms: 1_000,
         };
+        let mix = world.mix.to_string();
+        world.note(|| format!("retain_slots {retain_slots}; faults: {mix}"));
         for i in 0..world.nodes.len() {
             world.boot(i)?;
         }
         Ok(world)
     }
 
-    fn note(&mut self, line: impl FnOnce() -> String) {
+    /// Every replica's status, into the trace (when a run fails).
+    pub(crate) fn note_statuses(&mut self) {
+        if self.tracing() {
+            for i in 0..self.nodes.len() {
+                let status = self.status(i).unwrap_or_else(|| "down".into());
+                self.note(|| format!("node {} status: {status}", i + 1));
+            }
+        }
+    }
+
+    /// Whether a trace is kept (what only the trace needs is computed only then).
+    pub(crate) fn tracing(&self) -> bool {
+        self.trace.is_some()
+    }
+
+    pub(crate) fn note(&mut self, line: impl FnOnce() -> String) {
         if let Some(trace) = self.trace.as_mut() {
             trace.push(format!("{:>7} ms  {}", self.now, line()));
         }
     }
 
-    /// Starts node `i` from its durable records.
-    fn boot(&mut self, i: usize) -> Result<(), Failure> {
+    /// Starts node `i` from its disk: the snapshot and the records after it; with nothing on a
+    /// disk that was wiped, as a rejoining replica.
+    pub(crate) fn boot(&mut self, i: usize) -> Result<(), Failure> {
         let node = &mut self.nodes[i];
+        let empty = node.disk.snapshot.is_none() && node.disk.durable.is_empty();
+        node.config.rejoining = node.wiped && empty;
+        if node.disk.snapshot.is_some() {
+            self.stats.snapshot_restarts += 1;
+        }
         let mut guest = self.builds[node.build].instantiate().map_err(|e| Failure::GuestCrash(e.to_string()))?;
-        match guest.start(&node.config, None, &node.durable) {
-            Ok(Ok(effects)) => {
-                for e in effects {
-                    if let Effect::Persist(r) | Effect::PersistLazy(r) = e {
-                        node.durable.push(r);
-                    }
-                }
-            }
+        let effects = match guest.start(&node.config, node.disk.snapshot.as_deref(), &node.disk.durable) {
+            Ok(Ok(effects)) => effects,
             Ok(Err(refused)) => {
                 return Err(Failure::GuestCrash(format!("node {} refused its state: {refused}", i + 1)))
             }
             Err(crash) => return Err(Failure::GuestCrash(format!("node {}: {crash}", i + 1))),
-        }
+        };
         node.guest = Some(guest);
+        self.carry_out(i, effects);
         Ok(())
     }
 
+    /// The status JSON of node `i`'s guest, if it runs.
+    pub(crate) fn status(&mut self, i: usize) -> Option<String> {
+        self.nodes[i].guest.as_mut().and_then(|g| g.status().ok())
+    }
+
     /// The node whose guest says it leads, if any.
-    fn leader(&mut self) -> Option<usize> {
-        (0..self.nodes.len()).find(|&i| {
-            self.nodes[i]
-                .guest
-                .as_mut()
-                .and_then(|g| g.status().ok())
-                .is_some_and(|s| s.contains("\"role\":\"leader\""))
-        })
+    pub(crate) fn leader(&mut self) -> Option<usize> {
+        (0..self.nodes.len()).find(|&i| self.status(i).is_some_and(|s| s.contains("\"role\":\"leader\"")))
     }
 
-    fn connected(&self, a: usize, b: usize) -> bool {
-        self.sides.is_empty() || self.sides[a] == self.sides[b]
-    }
-
+    /// Hands a message to the network (or, to the sender itself, to its next step).
     fn send(&mut self, envelope: Envelope) {
-        let (src, dst) = (envelope.src as usize - 1, envelope.dst as usize - 1);
-        if self.config.faults && (self.rng.chance(0.02) || !self.connected(src, dst)) {
-            self.stats.lost += 1;
+        let src = envelope.src as usize - 1;
+        if envelope.dst == envelope.src {
+            self.nodes[src].loopback.push(envelope);
             return;
         }
-        let copies = if self.config.faults && self.rng.chance(0.01) { 2 } else { 1 };
-        if copies == 2 {
-            self.stats.duplicated += 1;
-        }
-        for _ in 0..copies {
-            let delay = self.rng.range(1, if self.config.faults { 30 } else { 5 });
-            self.next_seq += 1;
-            self.queue.push(Reverse((self.now + delay, self.next_seq)));
-            self.in_flight.insert(self.next_seq, envelope.clone());
+        match self.net.send(envelope, self.now, &mut self.rng) {
+            crate::net::Fate::Lost => self.stats.lost += 1,
+            crate::net::Fate::Sent { copies, long } => {
+                self.stats.duplicated += u64::from(copies - 1);
+                self.stats.long_delays += u64::from(long);
+            }
         }
     }
 
     fn deliver_due(&mut self) {
-        while let Some(Reverse((at, seq))) = self.queue.peek().copied() {
-            if at > self.now {
-                break;
-            }
-            self.queue.pop();
-            let Some(envelope) = self.in_flight.remove(&seq) else { continue };
+        while let Some(due) = self.net.next_due(self.now) {
+            let (envelope, sent_ms) = match due {
+                Ok(delivery) => delivery,
+                Err(_) => {
+                    self.stats.lost += 1;
+                    continue;
+                }
+            };
             let dst = envelope.dst as usize - 1;
-            let connected = self.connected(envelope.src as usize - 1, dst);
             let node = &mut self.nodes[dst];
-            let outage = envelope.role == Role::Acceptor && self.now < node.acceptor_out_until;
-            if node.guest.is_none() || outage || !connected {
+            let outage = envelope.role == waxos_host::runtime::Role::Acceptor && self.now < node.acceptor_out_until_ms;
+            if node.guest.is_none() || outage {
                 self.stats.lost += 1;
                 continue;
+            }
+            if node.swapped_at_ms.is_some_and(|t| sent_ms < t) {
+                self.stats.late_after_swap += 1;
             }
             self.stats.delivered += 1;
             node.inbox.push(Event::Message(envelope));
         }
     }
 
-    fn inject_faults(&mut self) {
-        if !self.config.faults || self.now > self.config.fault_window_ms + 1_000 {
-            return;
-        }
-        let n = self.nodes.len();
-        let crash_chance = if self.sides.is_empty() { 0.004 } else { 0.02 };
-        if self.rng.chance(crash_chance) {
-            let i = self.rng.range(0, n as u64) as usize;
-            if self.nodes[i].guest.is_some() {
-                let down = self.rng.range(50, 800);
-                self.nodes[i].guest = None;
-                self.nodes[i].unsynced.clear();
-                self.nodes[i].inbox.clear();
-                self.nodes[i].down_until = Some(self.now + down);
-                self.stats.crashes += 1;
-                self.note(|| format!("crash node {} for {down} ms", i + 1));
-            }
-        }
-        if self.sides.is_empty() && self.rng.chance(0.002) {
-            self.sides = (0..n).map(|_| (self.rng.next_u64() % 2) as u8).collect();
-            if self.rng.chance(0.5) {
-                // The classic nemesis: cut the leader off with one follower, so it keeps
-                // proposing in the minority while the majority elects another.
-                if let Some(leader) = self.leader() {
-                    let buddy = (leader + 1 + self.rng.range(0, n as u64 - 1) as usize) % n;
-                    self.sides = (0..n).map(|i| u8::from(i == leader || i == buddy)).collect();
-                }
-            }
-            self.partition_until = self.now + self.rng.range(200, 2_000);
-            self.stats.partitions += 1;
-            let sides = self.sides.clone();
-            self.note(|| format!("partition {sides:?}"));
-        }
-        if self.rng.chance(0.003) {
-            let i = self.rng.range(0, n as u64) as usize;
-            self.nodes[i].acceptor_out_until = self.now + self.rng.range(100, 1_000);
-            self.stats.outages += 1;
-            self.note(|| format!("acceptor outage on node {}", i + 1));
-        }
-        if self.builds.len() > 1 && self.rng.chance(0.003) {
-            let i = self.rng.range(0, n as u64) as usize;
-            self.swap(i);
-        }
-    }
-
-    /// Hot swap node `i` to the other build: hand-over snapshot, start, replace.
-    fn swap(&mut self, i: usize) {
-        let other = 1 - self.nodes[i].build;
-        let Some(old) = self.nodes[i].guest.as_mut() else { return };
-        let Ok(handover) = old.snapshot(true) else { return };
-        let Ok(mut new) = self.builds[other].instantiate() else { return };
-        if let Ok(Ok(_)) = new.start(&self.nodes[i].config, Some(&handover), &[]) {
-            self.nodes[i].guest = Some(new);
-            self.nodes[i].build = other;
-            self.stats.swaps += 1;
-            self.note(|| format!("hot swap node {} to build {other}", i + 1));
-        }
-    }
-
-    fn heal(&mut self) -> Result<(), Failure> {
-        if !self.sides.is_empty() && (self.now >= self.partition_until || self.now > self.config.fault_window_ms) {
-            self.sides.clear();
-            self.note(|| "partition healed".into());
-        }
-        for i in 0..self.nodes.len() {
-            let due = self.nodes[i].down_until.is_some_and(|t| self.now >= t || self.now > self.config.fault_window_ms);
-            if due {
-                self.nodes[i].down_until = None;
-                self.boot(i)?;
-                self.note(|| format!("restart node {}", i + 1));
-            }
-            if self.now > self.config.fault_window_ms {
-                self.nodes[i].acceptor_out_until = 0;
-            }
-        }
-        Ok(())
-    }
-
     fn drive_clients(&mut self) {
         let n = self.nodes.len() as u64;
+        if self.clients.iter().all(|c| c.current.is_none()) {
+            self.progress_ms = self.now;
+        }
         for c in 0..self.clients.len() {
             if self.clients[c].current.is_none()
                 && self.clients[c].done < self.config.ops_per_client
                 && self.now >= self.clients[c].idle_until
             {
                 let key = format!("k{}", self.rng.range(0, u64::from(self.config.keys)));
-                let op = match self.rng.range(0, 10) {
+                let mut op = match self.rng.range(0, 10) {
                     0..=3 => Op::Put(format!("c{c}-{}", self.clients[c].done).into_bytes()),
                     4..=7 => Op::Get,
                     _ => Op::Delete,
                 };
+                if self.steer.as_ref().is_some_and(|s| s.reader == c && self.now < s.until_ms) {
+                    op = Op::Get;
+                }
                 let seq = u64::from(self.clients[c].done) + 1;
                 self.history.push(Entry {
                     client: c as u32,
@@ -439,10 +415,21 @@ impl<'a> World<'a> {
                 continue;
             }
             if now >= current.attempt_deadline {
-                let node = self.rng.range(0, n) as usize;
+                // The first attempt goes to the client's own replica (as a client process bound
+                // to one host); retries to a random one.
+                let first = current.attempt_deadline == 0;
+                let mut node = if first { c % n as usize } else { self.rng.range(0, n) as usize };
+                if let Some(steer) = self.steer.as_ref().filter(|s| now < s.until_ms) {
+                    if first && c == steer.reader {
+                        node = steer.reader_node;
+                    } else if steer.avoid.contains(&node) {
+                        let allowed: Vec<usize> = (0..n as usize).filter(|i| !steer.avoid.contains(i)).collect();
+                        node = allowed[(c + self.rng.range(0, allowed.len() as u64) as usize) % allowed.len()];
+                    }
+                }
                 let id = self.next_request;
                 self.next_request += 1;
-                let current = self.clients[c].current.as_mut().expect("current op");
+                let Some(current) = self.clients[c].current.as_mut() else { continue };
                 current.attempt_deadline = now + ATTEMPT_TIMEOUT_MS;
                 current.request_id = id;
                 let command = match &current.op {
@@ -451,7 +438,13 @@ impl<'a> World<'a> {
                     Op::Delete => Command::Delete(current.key.clone()),
                 };
                 let request = Request { id, client: 10_000 + c as u64, seq: current.seq, command };
-                self.requests.insert(id, (c, current.seq));
+                let seq = current.seq;
+                if self.trace.is_some() {
+                    let line = format!("client {c} sends {:?} to node {}", request.command, node + 1);
+                    self.note(|| line);
+                }
+                self.requests.insert(id, (c, seq));
+                // A paused host still queues requests; a crashed one refuses the connection.
                 if self.nodes[node].guest.is_some() {
                     self.nodes[node].inbox.push(Event::Request(request));
                 }
@@ -459,7 +452,7 @@ impl<'a> World<'a> {
         }
     }
 
-    fn on_reply(&mut self, id: u64, outcome: Outcome) {
+    fn on_reply(&mut self, node: usize, id: u64, outcome: Outcome) {
         let Some((c, seq)) = self.requests.remove(&id) else { return };
         let Some(current) = self.clients[c].current.as_ref() else { return };
         if current.seq != seq {
@@ -474,54 +467,99 @@ impl<'a> World<'a> {
             Outcome::Redirect(_) | Outcome::Rejected(_) => return,
         };
         if let Some(index) = self.clients[c].history_index.take() {
+            let entry = &self.history[index];
+            let line = format!(
+                "client {c} {} {:?} -> {ret:?} from node {} (called at {} ms)",
+                entry.key,
+                entry.op,
+                node + 1,
+                entry.call
+            );
+            self.note(|| line);
             self.history[index].ret = Some((self.now, ret));
         }
         self.clients[c].current = None;
         self.clients[c].done += 1;
         self.clients[c].idle_until = self.now + self.rng.range(0, 2 * THINK_MS);
         self.stats.completed += 1;
+        self.progress_ms = self.now;
+    }
+
+    /// Effects node `i`'s disk lets go: messages out, replies to clients, logs to the trace.
+    fn release(&mut self, i: usize, effects: Vec<Effect>) {
+        for effect in effects {
+            match effect {
+                Effect::Send(envelope) => self.send(envelope),
+                Effect::Reply((id, outcome)) => self.on_reply(i, id, outcome),
+                Effect::Log(line) => self.note(|| format!("node {}: {line}", i + 1)),
+                Effect::Persist(_) | Effect::PersistLazy(_) => {}
+            }
+        }
+    }
+
+    /// A step's (or a start's) effects, as the host's `carry_out`: records checked for
+    /// agreement and appended; sends and replies held until their sync; compaction when due.
+    pub(crate) fn carry_out(&mut self, i: usize, effects: Vec<Effect>) {
+        for effect in &effects {
+            if let Effect::Persist(record) | Effect::PersistLazy(record) = effect {
+                match self.agreement.observe(i, record) {
+                    Ok(installed) => self.stats.snapshot_installs += u64::from(installed),
+                    Err(problem) => {
+                        if self.divergence.is_none() {
+                            self.divergence = Some(problem);
+                        }
+                    }
+                }
+            }
+        }
+        let released = self.nodes[i].disk.carry_out(effects, self.now, &mut self.rng);
+        self.release(i, released);
+        if self.nodes[i].disk.records_since_snapshot >= self.nodes[i].snapshot_every_records {
+            self.compact(i);
+        }
+    }
+
+    /// The host's compaction: drain the syncs (releasing what they held), then the guest's
+    /// snapshot replaces the records it covers.
+    fn compact(&mut self, i: usize) {
+        let released = self.nodes[i].disk.drain();
+        self.release(i, released);
+        let Some(guest) = self.nodes[i].guest.as_mut() else { return };
+        match guest.snapshot(false) {
+            Ok(snapshot) => {
+                self.nodes[i].disk.compact(snapshot);
+                self.stats.compactions += 1;
+            }
+            Err(crash) => {
+                self.nodes[i].guest = None;
+                if self.divergence.is_none() {
+                    self.divergence = Some(format!("node {} crashed in snapshot: {crash}", i + 1));
+                }
+            }
+        }
     }
 
     fn step_nodes(&mut self) -> Result<(), Failure> {
         for i in 0..self.nodes.len() {
-            let mut events = std::mem::take(&mut self.nodes[i].inbox);
-            if self.nodes[i].guest.is_none() {
+            if self.nodes[i].guest.is_none() || self.now < self.nodes[i].paused_until_ms {
                 continue;
             }
+            let released = self.nodes[i].disk.poll(self.now, &mut self.rng);
+            self.release(i, released);
+            let node = &mut self.nodes[i];
+            let mut events: Vec<Event> = node.loopback.drain(..).map(Event::Message).collect();
+            let take = node.inbox.len().min(STEP_EVENTS_MAX.saturating_sub(events.len()));
+            events.extend(node.inbox.drain(..take));
             if events.is_empty() {
                 events.push(Event::Tick);
-                // As the host: an idle step first makes lazily persisted records durable.
-                let node = &mut self.nodes[i];
-                node.durable.append(&mut node.unsynced);
+                // As the host: an idle step makes lazily persisted records durable.
+                node.disk.on_idle(self.now, &mut self.rng);
             }
-            let Some(guest) = self.nodes[i].guest.as_mut() else { continue };
+            let Some(guest) = node.guest.as_mut() else { continue };
             let effects =
                 guest.step(self.now, &events).map_err(|e| Failure::GuestCrash(format!("node {}: {e}", i + 1)))?;
             self.stats.steps += 1;
-            // As the host: records go into the log in order; a step with a strict record syncs
-            // everything before anything of it is sent (lazy records alone are not synced).
-            let node = &mut self.nodes[i];
-            let mut strict = false;
-            for e in &effects {
-                match e {
-                    Effect::Persist(r) => {
-                        node.unsynced.push(r.clone());
-                        strict = true;
-                    }
-                    Effect::PersistLazy(r) => node.unsynced.push(r.clone()),
-                    Effect::Send(_) | Effect::Reply(_) | Effect::Log(_) => {}
-                }
-            }
-            if strict {
-                node.durable.append(&mut node.unsynced);
-            }
-            for e in effects {
-                match e {
-                    Effect::Send(envelope) => self.send(envelope),
-                    Effect::Reply((id, outcome)) => self.on_reply(id, outcome),
-                    Effect::Persist(_) | Effect::PersistLazy(_) | Effect::Log(_) => {}
-                }
-            }
+            self.carry_out(i, effects);
         }
         Ok(())
     }
@@ -530,11 +568,28 @@ impl<'a> World<'a> {
         self.clients.iter().all(|c| c.done >= self.config.ops_per_client && c.current.is_none())
     }
 
-    /// Runs to the end and checks the history.
+    /// One tick of virtual time: faults heal and start, messages arrive, clients act, replicas
+    /// step.
+    pub(crate) fn tick(&mut self) -> Result<(), Failure> {
+        self.now += TICK_MS;
+        self.heal()?;
+        self.inject_faults();
+        self.deliver_due();
+        self.drive_clients();
+        self.step_nodes()?;
+        self.check_progress();
+        Ok(())
+    }
+
+    /// Runs to the end and checks the history, then that the replicas agree.
     pub fn run(mut self) -> Result<Run, (Failure, Vec<String>)> {
         let end = self.config.fault_window_ms + self.config.liveness_ms;
         while !self.all_done() {
+            if let Some(problem) = self.divergence.take() {
+                return Err((Failure::Divergence(problem), self.trace.unwrap_or_default()));
+            }
             if let Some(problem) = self.liveness.take() {
+                self.note_statuses();
                 return Err((Failure::Liveness(problem), self.trace.unwrap_or_default()));
             }
             if self.now > end {
@@ -546,20 +601,72 @@ impl<'a> World<'a> {
                 ));
                 return Err((failure, self.trace.unwrap_or_default()));
             }
-            self.now += TICK_MS;
-            if let Err(f) = self.heal() {
-                return Err((f, self.trace.unwrap_or_default()));
-            }
-            self.inject_faults();
-            self.deliver_due();
-            self.drive_clients();
-            if let Err(f) = self.step_nodes() {
+            if let Err(f) = self.tick() {
                 return Err((f, self.trace.unwrap_or_default()));
             }
         }
         if let Err(e) = crate::checker::check(&self.history) {
             return Err((Failure::NotLinearizable(e), self.trace.unwrap_or_default()));
         }
+        if let Err(f) = self.converge_and_compare() {
+            return Err((f, self.trace.unwrap_or_default()));
+        }
         Ok(Run { stats: self.stats, history: self.history, trace: self.trace.unwrap_or_default() })
     }
+
+    /// Reads `keys` from node `i`'s applied state with `get-stale` (no quorum, no log), in one
+    /// step of its own; the step's other effects are carried out as usual.
+    pub(crate) fn read_stale(&mut self, i: usize, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>, Failure> {
+        const STALE_ID_BASE: u64 = 1 << 62;
+        let mut events: Vec<Event> = self.nodes[i].loopback.drain(..).map(Event::Message).collect();
+        events.append(&mut self.nodes[i].inbox);
+        events.extend(keys.iter().enumerate().map(|(k, key)| {
+            Event::Request(Request {
+                id: STALE_ID_BASE + k as u64,
+                client: 1,
+                seq: 1,
+                command: Command::GetStale(key.clone()),
+            })
+        }));
+        let Some(guest) = self.nodes[i].guest.as_mut() else {
+            return Err(Failure::GuestCrash(format!("node {} is down after every fault healed", i + 1)));
+        };
+        let effects = guest.step(self.now, &events).map_err(|e| Failure::GuestCrash(format!("node {}: {e}", i + 1)))?;
+        let mut values = vec![None; keys.len()];
+        for effect in &effects {
+            if let Effect::Reply((id, Outcome::Value(value))) = effect {
+                if let Some(k) = id.checked_sub(STALE_ID_BASE) {
+                    if let Some(slot) = values.get_mut(k as usize) {
+                        *slot = value.clone();
+                    }
+                }
+            }
+        }
+        self.carry_out(i, effects);
+        Ok(values)
+    }
+
+    /// Client `c`'s read in progress, if any, is sent again now as a first attempt.
+    /// Any other operation in progress is given up (its outcome stays unknown, as when a client
+    /// times out), so the next one, a read, starts now.
+    pub(crate) fn retry_read(&mut self, c: usize) {
+        let Some(current) = self.clients[c].current.as_mut() else { return };
+        if current.op == Op::Get {
+            current.attempt_deadline = 0;
+        } else {
+            current.give_up_at = self.now;
+        }
+    }
+
+    /// Every client key name of this run.
+    pub(crate) fn key_names(&self) -> Vec<String> {
+        (0..self.config.keys).map(|k| format!("k{k}")).collect()
+    }
+}
+
+/// The number in `"field":N` of a status JSON.
+pub(crate) fn status_number(status: &str, field: &str) -> Option<u64> {
+    let at = status.find(&format!("\"{field}\":"))? + field.len() + 3;
+    let digits: String = status[at..].chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
 }

@@ -1,0 +1,173 @@
+//! The virtual network between the simulated hosts.
+//!
+//! It owns the messages in flight and the state of each *directed* link, because in waxos each
+//! direction between two hosts is its own gRPC stream: a→b can be cut while b→a works (one-way
+//! loss, asymmetric partitions, a leader that can send but not receive). It draws every
+//! message's fate from the run's seed: loss, duplication, a short delay, or now and then a long
+//! one (up to seconds: a message stuck in a buffer, which then arrives long after the sender
+//! moved on — across elections and hot swaps). A directed link can also be slow for a while
+//! (every message on it takes hundreds of milliseconds to seconds). A message is refused when
+//! its link is cut at send time; one in flight is lost when its link is cut at delivery, unless
+//! it was one of the long-delayed ones (those model a message already past the cut).
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+
+use waxos_host::runtime::Envelope;
+
+use crate::rng::Rng;
+
+/// Delivery delay of an ordinary message under faults: `1..NORMAL_DELAY_MS_MAX` ms.
+pub const NORMAL_DELAY_MS_MAX: u64 = 30;
+/// Without faults.
+pub const CALM_DELAY_MS_MAX: u64 = 5;
+/// One message in `LONG_DELAY_ONE_IN` is held back for `LONG_DELAY_MS` ms.
+pub const LONG_DELAY_ONE_IN: u64 = 400;
+/// Range of a long delay.
+pub const LONG_DELAY_MS: (u64, u64) = (200, 3_000);
+/// Range of every delay on a slow link (a stream stuck behind a congested connection).
+pub const SLOW_LINK_DELAY_MS: (u64, u64) = (500, 5_000);
+/// Probability that a message is lost outright.
+pub const LOSS_CHANCE: f64 = 0.02;
+/// Probability that a message is delivered twice.
+pub const DUPLICATE_CHANCE: f64 = 0.01;
+
+/// What happened to a message handed to the network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fate {
+    /// Lost (at random, or its link is cut).
+    Lost,
+    /// In flight (`copies` of it; `long` when held back for long).
+    Sent {
+        /// 1, or 2 when duplicated.
+        copies: u32,
+        /// At least one copy was long-delayed.
+        long: bool,
+    },
+}
+
+struct InFlight {
+    envelope: Envelope,
+    sent_ms: u64,
+    /// Long-delayed: already past any cut made after it was sent.
+    long: bool,
+}
+
+/// Messages in flight and the directed links.
+pub struct Net {
+    nodes: usize,
+    faults: bool,
+    queue: BinaryHeap<Reverse<(u64, u64)>>,
+    in_flight: BTreeMap<u64, InFlight>,
+    next_seq: u64,
+    /// `cut_until_ms[src][dst]`: the link src→dst is down before this time.
+    cut_until_ms: Vec<Vec<u64>>,
+    /// `slow_until_ms[src][dst]`: every message on src→dst is long-delayed before this time.
+    slow_until_ms: Vec<Vec<u64>>,
+}
+
+impl Net {
+    /// `nodes` hosts, all links up; `faults` off means no loss, duplication or long delays.
+    pub fn new(nodes: usize, faults: bool) -> Net {
+        Net {
+            nodes,
+            faults,
+            queue: BinaryHeap::new(),
+            in_flight: BTreeMap::new(),
+            next_seq: 0,
+            cut_until_ms: vec![vec![0; nodes]; nodes],
+            slow_until_ms: vec![vec![0; nodes]; nodes],
+        }
+    }
+
+    /// Whether src→dst (node indexes) carries messages at `now_ms`.
+    pub fn link_up(&self, src: usize, dst: usize, now_ms: u64) -> bool {
+        src == dst || now_ms >= self.cut_until_ms[src][dst]
+    }
+
+    /// Whether src→dst is slow at `now_ms`.
+    pub fn link_slow(&self, src: usize, dst: usize, now_ms: u64) -> bool {
+        src != dst && now_ms < self.slow_until_ms[src][dst]
+    }
+
+    /// Whether anything `src` sent to `dst` over a slow link may still be on its way at
+    /// `now_ms` (the link is slow now, or was less than the longest delay ago).
+    pub fn stale(&self, src: usize, dst: usize, now_ms: u64) -> bool {
+        src != dst && now_ms < self.slow_until_ms[src][dst].saturating_add(SLOW_LINK_DELAY_MS.1)
+    }
+
+    /// Cuts src→dst until `until_ms` (a longer cut already in place stays).
+    pub fn cut(&mut self, src: usize, dst: usize, until_ms: u64) {
+        if src != dst {
+            let cut = &mut self.cut_until_ms[src][dst];
+            *cut = (*cut).max(until_ms);
+        }
+    }
+
+    /// Makes src→dst slow until `until_ms`.
+    pub fn slow(&mut self, src: usize, dst: usize, until_ms: u64) {
+        if src != dst {
+            let slow = &mut self.slow_until_ms[src][dst];
+            *slow = (*slow).max(until_ms);
+        }
+    }
+
+    /// Every link up and fast again (messages in flight stay in flight).
+    pub fn heal_all(&mut self) {
+        for row in self.cut_until_ms.iter_mut().chain(self.slow_until_ms.iter_mut()) {
+            row.iter_mut().for_each(|t| *t = 0);
+        }
+    }
+
+    /// Hands a message to the network at `now_ms`.
+    pub fn send(&mut self, envelope: Envelope, now_ms: u64, rng: &mut Rng) -> Fate {
+        let (src, dst) = (envelope.src as usize - 1, envelope.dst as usize - 1);
+        if src >= self.nodes || dst >= self.nodes {
+            return Fate::Lost;
+        }
+        if self.faults && (rng.chance(LOSS_CHANCE) || !self.link_up(src, dst, now_ms)) {
+            return Fate::Lost;
+        }
+        let copies = if self.faults && rng.chance(DUPLICATE_CHANCE) { 2 } else { 1 };
+        let mut any_long = false;
+        for _ in 0..copies {
+            let slow = self.faults && self.link_slow(src, dst, now_ms);
+            let long = slow || (self.faults && rng.range(0, LONG_DELAY_ONE_IN) == 0);
+            let delay_ms = if slow {
+                rng.range(SLOW_LINK_DELAY_MS.0, SLOW_LINK_DELAY_MS.1)
+            } else if long {
+                rng.range(LONG_DELAY_MS.0, LONG_DELAY_MS.1)
+            } else {
+                rng.range(1, if self.faults { NORMAL_DELAY_MS_MAX } else { CALM_DELAY_MS_MAX })
+            };
+            any_long |= long;
+            self.next_seq += 1;
+            self.queue.push(Reverse((now_ms + delay_ms, self.next_seq)));
+            self.in_flight.insert(self.next_seq, InFlight { envelope: envelope.clone(), sent_ms: now_ms, long });
+        }
+        Fate::Sent { copies, long: any_long }
+    }
+
+    /// The next message due by `now_ms`, if any: `Ok` to deliver (with the time it was sent),
+    /// `Err` lost to a cut made while it was in flight.
+    pub fn next_due(&mut self, now_ms: u64) -> Option<Result<(Envelope, u64), Envelope>> {
+        loop {
+            let Reverse((at, seq)) = self.queue.peek().copied()?;
+            if at > now_ms {
+                return None;
+            }
+            self.queue.pop();
+            let Some(message) = self.in_flight.remove(&seq) else { continue };
+            let (src, dst) = (message.envelope.src as usize - 1, message.envelope.dst as usize - 1);
+            if !message.long && self.faults && !self.link_up(src, dst, now_ms) {
+                return Some(Err(message.envelope));
+            }
+            return Some(Ok((message.envelope, message.sent_ms)));
+        }
+    }
+
+    /// Messages in flight.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+}

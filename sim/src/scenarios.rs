@@ -1,0 +1,237 @@
+//! Composed faults: a few of the primitive faults of `faults`, placed together around the
+//! current leader with random timing, in the shapes known to break Paxos implementations.
+//!
+//! Random faults alone reach these shapes too rarely to matter (each needs three or four faults
+//! in the right order within a second or two). A scenario is still only a schedule of ordinary
+//! faults — acceptor outages, wipes, partitions, slow links, crashes, hot swaps — so a correct
+//! replica survives it like any other run; it just makes the dangerous interleavings common:
+//! - *wipe during outages*: most acceptors are out while the leader proposes, so only the
+//!   leader and one follower accept; that follower is wiped and rejoins; then the two sides of
+//!   a partition each try to finish the slot (a rejoined acceptor whose old vote still counts
+//!   lets both succeed);
+//! - *read across a swap*: one follower's answers to the leader are slowed, the leader is
+//!   hot-swapped, cut off with one follower and swapped again while the rest elect another
+//!   leader and write, and a client reads at the old leader (a late confirmation from before a
+//!   swap must not complete a read after it). Clients are steered to the majority side for the
+//!   while, except that reader, and pause just before the cut: a write in flight at the old
+//!   leader would hold every later read there behind its unchosen slot (the read index), which
+//!   is safe and hides the question;
+//! - *lagging majority*: the leader's messages to three followers are slowed (their learners
+//!   fall behind, its announcements arrive late), the leader crashes and the one up-to-date
+//!   follower is cut off, so a lagging replica leads a lagging majority while late
+//!   announcements make some of them compact what it still needs.
+
+use crate::faults::Kind;
+use crate::world::World;
+
+/// One fault of a scenario, due at a time.
+#[derive(Clone, Debug)]
+pub enum Action {
+    /// Envelopes to node's acceptor dropped for `ms`.
+    Outage { node: usize, ms: u64 },
+    /// Node loses its disk and restarts, rejoining, after `down_ms`.
+    Wipe { node: usize, down_ms: u64 },
+    /// Node crashes and restarts from its disk after `down_ms`.
+    Crash { node: usize, down_ms: u64 },
+    /// Both directions between `side` and the rest cut for `ms`.
+    Isolate { side: Vec<usize>, ms: u64 },
+    /// As `Isolate`, but only once `leader` has nothing in flight (every slot it proposed is
+    /// applied and no request of its own waits), polling until `give_up_ms`; the rest of the
+    /// scenario moves later by as much.
+    IsolateIdle { side: Vec<usize>, ms: u64, leader: usize, give_up_ms: u64 },
+    /// Messages src→dst long-delayed for `ms`.
+    Slow { src: usize, dst: usize, ms: u64 },
+    /// Hot swap of the node.
+    Swap { node: usize },
+    /// Clients go to other replicas than `avoid`, except `reader`, which only reads, at
+    /// `reader_node`, until `until_ms`.
+    Steer { avoid: Vec<usize>, reader: usize, reader_node: usize, until_ms: u64 },
+    /// The client starts no new operation before `until_ms`.
+    Hold { client: usize, until_ms: u64 },
+    /// The client's read in progress is sent again at once, as a first attempt.
+    Retry { client: usize },
+}
+
+/// Random crashes, wipes, pauses and cuts wait this long after a scenario's last step.
+const QUIET_AFTER_MS: u64 = 2_500;
+
+/// Per-tick base rate of starting a scenario (when its kind is on in the seed's mix and no
+/// other scenario runs).
+const SCENARIO_RATE: f64 = 0.0012;
+
+impl World<'_> {
+    /// Starts a scenario now and then; runs the steps of the one in progress that are due.
+    pub(crate) fn run_scenarios(&mut self) {
+        while self.script.first().is_some_and(|(at, _)| *at <= self.now) {
+            let (_, action) = self.script.remove(0);
+            self.act(action);
+        }
+        // Late enough in the window, a scenario could not play out before everything heals.
+        let busy = !self.script.is_empty() || self.now < self.quiet_until_ms;
+        if busy || self.now + 6_000 > self.config.fault_window_ms {
+            return;
+        }
+        // The read across a swap needs the most luck (a late answer landing in a read's
+        // 200 ms window): it is tried most often.
+        for (kind, weight) in
+            [(Kind::WipeDuringOutages, 1.5), (Kind::ReadAcrossSwap, 4.0), (Kind::LaggingMajority, 1.0)]
+        {
+            if self.rng.chance(self.mix.rate(kind, SCENARIO_RATE * weight)) {
+                self.plan(kind);
+                return;
+            }
+        }
+    }
+
+    fn later(&mut self, after_ms: (u64, u64), action: Action) {
+        let at = self.now + self.rng.range(after_ms.0, after_ms.1);
+        self.schedule(at, action);
+    }
+
+    fn schedule(&mut self, at_ms: u64, action: Action) {
+        let k = self.script.partition_point(|(t, _)| *t <= at_ms);
+        self.script.insert(k, (at_ms, action));
+    }
+
+    /// Lays out a scenario of `kind` around the current leader (none: nothing happens).
+    fn plan(&mut self, kind: Kind) {
+        let Some(leader) = self.leader() else { return };
+        let n = self.nodes.len();
+        // The followers in a random order.
+        let mut others: Vec<usize> = (0..n).filter(|&i| i != leader).collect();
+        for k in (1..others.len()).rev() {
+            let j = self.rng.range(0, k as u64 + 1) as usize;
+            others.swap(k, j);
+        }
+        if others.len() < 4 {
+            return;
+        }
+        let (b, c, d, e) = (others[0], others[1], others[2], others[3]);
+        match kind {
+            Kind::WipeDuringOutages => {
+                let now = self.now;
+                let b_ms = self.rng.range(3_500, 6_000);
+                self.schedule(now, Action::Outage { node: b, ms: b_ms });
+                for x in [d, e] {
+                    let ms = self.rng.range(1_500, 2_800);
+                    self.schedule(now, Action::Outage { node: x, ms });
+                }
+                let down_ms = self.rng.range(50, 400);
+                self.later((100, 600), Action::Wipe { node: c, down_ms });
+                let ms = self.rng.range(2_000, 4_000);
+                self.later((2_000, 3_200), Action::Isolate { side: vec![leader, b], ms });
+            }
+            Kind::ReadAcrossSwap => {
+                // What one follower answers the leader arrives late. The leader is swapped and a
+                // reader reads there (its rounds start over; the late answers are on their way);
+                // the other clients pause so that nothing is left in flight at the leader (an
+                // unchosen slot would hold every read there behind it, which is safe and hides
+                // the question); the leader is cut off with one follower and swapped again (the
+                // rounds start over once more) while the rest elect another leader and write;
+                // then the reader reads at the old leader once more, as late answers arrive.
+                let first_at = self.now + self.rng.range(50, 300);
+                let cut_at = first_at + self.rng.range(800, 1_300);
+                let second_at = cut_at + self.rng.range(300, 900);
+                let late_read_at = cut_at + self.rng.range(1_500, 3_000);
+                let cut_ms = late_read_at + 1_000 - cut_at;
+                let slow_ms = late_read_at + 1_000 - self.now;
+                self.schedule(self.now, Action::Slow { src: c, dst: leader, ms: slow_ms });
+                let reader = self.rng.range(0, self.clients.len() as u64) as usize;
+                let until_ms = late_read_at + 1_000;
+                let steer = Action::Steer { avoid: vec![leader, b], reader, reader_node: leader, until_ms };
+                self.schedule(self.now, steer);
+                self.schedule(self.now, Action::Hold { client: reader, until_ms: first_at + 20 });
+                self.schedule(first_at, Action::Swap { node: leader });
+                self.schedule(first_at + 20, Action::Retry { client: reader });
+                for other in (0..self.clients.len()).filter(|&k| k != reader) {
+                    self.schedule(cut_at - 800, Action::Hold { client: other, until_ms: cut_at + 100 });
+                }
+                self.schedule(cut_at - 50, Action::Hold { client: reader, until_ms: late_read_at });
+                self.schedule(late_read_at, Action::Retry { client: reader });
+                let idle =
+                    Action::IsolateIdle { side: vec![leader, b], ms: cut_ms, leader, give_up_ms: cut_at + 1_000 };
+                self.schedule(cut_at, idle);
+                self.schedule(second_at, Action::Swap { node: leader });
+            }
+            Kind::LaggingMajority => {
+                // The leader's messages to three followers are slowed (accepts and chosen
+                // announcements arrive late and out of order); the clients write through the
+                // leader; the leader crashes and the one fast follower is cut off, so a lagging
+                // replica leads the lagging three while the old leader's late announcements
+                // arrive and make some of them compact.
+                let slow_ms = self.rng.range(3_000, 6_000);
+                for x in [b, c, d] {
+                    self.schedule(self.now, Action::Slow { src: leader, dst: x, ms: slow_ms });
+                }
+                let crash_at = self.now + self.rng.range(2_000, slow_ms);
+                let reader = self.rng.range(0, self.clients.len() as u64) as usize;
+                let steer = Action::Steer { avoid: vec![b, c, d], reader, reader_node: leader, until_ms: crash_at };
+                self.schedule(self.now, steer);
+                let down_ms = self.rng.range(1_000, 3_000);
+                self.schedule(crash_at, Action::Crash { node: leader, down_ms });
+                let ms = self.rng.range(2_000, 4_000);
+                self.schedule(crash_at, Action::Isolate { side: vec![e], ms });
+            }
+            _ => return,
+        }
+        self.stats.scenarios += 1;
+        self.quiet_until_ms = self.script.last().map_or(self.now, |(t, _)| *t) + QUIET_AFTER_MS;
+        let names: Vec<usize> = others.iter().map(|i| i + 1).collect();
+        self.note(|| format!("scenario {kind:?} around leader {} (followers {names:?})", leader + 1));
+    }
+
+    fn act(&mut self, action: Action) {
+        match action {
+            Action::Outage { node, ms } => self.outage(node, ms),
+            Action::Wipe { node, down_ms } => {
+                let without_state = self.nodes.iter().filter(|node| node.rejoining).count();
+                if !self.nodes[node].rejoining && without_state < (self.nodes.len() - 1) / 2 {
+                    self.crash_for(node, true, down_ms);
+                }
+            }
+            Action::Crash { node, down_ms } => self.crash_for(node, false, down_ms),
+            Action::Isolate { side, ms } => {
+                let sides: Vec<u8> = (0..self.nodes.len()).map(|i| u8::from(side.contains(&i))).collect();
+                self.partition_sides(sides, ms);
+            }
+            Action::IsolateIdle { side, ms, leader, give_up_ms } => {
+                let status = self.status(leader).unwrap_or_default();
+                let number = |field| crate::world::status_number(&status, field);
+                let idle = number("next_slot").is_some_and(|next| Some(next) == number("applied"))
+                    && number("pending") == Some(0);
+                if idle || self.now >= give_up_ms {
+                    self.act(Action::Isolate { side, ms });
+                } else {
+                    const POLL_MS: u64 = 20;
+                    for (at, _) in self.script.iter_mut() {
+                        *at += POLL_MS;
+                    }
+                    self.quiet_until_ms += POLL_MS;
+                    let retry = Action::IsolateIdle { side, ms, leader, give_up_ms };
+                    self.schedule(self.now + POLL_MS, retry);
+                }
+            }
+            Action::Slow { src, dst, ms } => self.slow_link(src, dst, ms),
+            Action::Swap { node } => self.swap(node),
+            Action::Steer { avoid, reader, reader_node, until_ms } => {
+                let names: Vec<usize> = avoid.iter().map(|i| i + 1).collect();
+                self.note(|| {
+                    format!("clients steered away from {names:?}; client {reader} reads at node {}", reader_node + 1)
+                });
+                self.steer = Some(crate::world::Steer { avoid, reader, reader_node, until_ms });
+            }
+            Action::Retry { client } => {
+                if let Some(steer) = self.steer.as_ref().filter(|_| self.tracing()) {
+                    let node = steer.reader_node;
+                    let status = self.status(node).unwrap_or_default();
+                    self.note(|| format!("client {client} reads at node {} now; its status: {status}", node + 1));
+                }
+                self.retry_read(client);
+            }
+            Action::Hold { client, until_ms } => {
+                let idle = &mut self.clients[client].idle_until;
+                *idle = (*idle).max(until_ms);
+            }
+        }
+    }
+}
