@@ -212,7 +212,9 @@ pub enum Message {
         /// The completed fence's ballot.
         ballot: Ballot,
     },
-    /// A follower heard the leader's heartbeat (CheckQuorum: the leader counts who hears it).
+    /// A follower heard the leader's heartbeat. No longer sent (CheckQuorum counts echoes of
+    /// timestamped probes instead, which a late message cannot fake); kept so the variants after
+    /// it keep their numbers.
     HeartbeatAck {
         /// The heartbeat's ballot.
         ballot: Ballot,

@@ -126,10 +126,14 @@ const READ_ROUNDS_PER_MS_MAX: u64 = 1 << 20;
 /// A leader that has not heard from a majority (itself included) for this long steps down
 /// (CheckQuorum): followers' stickiness then lapses, and one of them can be elected.
 pub const CHECK_QUORUM_MS: u64 = ELECTION_TIMEOUT_MIN_MS;
-/// Followers answer heartbeats (`HeartbeatAck`); a peer silent for this long (a build before
-/// the ack, during a rolling upgrade) is probed with `ReadConfirm` round 0, which every build's
-/// acceptor answers.
+/// The leader probes every peer this often with a `ReadConfirm` whose round is
+/// `CHECK_QUORUM_PROBE_BIT | sent_ms` (every build's acceptor echoes the round; the read path
+/// ignores such rounds). A peer counts as heard only through the echo of a probe sent within
+/// `CHECK_QUORUM_MS`: a message it sent long ago and that arrives late (a slow link, a deaf
+/// leader's backlog) proves nothing about now.
 pub const CHECK_QUORUM_PROBE_MS: u64 = 100;
+/// Marks a `ReadConfirm` round as a CheckQuorum probe carrying its send time.
+pub const CHECK_QUORUM_PROBE_BIT: u64 = 1 << 63;
 
 /// A snapshot being received from a peer.
 #[derive(Debug)]
@@ -166,7 +170,7 @@ pub struct Replica {
     rejoin: Rejoin,
     /// The old rule's state (planted bug `bug-rejoin-early`; carried through hand-overs).
     early_rejoin: EarlyRejoin,
-    /// When each peer was last heard from (CheckQuorum).
+    /// Per peer, the send time of the latest CheckQuorum probe it answered.
     heard_ms: BTreeMap<NodeId, u64>,
     /// Since when this replica leads (CheckQuorum gives a new leader one timeout of grace).
     leading_since_ms: Option<u64>,
@@ -648,12 +652,9 @@ impl Replica {
         let since = *self.leading_since_ms.get_or_insert(now);
         if self.probed_ms.is_none_or(|t| now >= t + CHECK_QUORUM_PROBE_MS) {
             self.probed_ms = Some(now);
-            let probe = Message::ReadConfirm { ballot: self.proposer.ballot, round: 0 };
-            let silent: Vec<NodeId> = (self.config.members.iter().copied())
-                .filter(|&m| m != self.config.me)
-                .filter(|m| self.heard_ms.get(m).is_none_or(|&t| now >= t + CHECK_QUORUM_PROBE_MS))
-                .collect();
-            for m in silent {
+            let probe = Message::ReadConfirm { ballot: self.proposer.ballot, round: CHECK_QUORUM_PROBE_BIT | now };
+            let peers: Vec<NodeId> = self.config.members.iter().copied().filter(|&m| m != self.config.me).collect();
+            for m in peers {
                 self.send(m, Role::Acceptor, probe.clone());
             }
         }
@@ -968,9 +969,6 @@ impl Replica {
     }
 
     fn handle(&mut self, src: NodeId, _role: Role, msg: Message) {
-        if src != self.config.me {
-            self.heard_ms.insert(src, self.now_ms);
-        }
         match msg {
             Message::Prepare { ballot, first_slot } => {
                 if !self.voting || self.leader_is_alive(src) {
@@ -1113,7 +1111,6 @@ impl Replica {
                     self.last_heartbeat_ms = Some(self.now_ms);
                     // A leader exists after all: a pre-vote in progress is moot.
                     self.pre_vote = None;
-                    self.send(src, Role::Proposer, Message::HeartbeatAck { ballot });
                     if before != Some(src) {
                         self.log(format!("following node {src} (ballot {ballot})"));
                         self.reroute_all_pending();
@@ -1171,6 +1168,14 @@ impl Replica {
                 }
             }
             // Round 0 answers a CheckQuorum probe: being heard from is all it says.
+            Message::ReadConfirmed { ballot, round } if round & CHECK_QUORUM_PROBE_BIT != 0 => {
+                // A CheckQuorum probe's echo: the peer heard us at or after the probe was sent.
+                let sent_ms = round & !CHECK_QUORUM_PROBE_BIT;
+                if ballot == self.proposer.ballot && sent_ms <= self.now_ms && src != self.config.me {
+                    let heard = self.heard_ms.entry(src).or_insert(0);
+                    *heard = (*heard).max(sent_ms);
+                }
+            }
             Message::ReadConfirmed { round: 0, .. } => {}
             Message::ReadConfirmed { ballot, round } => self.reads.on_confirmed(src, ballot, round),
             Message::ReadIndex { nonce, ask } => {

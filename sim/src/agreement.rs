@@ -30,8 +30,8 @@ const CONVERGE_POLL_MS: u64 = 100;
 pub struct Agreement {
     chosen: BTreeMap<u64, (Value, usize)>,
     /// Per node and slot, every value its acceptor recorded accepting, by ballot (one proposal
-    /// per ballot and slot), to resolve `ChosenAccepted`; dropped once the node records the slot
-    /// chosen.
+    /// per ballot and slot), to resolve `ChosenAccepted` (kept: a restarted node may record the
+    /// same slot chosen again; a run is short).
     accepted: BTreeMap<usize, BTreeMap<u64, BTreeMap<Ballot, Value>>>,
 }
 
@@ -44,17 +44,15 @@ impl Agreement {
                 self.accepted.entry(node).or_default().entry(slot).or_default().insert(ballot, value);
                 return Ok(false);
             }
-            Ok(Record::Chosen { slot, value }) => {
-                self.accepted.entry(node).or_default().remove(&slot);
-                Ok(Record::Chosen { slot, value })
-            }
             Ok(Record::ChosenAccepted { slot, ballot }) => {
-                match self.accepted.entry(node).or_default().remove(&slot).and_then(|mut by| by.remove(&ballot)) {
-                    Some(value) => Ok(Record::Chosen { slot, value }),
-                    None => return Err(format!(
+                match self.accepted.get(&node).and_then(|by_slot| by_slot.get(&slot)).and_then(|by| by.get(&ballot)) {
+                    Some(value) => Ok(Record::Chosen { slot, value: value.clone() }),
+                    None => {
+                        return Err(format!(
                         "node {} recorded slot {slot} chosen as its accept at {ballot}, but never recorded that accept",
                         node + 1
-                    )),
+                    ))
+                    }
                 }
             }
             other => other,
