@@ -88,9 +88,15 @@ fn a_wiped_coordinator_learns_the_roster_from_a_member_and_rejoins() {
     std::fs::remove_dir_all(&cluster.hosts[0].data_dir).expect("wipe the coordinator");
     cluster.restart(0);
     wait_for_log(&cluster, 0, "this coordinator lost its state and rejoins", Duration::from_secs(20));
-    // The roster is saved once adopted (just after that line).
-    wait_for_log(&cluster, 0, "roster complete", Duration::from_secs(10));
-    let roster = std::fs::read_to_string(cluster.hosts[0].data_dir.join("roster.json")).expect("roster");
+    // The roster is saved once adopted (just after that line; the log file also holds the
+    // first life's lines, so wait for the file itself).
+    let path = cluster.hosts[0].data_dir.join("roster.json");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !path.exists() {
+        assert!(Instant::now() < deadline, "the adopted roster was never saved:\n{}", cluster.log_of(0));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let roster = std::fs::read_to_string(&path).expect("roster");
     assert!(roster.contains("\"me\": 1") && roster.contains("\"rejoining\": true"), "{roster}");
     cluster.wait_ready(0);
     assert_readable_at(&cluster, &runtime, 0, &acked);
