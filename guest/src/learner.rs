@@ -24,6 +24,14 @@ pub struct AppState {
     pub kv: Kv,
 }
 
+/// Bytes a chosen value holds (keys, values, identities): what retaining it costs.
+pub fn value_bytes(value: &Value) -> usize {
+    match value {
+        Value::Noop => 8,
+        Value::Batch(commands) => commands.iter().map(crate::proposer::command_bytes).sum(),
+    }
+}
+
 /// Applies one slot's commands to the state machine.
 fn apply_value(kv: &mut Kv, slot: u64, value: &Value, applied: &mut Vec<(ClientCommand, Outcome)>) {
     if let Value::Batch(commands) = value {
@@ -45,6 +53,9 @@ pub struct Learner {
     pub log_start: u64,
     /// The state machine.
     pub kv: Kv,
+    /// Bytes of the applied values still kept (slots `log_start..next_apply`): the retained log
+    /// is bounded by bytes as well as by slots, or large values would fill the guest's memory.
+    pub applied_bytes: usize,
 }
 
 impl Learner {
@@ -63,6 +74,7 @@ impl Learner {
         let mut applied = Vec::new();
         while let Some(value) = self.chosen.get(&self.next_apply) {
             apply_value(&mut self.kv, self.next_apply, value, &mut applied);
+            self.applied_bytes += value_bytes(value);
             self.next_apply += 1;
         }
         if cfg!(feature = "bug-apply-out-of-order") {
@@ -98,10 +110,7 @@ impl Learner {
             return Some(entries);
         }
         for (slot, value) in self.chosen.range(from_slot..self.next_apply).take(max_slots) {
-            let size = match value {
-                Value::Noop => 8,
-                Value::Batch(commands) => commands.iter().map(crate::proposer::command_bytes).sum(),
-            };
+            let size = value_bytes(value);
             if !entries.is_empty() && bytes + size > max_bytes {
                 break;
             }
@@ -115,9 +124,33 @@ impl Learner {
     pub fn forget_below(&mut self, slot: u64) {
         let slot = slot.min(self.next_apply);
         if slot > self.log_start {
-            self.chosen = self.chosen.split_off(&slot);
+            let kept = self.chosen.split_off(&slot);
+            let dropped: usize = self.chosen.values().map(value_bytes).sum();
+            self.applied_bytes = self.applied_bytes.saturating_sub(dropped);
+            self.chosen = kept;
             self.log_start = slot;
         }
+    }
+
+    /// The first slot to keep so that at most `bytes_max` of applied values remain retained
+    /// (`log_start` when they already fit).
+    pub fn keep_from_for_bytes(&self, bytes_max: usize) -> u64 {
+        let mut excess = self.applied_bytes.saturating_sub(bytes_max);
+        if excess == 0 {
+            return self.log_start;
+        }
+        for (&slot, value) in self.chosen.range(self.log_start..self.next_apply) {
+            if excess == 0 {
+                return slot;
+            }
+            excess = excess.saturating_sub(value_bytes(value));
+        }
+        self.next_apply
+    }
+
+    /// Recomputes `applied_bytes` (after the log was restored from a snapshot).
+    pub fn recount_applied_bytes(&mut self) {
+        self.applied_bytes = self.chosen.range(self.log_start..self.next_apply).map(|(_, v)| value_bytes(v)).sum();
     }
 
     /// The state machine for a snapshot transfer.
@@ -135,6 +168,42 @@ impl Learner {
         self.next_apply = state.next_apply;
         self.chosen = self.chosen.split_off(&state.next_apply);
         self.log_start = state.next_apply;
+        self.applied_bytes = 0;
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::Command;
+
+    fn put(slot: u64, bytes: usize) -> Value {
+        let command = Command::Put(format!("k{slot}"), vec![0; bytes]);
+        Value::Batch(vec![ClientCommand { origin: 1, request_id: slot, client: 1, seq: slot + 1, command }])
+    }
+
+    /// The retained applied log is accounted in bytes, so large values can be trimmed by size.
+    #[test]
+    fn applied_bytes_follow_apply_trim_and_install() {
+        let mut learner = Learner::default();
+        for slot in 0..70 {
+            assert!(learner.learn(slot, put(slot, 1 << 20)));
+        }
+        learner.apply_ready();
+        let size = |from: u64| (from..70).map(|slot| value_bytes(&put(slot, 1 << 20))).sum::<usize>();
+        assert_eq!(learner.applied_bytes, size(0));
+        let keep_from = learner.keep_from_for_bytes(48 << 20);
+        assert!(size(keep_from) <= 48 << 20 && size(keep_from - 1) > 48 << 20, "keeps the newest within the bound");
+        learner.forget_below(keep_from);
+        assert_eq!(learner.applied_bytes, size(keep_from));
+        let recounted = {
+            let mut copy = learner.clone();
+            copy.recount_applied_bytes();
+            copy.applied_bytes
+        };
+        assert_eq!(recounted, learner.applied_bytes);
+        assert!(learner.install(AppState { next_apply: 100, kv: Kv::default() }));
+        assert_eq!(learner.applied_bytes, 0);
     }
 }

@@ -57,6 +57,10 @@ pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 pub const SNAPSHOT_RESEND_MS: u64 = 5_000;
 /// Byte bound of one catch-up answer.
 pub const CATCHUP_BYTES_MAX: usize = 4 << 20;
+/// Bytes of applied values the learner keeps to serve peers catching up, whatever
+/// `retain_slots` says: 2,000 slots of batched 256 KiB values would otherwise fill the guest's
+/// memory (found by the value-size benchmark: the guest ran out of memory and restarted).
+pub const RETAIN_BYTES_MAX: usize = 64 << 20;
 /// Applied slots whose accepted values the acceptor keeps (the pipelining window).
 pub const ACCEPTOR_RETAIN_SLOTS: u64 = crate::proposer::WINDOW_SLOTS_MAX as u64;
 /// With test hooks on, a put of this key makes the guest trap.
@@ -242,6 +246,7 @@ impl Replica {
             replica.learner.next_apply = state.next_apply;
             replica.learner.kv = state.kv.into_owned();
             replica.learner.kv.rebuild_index();
+            replica.learner.recount_applied_bytes();
             replica.voting = state.voting;
             rejoined_before = !state.voting && !cfg!(feature = "bug-snapshot-forgets-rejoin");
             if let Some(v) = state.volatile {
@@ -1252,6 +1257,12 @@ impl Replica {
         let next = self.learner.next_apply;
         if next > self.learner.log_start + retain + retain / 4 {
             self.learner.forget_below(next - retain);
+        }
+        if self.learner.applied_bytes > RETAIN_BYTES_MAX {
+            // Large values: keep three quarters of the byte bound (to trim rarely); a peer
+            // further behind gets a snapshot, as for slots.
+            let keep_from = self.learner.keep_from_for_bytes(RETAIN_BYTES_MAX / 4 * 3);
+            self.learner.forget_below(keep_from);
         }
         let keep = (ACCEPTOR_RETAIN_SLOTS).min(retain);
         if next > self.acceptor.log_start + keep + keep / 4 {

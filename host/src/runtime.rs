@@ -130,6 +130,9 @@ impl GuestBuild {
         let limits = StoreLimitsBuilder::new().memory_size(GUEST_MEMORY_BYTES_MAX).instances(4).build();
         let mut store = Store::new(&self.engine, HostState { wasi, table: ResourceTable::new(), limits });
         store.limiter(|s| &mut s.limits);
+        // What one call may hand the host (a step's effects, a snapshot): wasmtime's default of
+        // 128 MiB is less than a large state's snapshot; the guest's own memory bound is ours.
+        store.set_hostcall_fuel(GUEST_MEMORY_BYTES_MAX);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(START_DEADLINE_MS / EPOCH_TICK_MS);
         let node = self.pre.instantiate(&mut store).map_err(|e| crash("instantiate", e))?;
