@@ -187,10 +187,7 @@ impl World<'_> {
             let i = self.rng.range(0, n as u64) as usize;
             if self.nodes[i].guest.is_some() && self.now >= self.nodes[i].paused_until_ms {
                 let ms = self.rng.range(rate::PAUSE_MS.0, rate::PAUSE_MS.1);
-                self.nodes[i].paused_until_ms = self.now + ms;
-                self.nodes[i].back_at_ms = self.now + ms;
-                self.stats.pauses += 1;
-                self.note(|| format!("pause node {} for {ms} ms", i + 1));
+                self.pause(i, ms);
             }
         }
         if !partitioned && self.rng.chance(self.mix.rate(Kind::Partition, rate::PARTITION)) {
@@ -241,6 +238,18 @@ impl World<'_> {
             };
             self.swap(i);
         }
+    }
+
+    /// Node `i` is not stepped for `ms` (its inbox keeps filling).
+    pub(crate) fn pause(&mut self, i: usize, ms: u64) {
+        if self.nodes[i].guest.is_none() {
+            return;
+        }
+        let node = &mut self.nodes[i];
+        node.paused_until_ms = node.paused_until_ms.max(self.now + ms);
+        node.back_at_ms = node.paused_until_ms;
+        self.stats.pauses += 1;
+        self.note(|| format!("pause node {} for {ms} ms", i + 1));
     }
 
     /// Envelopes to node `i`'s acceptor are dropped for `ms`.

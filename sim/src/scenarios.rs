@@ -38,7 +38,12 @@ pub enum Action {
     /// As `Isolate`, but only once `leader` has nothing in flight (every slot it proposed is
     /// applied and no request of its own waits), polling until `give_up_ms`; the rest of the
     /// scenario moves later by as much.
-    IsolateIdle { side: Vec<usize>, ms: u64, leader: usize, give_up_ms: u64 },
+    /// The nodes of `pause` are paused (each for its ms) at the moment of the cut.
+    IsolateIdle { side: Vec<usize>, ms: u64, leader: usize, give_up_ms: u64, pause: Vec<(usize, u64)> },
+    /// Node not stepped for `ms` (a stalled process; its inbox keeps filling).
+    Pause { node: usize, ms: u64 },
+    /// Every `Accept` src→dst held back for `ms`, then delivered (unless cut off by then).
+    HoldAccepts { src: usize, dst: usize, ms: u64 },
     /// Messages src→dst long-delayed for `ms`.
     Slow { src: usize, dst: usize, ms: u64 },
     /// Hot swap of the node.
@@ -109,17 +114,24 @@ impl World<'_> {
         let (b, c, d, e) = (others[0], others[1], others[2], others[3]);
         match kind {
             Kind::WipeDuringOutages => {
+                // The leader's accepts to b, d and e are held back (their other traffic flows,
+                // so CheckQuorum keeps it leading): only it and c accept what it proposes now.
+                // c is wiped and rejoins; the leader stalls (paused, so CheckQuorum cannot
+                // depose it) and is cut off with b; its held accepts reach b, whose answers
+                // wait in its inbox while c, d and e elect another leader and write; the old
+                // leader resumes and counts itself, b and c's vote from before the wipe.
                 let now = self.now;
-                let b_ms = self.rng.range(3_500, 6_000);
-                self.schedule(now, Action::Outage { node: b, ms: b_ms });
-                for x in [d, e] {
-                    let ms = self.rng.range(1_500, 2_800);
-                    self.schedule(now, Action::Outage { node: x, ms });
+                let pause_at = now + self.rng.range(2_800, 3_800);
+                let release_ms = pause_at - now + self.rng.range(20, 300);
+                for x in [b, d, e] {
+                    self.schedule(now, Action::HoldAccepts { src: leader, dst: x, ms: release_ms });
                 }
                 let down_ms = self.rng.range(50, 400);
-                self.later((100, 600), Action::Wipe { node: c, down_ms });
-                let ms = self.rng.range(2_000, 4_000);
-                self.later((2_000, 3_200), Action::Isolate { side: vec![leader, b], ms });
+                self.later((300, 900), Action::Wipe { node: c, down_ms });
+                let pause_ms = self.rng.range(2_000, 4_000);
+                self.schedule(pause_at, Action::Pause { node: leader, ms: pause_ms });
+                let ms = pause_ms + self.rng.range(500, 2_500);
+                self.schedule(pause_at, Action::Isolate { side: vec![leader, b], ms });
             }
             Kind::ReadAcrossSwap => {
                 // What one follower answers the leader arrives late. The leader is swapped and a
@@ -131,7 +143,6 @@ impl World<'_> {
                 // then the reader reads at the old leader once more, as late answers arrive.
                 let first_at = self.now + self.rng.range(50, 300);
                 let cut_at = first_at + self.rng.range(800, 1_300);
-                let second_at = cut_at + self.rng.range(300, 900);
                 let late_read_at = cut_at + self.rng.range(1_500, 3_000);
                 let cut_ms = late_read_at + 1_000 - cut_at;
                 let slow_ms = late_read_at + 1_000 - self.now;
@@ -148,10 +159,19 @@ impl World<'_> {
                 }
                 self.schedule(cut_at - 50, Action::Hold { client: reader, until_ms: late_read_at });
                 self.schedule(late_read_at, Action::Retry { client: reader });
-                let idle =
-                    Action::IsolateIdle { side: vec![leader, b], ms: cut_ms, leader, give_up_ms: cut_at + 1_000 };
+                // The old leader and b stall at the cut (paused, so CheckQuorum cannot depose
+                // it); the leader is swapped as it resumes (a swap's CheckQuorum grace keeps it
+                // leading), b resumes just after, and the reader reads there at once.
+                let pause = vec![(leader, late_read_at - cut_at), (b, late_read_at - cut_at + self.rng.range(5, 40))];
+                let idle = Action::IsolateIdle {
+                    side: vec![leader, b],
+                    ms: cut_ms,
+                    leader,
+                    give_up_ms: cut_at + 1_000,
+                    pause,
+                };
                 self.schedule(cut_at, idle);
-                self.schedule(second_at, Action::Swap { node: leader });
+                self.schedule(late_read_at, Action::Swap { node: leader });
             }
             Kind::LaggingMajority => {
                 // The leader's messages to three followers are slowed (accepts and chosen
@@ -194,24 +214,33 @@ impl World<'_> {
                 let sides: Vec<u8> = (0..self.nodes.len()).map(|i| u8::from(side.contains(&i))).collect();
                 self.partition_sides(sides, ms);
             }
-            Action::IsolateIdle { side, ms, leader, give_up_ms } => {
+            Action::IsolateIdle { side, ms, leader, give_up_ms, pause } => {
                 let status = self.status(leader).unwrap_or_default();
                 let number = |field| crate::world::status_number(&status, field);
                 let idle = number("next_slot").is_some_and(|next| Some(next) == number("applied"))
                     && number("pending") == Some(0);
                 if idle || self.now >= give_up_ms {
                     self.act(Action::Isolate { side, ms });
+                    for (node, ms) in pause {
+                        self.act(Action::Pause { node, ms });
+                    }
                 } else {
                     const POLL_MS: u64 = 20;
                     for (at, _) in self.script.iter_mut() {
                         *at += POLL_MS;
                     }
                     self.quiet_until_ms += POLL_MS;
-                    let retry = Action::IsolateIdle { side, ms, leader, give_up_ms };
+                    let retry = Action::IsolateIdle { side, ms, leader, give_up_ms, pause };
                     self.schedule(self.now + POLL_MS, retry);
                 }
             }
             Action::Slow { src, dst, ms } => self.slow_link(src, dst, ms),
+            Action::Pause { node, ms } => self.pause(node, ms),
+            Action::HoldAccepts { src, dst, ms } => {
+                self.net.hold_accepts(src, dst, self.now + ms);
+                self.stats.slow_links += 1;
+                self.note(|| format!("accepts {} -> {} held back for {ms} ms", src + 1, dst + 1));
+            }
             Action::Swap { node } => self.swap(node),
             Action::Steer { avoid, reader, reader_node, until_ms } => {
                 let names: Vec<usize> = avoid.iter().map(|i| i + 1).collect();
