@@ -86,10 +86,12 @@ pub enum Kind {
     ReadAcrossSwap,
     /// Scenario: three followers' learners fall behind, the leader crashes.
     LaggingMajority,
+    /// Scenario: a rejoiner's fence answers replayed into its next life's fence.
+    FenceReplay,
 }
 
 /// Every kind, in the order the mix is drawn.
-pub const KINDS: [Kind; 13] = [
+pub const KINDS: [Kind; 14] = [
     Kind::Crash,
     Kind::Wipe,
     Kind::Pause,
@@ -103,6 +105,7 @@ pub const KINDS: [Kind; 13] = [
     Kind::WipeDuringOutages,
     Kind::ReadAcrossSwap,
     Kind::LaggingMajority,
+    Kind::FenceReplay,
 ];
 
 /// Each fault kind is on in a seed with this probability…

@@ -68,6 +68,10 @@ pub struct Net {
     /// back until then (an acceptor whose proposals queue behind a stuck stream while its other
     /// traffic flows), then delivered unless a cut is in the way.
     hold_until_ms: Vec<Vec<u64>>,
+    /// `replay_fenced[src][dst]`: `(until, at)`: every `Fenced` answer sent on src→dst before
+    /// `until` is delivered as usual and once more at `at` (a copy stuck in a buffer, past any
+    /// cut by then).
+    replay_fenced: Vec<Vec<(u64, u64)>>,
 }
 
 impl Net {
@@ -82,6 +86,7 @@ impl Net {
             cut_until_ms: vec![vec![0; nodes]; nodes],
             slow_until_ms: vec![vec![0; nodes]; nodes],
             hold_until_ms: vec![vec![0; nodes]; nodes],
+            replay_fenced: vec![vec![(0, 0); nodes]; nodes],
         }
     }
 
@@ -125,6 +130,13 @@ impl Net {
         }
     }
 
+    /// Every `Fenced` answer sent on src→dst before `until_ms` is delivered once more at `at_ms`.
+    pub fn replay_fenced(&mut self, src: usize, dst: usize, until_ms: u64, at_ms: u64) {
+        if src != dst {
+            self.replay_fenced[src][dst] = (until_ms, at_ms);
+        }
+    }
+
     /// Every link up and fast again (messages in flight stay in flight).
     pub fn heal_all(&mut self) {
         let rows = self.cut_until_ms.iter_mut().chain(self.slow_until_ms.iter_mut());
@@ -143,6 +155,12 @@ impl Net {
             return Fate::Lost;
         }
         let copies = if self.faults && rng.chance(DUPLICATE_CHANCE) { 2 } else { 1 };
+        let (replay_until, replay_at) = self.replay_fenced[src][dst];
+        if self.faults && now_ms < replay_until && replay_at > now_ms && is_fenced(&envelope) {
+            self.next_seq += 1;
+            self.queue.push(Reverse((replay_at, self.next_seq)));
+            self.in_flight.insert(self.next_seq, InFlight { envelope: envelope.clone(), sent_ms: now_ms, long: true });
+        }
         let held_until = self.hold_until_ms[src][dst];
         if self.faults && now_ms < held_until && is_accept(&envelope) {
             for _ in 0..copies {
@@ -202,4 +220,10 @@ fn is_accept(envelope: &Envelope) -> bool {
     use waxos_guest::message::{self, Message};
     envelope.role == waxos_host::runtime::Role::Acceptor
         && matches!(message::decode::<Message>(&envelope.payload), Ok(Message::Accept { .. }))
+}
+
+/// Whether the envelope carries a rejoiner's fence answer (`Fenced`).
+fn is_fenced(envelope: &Envelope) -> bool {
+    use waxos_guest::message::{self, Message};
+    matches!(message::decode::<Message>(&envelope.payload), Ok(Message::Fenced { .. }))
 }

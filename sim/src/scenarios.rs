@@ -42,6 +42,10 @@ pub enum Action {
     IsolateIdle { side: Vec<usize>, ms: u64, leader: usize, give_up_ms: u64, pause: Vec<(usize, u64)> },
     /// Node not stepped for `ms` (a stalled process; its inbox keeps filling).
     Pause { node: usize, ms: u64 },
+    /// Both directions between every node of `a` and every node of `b` cut for `ms`.
+    Cut { a: Vec<usize>, b: Vec<usize>, ms: u64 },
+    /// Every `Fenced` answer to `dst` sent within `ms` is delivered once more `at_ms` later.
+    ReplayFenced { dst: usize, ms: u64, after_ms: u64 },
     /// Every `Accept` src→dst held back for `ms`, then delivered (unless cut off by then).
     HoldAccepts { src: usize, dst: usize, ms: u64 },
     /// Messages src→dst long-delayed for `ms`.
@@ -78,9 +82,12 @@ impl World<'_> {
         }
         // The read across a swap needs the most luck (a late answer landing in a read's
         // 200 ms window): it is tried most often.
-        for (kind, weight) in
-            [(Kind::WipeDuringOutages, 1.5), (Kind::ReadAcrossSwap, 4.0), (Kind::LaggingMajority, 1.0)]
-        {
+        for (kind, weight) in [
+            (Kind::WipeDuringOutages, 1.5),
+            (Kind::ReadAcrossSwap, 4.0),
+            (Kind::LaggingMajority, 1.0),
+            (Kind::FenceReplay, 1.0),
+        ] {
             if self.rng.chance(self.mix.rate(kind, SCENARIO_RATE * weight)) {
                 self.plan(kind);
                 return;
@@ -192,6 +199,27 @@ impl World<'_> {
                 let ms = self.rng.range(2_000, 4_000);
                 self.schedule(crash_at, Action::Isolate { side: vec![e], ms });
             }
+            Kind::FenceReplay => {
+                // u = d and w = e never hear the leader x or y = b: z = c is wiped and fences
+                // (its answers are duplicated, the copies held back); z votes again and x's side
+                // chooses slots with z's vote; then z is wiped again, cut off from x and y with
+                // u and w, and the old answers arrive during its new fence (which must not
+                // count them: z's side would elect a leader ignorant of those slots).
+                let now = self.now;
+                let second_at = now + self.rng.range(3_000, 4_500);
+                let end_ms = second_at - now + self.rng.range(3_000, 5_000);
+                self.schedule(now, Action::Cut { a: vec![leader, b], b: vec![d, e], ms: second_at - now });
+                // The copies arrive right after z restarts, once its new fence is out and
+                // before anyone's refusal of it (u and w promised the same fence ballot in z's
+                // earlier life, so they refuse it) makes z fence higher.
+                let down_ms = self.rng.range(20, 150);
+                let replay_after = second_at - now + down_ms + 2 * crate::world::TICK_MS;
+                self.schedule(now, Action::ReplayFenced { dst: c, ms: 2_000, after_ms: replay_after });
+                let first_down_ms = self.rng.range(50, 300);
+                self.later((100, 400), Action::Wipe { node: c, down_ms: first_down_ms });
+                self.schedule(second_at, Action::Isolate { side: vec![leader, b], ms: end_ms - (second_at - now) });
+                self.schedule(second_at, Action::Wipe { node: c, down_ms });
+            }
             _ => return,
         }
         self.stats.scenarios += 1;
@@ -236,6 +264,23 @@ impl World<'_> {
             }
             Action::Slow { src, dst, ms } => self.slow_link(src, dst, ms),
             Action::Pause { node, ms } => self.pause(node, ms),
+            Action::Cut { a, b, ms } => {
+                for &x in &a {
+                    for &y in &b {
+                        self.net.cut(x, y, self.now + ms);
+                        self.net.cut(y, x, self.now + ms);
+                    }
+                }
+                self.partition_until_ms = self.partition_until_ms.max(self.now + ms);
+                self.stats.partitions += 1;
+                self.note(|| format!("cut between {a:?} and {b:?} (indexes) for {ms} ms"));
+            }
+            Action::ReplayFenced { dst, ms, after_ms } => {
+                for src in (0..self.nodes.len()).filter(|&s| s != dst) {
+                    self.net.replay_fenced(src, dst, self.now + ms, self.now + after_ms);
+                }
+                self.note(|| format!("fence answers to node {} replayed in {after_ms} ms", dst + 1));
+            }
             Action::HoldAccepts { src, dst, ms } => {
                 self.net.hold_accepts(src, dst, self.now + ms);
                 self.stats.slow_links += 1;
