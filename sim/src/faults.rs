@@ -88,10 +88,12 @@ pub enum Kind {
     LaggingMajority,
     /// Scenario: a rejoiner's fence answers replayed into its next life's fence.
     FenceReplay,
+    /// Scenario: a rejoiner compacted before its fence completes restarts from that snapshot.
+    SnapshotRejoin,
 }
 
 /// Every kind, in the order the mix is drawn.
-pub const KINDS: [Kind; 14] = [
+pub const KINDS: [Kind; 15] = [
     Kind::Crash,
     Kind::Wipe,
     Kind::Pause,
@@ -106,6 +108,7 @@ pub const KINDS: [Kind; 14] = [
     Kind::ReadAcrossSwap,
     Kind::LaggingMajority,
     Kind::FenceReplay,
+    Kind::SnapshotRejoin,
 ];
 
 /// Each fault kind is on in a seed with this probability…

@@ -72,6 +72,8 @@ pub struct Net {
     /// `until` is delivered as usual and once more at `at` (a copy stuck in a buffer, past any
     /// cut by then).
     replay_fenced: Vec<Vec<(u64, u64)>>,
+    /// `mute_pre_votes_until_ms[src]`: every `PreVote` src sends before then is lost.
+    mute_pre_votes_until_ms: Vec<u64>,
 }
 
 impl Net {
@@ -87,6 +89,7 @@ impl Net {
             slow_until_ms: vec![vec![0; nodes]; nodes],
             hold_until_ms: vec![vec![0; nodes]; nodes],
             replay_fenced: vec![vec![(0, 0); nodes]; nodes],
+            mute_pre_votes_until_ms: vec![0; nodes],
         }
     }
 
@@ -137,9 +140,15 @@ impl Net {
         }
     }
 
+    /// Every `PreVote` `src` sends before `until_ms` is lost.
+    pub fn mute_pre_votes(&mut self, src: usize, until_ms: u64) {
+        self.mute_pre_votes_until_ms[src] = self.mute_pre_votes_until_ms[src].max(until_ms);
+    }
+
     /// Every link up and fast again (messages in flight stay in flight).
     pub fn heal_all(&mut self) {
         let rows = self.cut_until_ms.iter_mut().chain(self.slow_until_ms.iter_mut());
+        self.mute_pre_votes_until_ms.iter_mut().for_each(|t| *t = 0);
         for row in rows.chain(self.hold_until_ms.iter_mut()) {
             row.iter_mut().for_each(|t| *t = 0);
         }
@@ -152,6 +161,9 @@ impl Net {
             return Fate::Lost;
         }
         if self.faults && (rng.chance(LOSS_CHANCE) || !self.link_up(src, dst, now_ms)) {
+            return Fate::Lost;
+        }
+        if self.faults && now_ms < self.mute_pre_votes_until_ms[src] && is_pre_vote(&envelope) {
             return Fate::Lost;
         }
         let copies = if self.faults && rng.chance(DUPLICATE_CHANCE) { 2 } else { 1 };
@@ -226,4 +238,10 @@ fn is_accept(envelope: &Envelope) -> bool {
 fn is_fenced(envelope: &Envelope) -> bool {
     use waxos_guest::message::{self, Message};
     matches!(message::decode::<Message>(&envelope.payload), Ok(Message::Fenced { .. }))
+}
+
+/// Whether the envelope carries a `PreVote`.
+fn is_pre_vote(envelope: &Envelope) -> bool {
+    use waxos_guest::message::{self, Message};
+    matches!(message::decode::<Message>(&envelope.payload), Ok(Message::PreVote { .. }))
 }

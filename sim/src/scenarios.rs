@@ -46,6 +46,10 @@ pub enum Action {
     Cut { a: Vec<usize>, b: Vec<usize>, ms: u64 },
     /// Every `Fenced` answer to `dst` sent within `ms` is delivered once more `at_ms` later.
     ReplayFenced { dst: usize, ms: u64, after_ms: u64 },
+    /// The node compacts now and then not again for `hold_ms`.
+    Compact { node: usize, hold_ms: u64 },
+    /// Every `PreVote` the node sends is lost for `ms`.
+    MutePreVotes { node: usize, ms: u64 },
     /// Every `Accept` src→dst held back for `ms`, then delivered (unless cut off by then).
     HoldAccepts { src: usize, dst: usize, ms: u64 },
     /// Messages src→dst long-delayed for `ms`.
@@ -87,6 +91,7 @@ impl World<'_> {
             (Kind::ReadAcrossSwap, 4.0),
             (Kind::LaggingMajority, 1.0),
             (Kind::FenceReplay, 1.0),
+            (Kind::SnapshotRejoin, 1.0),
         ] {
             if self.rng.chance(self.mix.rate(kind, SCENARIO_RATE * weight)) {
                 self.plan(kind);
@@ -220,6 +225,29 @@ impl World<'_> {
                 self.schedule(second_at, Action::Isolate { side: vec![leader, b], ms: end_ms - (second_at - now) });
                 self.schedule(second_at, Action::Wipe { node: c, down_ms });
             }
+            Kind::SnapshotRejoin => {
+                // u = d and w = e hear nothing from the leader x, y = b or r = c while x writes
+                // (and every replica there compacts past what u and w have); r is wiped and
+                // compacted as it restarts (a snapshot saying "not voting", from before its
+                // fence); r, hearing u and w again, fences, catches up and votes; r crashes and
+                // restarts from that snapshot and the records after it, cut off from x and y
+                // with u and w, and its pre-votes lost: u or w (behind r's fence log start) is
+                // elected with r's promise, which must still say what r never knew.
+                let now = self.now;
+                let wipe_at = now + self.rng.range(2_500, 3_500);
+                let down_ms = self.rng.range(30, 200);
+                let back_at = wipe_at + down_ms;
+                let crash_at = back_at + self.rng.range(1_500, 2_800);
+                let crash_down_ms = self.rng.range(30, 200);
+                let part_ms = self.rng.range(3_000, 5_000);
+                self.schedule(now, Action::Cut { a: vec![leader, b], b: vec![d, e], ms: crash_at - now });
+                self.schedule(now, Action::Cut { a: vec![c], b: vec![d, e], ms: back_at - now });
+                self.schedule(wipe_at, Action::Wipe { node: c, down_ms });
+                self.schedule(back_at, Action::Compact { node: c, hold_ms: crash_at + 100 - back_at });
+                self.schedule(crash_at, Action::Crash { node: c, down_ms: crash_down_ms });
+                self.schedule(crash_at, Action::MutePreVotes { node: c, ms: part_ms });
+                self.schedule(crash_at, Action::Isolate { side: vec![leader, b], ms: part_ms });
+            }
             _ => return,
         }
         self.stats.scenarios += 1;
@@ -264,6 +292,17 @@ impl World<'_> {
             }
             Action::Slow { src, dst, ms } => self.slow_link(src, dst, ms),
             Action::Pause { node, ms } => self.pause(node, ms),
+            Action::Compact { node, hold_ms } => {
+                if self.nodes[node].guest.is_some() {
+                    self.compact(node);
+                    self.nodes[node].compact_hold_until_ms = self.now + hold_ms;
+                    self.note(|| format!("compact node {} now, then not for {hold_ms} ms", node + 1));
+                }
+            }
+            Action::MutePreVotes { node, ms } => {
+                self.net.mute_pre_votes(node, self.now + ms);
+                self.note(|| format!("pre-votes of node {} lost for {ms} ms", node + 1));
+            }
             Action::Cut { a, b, ms } => {
                 for &x in &a {
                     for &y in &b {

@@ -78,6 +78,8 @@ pub(crate) struct Node {
     pub(crate) rejoining: bool,
     /// When the last hot swap happened.
     pub(crate) swapped_at_ms: Option<u64>,
+    /// No compaction before this time (a scenario keeps an early snapshot on the disk).
+    pub(crate) compact_hold_until_ms: u64,
 }
 
 struct ClientOp {
@@ -195,7 +197,10 @@ impl<'a> World<'a> {
         let mix = crate::faults::FaultMix::draw(&mut rng);
         let retain_slots = if !config.faults {
             50
-        } else if mix.rate(crate::faults::Kind::LaggingMajority, 1.0) > 0.0 || rng.chance(0.5) {
+        } else if mix.rate(crate::faults::Kind::LaggingMajority, 1.0) > 0.0
+            || mix.rate(crate::faults::Kind::SnapshotRejoin, 1.0) > 0.0
+            || rng.chance(0.5)
+        {
             // Tiny: lagging replicas fall behind what the others retain all the time.
             rng.range(RETAIN_SLOTS_LAGGING.0, RETAIN_SLOTS_LAGGING.1)
         } else {
@@ -228,6 +233,7 @@ impl<'a> World<'a> {
                 wiped: false,
                 rejoining: false,
                 swapped_at_ms: None,
+                compact_hold_until_ms: 0,
             });
         }
         let clients = (0..config.clients)
@@ -514,14 +520,16 @@ impl<'a> World<'a> {
         }
         let released = self.nodes[i].disk.carry_out(effects, self.now, &mut self.rng);
         self.release(i, released);
-        if self.nodes[i].disk.records_since_snapshot >= self.nodes[i].snapshot_every_records {
+        if self.nodes[i].disk.records_since_snapshot >= self.nodes[i].snapshot_every_records
+            && self.now >= self.nodes[i].compact_hold_until_ms
+        {
             self.compact(i);
         }
     }
 
     /// The host's compaction: drain the syncs (releasing what they held), then the guest's
     /// snapshot replaces the records it covers.
-    fn compact(&mut self, i: usize) {
+    pub(crate) fn compact(&mut self, i: usize) {
         let released = self.nodes[i].disk.drain();
         self.release(i, released);
         let Some(guest) = self.nodes[i].guest.as_mut() else { return };
