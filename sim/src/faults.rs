@@ -90,10 +90,13 @@ pub enum Kind {
     FenceReplay,
     /// Scenario: a rejoiner compacted before its fence completes restarts from that snapshot.
     SnapshotRejoin,
+    /// Scenario: one follower misses the leader's heartbeats while everything else is fine;
+    /// the leader must stay.
+    MissedHeartbeats,
 }
 
 /// Every kind, in the order the mix is drawn.
-pub const KINDS: [Kind; 15] = [
+pub const KINDS: [Kind; 16] = [
     Kind::Crash,
     Kind::Wipe,
     Kind::Pause,
@@ -109,6 +112,7 @@ pub const KINDS: [Kind; 15] = [
     Kind::LaggingMajority,
     Kind::FenceReplay,
     Kind::SnapshotRejoin,
+    Kind::MissedHeartbeats,
 ];
 
 /// Each fault kind is on in a seed with this probability…
@@ -446,7 +450,7 @@ impl World<'_> {
 
     /// Whether `set` is healthy, every link among its members up (both ways) and fast, and no
     /// stream of stale messages from a dead replica outside still reaching it.
-    fn connected_and_healthy(&self, set: &[usize]) -> bool {
+    pub(crate) fn connected_and_healthy(&self, set: &[usize]) -> bool {
         let n = self.nodes.len();
         set.iter().all(|&a| {
             self.healthy(a)

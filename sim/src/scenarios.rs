@@ -46,6 +46,11 @@ pub enum Action {
     Cut { a: Vec<usize>, b: Vec<usize>, ms: u64 },
     /// Every `Fenced` answer to `dst` sent within `ms` is delivered once more `at_ms` later.
     ReplayFenced { dst: usize, ms: u64, after_ms: u64 },
+    /// The link src→dst cut (one way) for `ms`.
+    CutOneWay { src: usize, dst: usize, ms: u64 },
+    /// The node must still lead, at the same ballot (nothing but a follower's missed
+    /// heartbeats happened since): otherwise the run fails.
+    ExpectLeader { node: usize, ballot: String },
     /// The node compacts now and then not again for `hold_ms`.
     Compact { node: usize, hold_ms: u64 },
     /// Every `PreVote` the node sends is lost for `ms`.
@@ -92,6 +97,7 @@ impl World<'_> {
             (Kind::LaggingMajority, 1.0),
             (Kind::FenceReplay, 1.0),
             (Kind::SnapshotRejoin, 1.0),
+            (Kind::MissedHeartbeats, 1.0),
         ] {
             if self.rng.chance(self.mix.rate(kind, SCENARIO_RATE * weight)) {
                 self.plan(kind);
@@ -248,6 +254,30 @@ impl World<'_> {
                 self.schedule(crash_at, Action::MutePreVotes { node: c, ms: part_ms });
                 self.schedule(crash_at, Action::Isolate { side: vec![leader, b], ms: part_ms });
             }
+            Kind::MissedHeartbeats => {
+                // Only in a calm cluster: every replica up, voting, connected and fast (random
+                // faults wait while the scenario runs, except hot swaps, which keep a leader).
+                let all: Vec<usize> = (0..n).collect();
+                if !self.connected_and_healthy(&all) {
+                    return;
+                }
+                let status = self.status(leader).unwrap_or_default();
+                let Some(ballot) = status_ballot(&status) else { return };
+                // …and a settled leader: every replica follows it and promised its ballot (no
+                // election still under way).
+                let follows = format!("\"leader\":{},", leader + 1);
+                let promised = format!("\"promised\":\"{ballot}\"");
+                for i in 0..n {
+                    let s = self.status(i).unwrap_or_default();
+                    if !s.contains(&follows) || !s.contains(&promised) {
+                        return;
+                    }
+                }
+                let ms = self.rng.range(800, 1_600);
+                self.schedule(self.now, Action::CutOneWay { src: leader, dst: b, ms });
+                let check_at = self.now + ms + self.rng.range(800, 1_500);
+                self.schedule(check_at, Action::ExpectLeader { node: leader, ballot });
+            }
             _ => return,
         }
         self.stats.scenarios += 1;
@@ -292,6 +322,21 @@ impl World<'_> {
             }
             Action::Slow { src, dst, ms } => self.slow_link(src, dst, ms),
             Action::Pause { node, ms } => self.pause(node, ms),
+            Action::CutOneWay { src, dst, ms } => {
+                self.net.cut(src, dst, self.now + ms);
+                self.stats.one_way_cuts += 1;
+                self.note(|| format!("cut {} -> {} for {ms} ms", src + 1, dst + 1));
+            }
+            Action::ExpectLeader { node, ballot } => {
+                let status = self.status(node).unwrap_or_default();
+                let leads = status.contains("\"role\":\"leader\"");
+                if (!leads || status_ballot(&status).as_deref() != Some(ballot.as_str())) && self.liveness.is_none() {
+                    self.liveness = Some(format!(
+                        "node {} led at ballot {ballot} in a healthy cluster and was deposed although only one follower missed its heartbeats for a while: {status}",
+                        node + 1
+                    ));
+                }
+            }
             Action::Compact { node, hold_ms } => {
                 if self.nodes[node].guest.is_some() {
                     self.compact(node);
@@ -347,4 +392,10 @@ impl World<'_> {
             }
         }
     }
+}
+
+/// The `"ballot":"…"` of a status JSON.
+fn status_ballot(status: &str) -> Option<String> {
+    let at = status.find("\"ballot\":\"")? + "\"ballot\":\"".len();
+    Some(status[at..].chars().take_while(|&c| c != '"').collect())
 }
