@@ -93,10 +93,13 @@ pub enum Kind {
     /// Scenario: one follower misses the leader's heartbeats while everything else is fine;
     /// the leader must stay.
     MissedHeartbeats,
+    /// Scenario: an acceptor that promised a new leader's ballot restarts, as the stalled old
+    /// leader's accepts reach it.
+    RestartAfterPromise,
 }
 
 /// Every kind, in the order the mix is drawn.
-pub const KINDS: [Kind; 16] = [
+pub const KINDS: [Kind; 17] = [
     Kind::Crash,
     Kind::Wipe,
     Kind::Pause,
@@ -113,7 +116,12 @@ pub const KINDS: [Kind; 16] = [
     Kind::FenceReplay,
     Kind::SnapshotRejoin,
     Kind::MissedHeartbeats,
+    Kind::RestartAfterPromise,
 ];
+
+/// The kinds of `KINDS` whose mix (and scenario starts) draw from the run's main stream; the
+/// later ones draw from `World::later_rng`.
+pub const FIRST_KINDS: usize = 13;
 
 /// Each fault kind is on in a seed with this probability…
 const KIND_ON_CHANCE: f64 = 0.7;
@@ -131,9 +139,12 @@ pub struct FaultMix {
 
 impl FaultMix {
     /// Draws a mix.
-    pub fn draw(rng: &mut crate::rng::Rng) -> FaultMix {
+    pub fn draw(rng: &mut crate::rng::Rng, later: &mut crate::rng::Rng) -> FaultMix {
         let mut factor = [0.0; KINDS.len()];
         for (k, f) in factor.iter_mut().enumerate() {
+            // The kinds added after the first `FIRST_KINDS` draw from their own stream, so
+            // that the seeds of the earlier kinds keep their mixes.
+            let rng = if k < FIRST_KINDS { &mut *rng } else { &mut *later };
             // Crashes are the bread and butter of every run (most safety bugs need one).
             let on = rng.chance(KIND_ON_CHANCE) || KINDS[k] == Kind::Crash;
             let percent = rng.range(KIND_RATE_PERCENT.0, KIND_RATE_PERCENT.1);

@@ -91,15 +91,22 @@ impl World<'_> {
         }
         // The read across a swap needs the most luck (a late answer landing in a read's
         // 200 ms window): it is tried most often.
+        for (kind, weight) in
+            [(Kind::WipeDuringOutages, 1.5), (Kind::ReadAcrossSwap, 4.0), (Kind::LaggingMajority, 1.0)]
+        {
+            if self.rng.chance(self.mix.rate(kind, SCENARIO_RATE * weight)) {
+                self.plan(kind);
+                return;
+            }
+        }
+        // The later scenarios draw from their own stream (see `faults::FIRST_KINDS`).
         for (kind, weight) in [
-            (Kind::WipeDuringOutages, 1.5),
-            (Kind::ReadAcrossSwap, 4.0),
-            (Kind::LaggingMajority, 1.0),
             (Kind::FenceReplay, 1.0),
             (Kind::SnapshotRejoin, 1.0),
             (Kind::MissedHeartbeats, 1.0),
+            (Kind::RestartAfterPromise, 1.0),
         ] {
-            if self.rng.chance(self.mix.rate(kind, SCENARIO_RATE * weight)) {
+            if self.later_rng.chance(self.mix.rate(kind, SCENARIO_RATE * weight)) {
                 self.plan(kind);
                 return;
             }
@@ -277,6 +284,28 @@ impl World<'_> {
                 self.schedule(self.now, Action::CutOneWay { src: leader, dst: b, ms });
                 let check_at = self.now + ms + self.rng.range(800, 1_500);
                 self.schedule(check_at, Action::ExpectLeader { node: leader, ballot });
+            }
+            Kind::RestartAfterPromise => {
+                // The leader x's accepts to c, d and e are held back, so what it proposes now
+                // only it and b accept; x stalls (paused) cut off from the others with b; c, d
+                // and e elect another leader that fills the slot; c crashes and restarts (from
+                // its WAL) just as x's held accepts reach it, and its answers wait in x's inbox
+                // until x resumes: a restarted acceptor must still refuse the old ballot.
+                let now = self.now;
+                let pause_at = now + self.rng.range(300, 700);
+                let crash_at = pause_at + self.rng.range(1_300, 2_200);
+                let down_ms = self.rng.range(30, 150);
+                let back_at = crash_at + down_ms;
+                let release_at = back_at + 2 * crate::world::TICK_MS;
+                let resume_at = release_at + self.rng.range(50, 400);
+                for x in [c, d, e] {
+                    self.schedule(now, Action::HoldAccepts { src: leader, dst: x, ms: release_at - now });
+                }
+                self.schedule(pause_at, Action::Pause { node: leader, ms: resume_at - pause_at });
+                let end_ms = resume_at + self.rng.range(800, 1_500) - pause_at;
+                self.schedule(pause_at, Action::Cut { a: vec![leader, b], b: vec![d, e], ms: end_ms });
+                self.schedule(pause_at, Action::Cut { a: vec![leader, b], b: vec![c], ms: back_at - pause_at });
+                self.schedule(crash_at, Action::Crash { node: c, down_ms });
             }
             _ => return,
         }

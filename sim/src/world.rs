@@ -168,6 +168,9 @@ pub struct World<'a> {
     pub(crate) mix: crate::faults::FaultMix,
     /// The last time a client operation completed, or no client waited.
     pub(crate) progress_ms: u64,
+    /// The draws of the fault kinds added later (see `faults::FIRST_KINDS`): their own
+    /// stream, so that a seed without them runs as it did before they existed.
+    pub(crate) later_rng: Rng,
 }
 
 pub(crate) const TICK_MS: u64 = 5;
@@ -194,12 +197,12 @@ impl<'a> World<'a> {
     pub fn new(builds: &'a [GuestBuild], config: SimConfig, seed: u64, trace: bool) -> Result<World<'a>, Failure> {
         let mut rng = Rng::new(seed);
         let members: Vec<u32> = (1..=config.nodes).collect();
-        let mix = crate::faults::FaultMix::draw(&mut rng);
+        let mut later_rng = Rng::new(seed ^ 0x5CE7_A210_F00D_0001);
+        let mix = crate::faults::FaultMix::draw(&mut rng, &mut later_rng);
         let retain_slots = if !config.faults {
             50
-        } else if mix.rate(crate::faults::Kind::LaggingMajority, 1.0) > 0.0
+        } else if (mix.rate(crate::faults::Kind::LaggingMajority, 1.0) > 0.0 || rng.chance(0.5))
             || mix.rate(crate::faults::Kind::SnapshotRejoin, 1.0) > 0.0
-            || rng.chance(0.5)
         {
             // Tiny: lagging replicas fall behind what the others retain all the time.
             rng.range(RETAIN_SLOTS_LAGGING.0, RETAIN_SLOTS_LAGGING.1)
@@ -265,6 +268,7 @@ impl<'a> World<'a> {
             quiet_until_ms: 0,
             mix,
             progress_ms: 1_000,
+            later_rng,
         };
         let mix = world.mix.to_string();
         world.note(|| format!("retain_slots {retain_slots}; faults: {mix}"));
