@@ -5,21 +5,38 @@
 //! in the right order within a second or two). A scenario is still only a schedule of ordinary
 //! faults — acceptor outages, wipes, partitions, slow links, crashes, hot swaps — so a correct
 //! replica survives it like any other run; it just makes the dangerous interleavings common:
-//! - *wipe during outages*: most acceptors are out while the leader proposes, so only the
-//!   leader and one follower accept; that follower is wiped and rejoins; then the two sides of
-//!   a partition each try to finish the slot (a rejoined acceptor whose old vote still counts
-//!   lets both succeed);
+//! - *wipe during outages*: the leader's accepts to three followers are held back (their other
+//!   traffic flows, so CheckQuorum keeps it leading), so only the leader and one follower
+//!   accept; that follower is wiped and rejoins; the leader stalls (paused) and is cut off with
+//!   one follower, which gets the held accepts, while the other side elects and writes (a
+//!   rejoined acceptor whose old vote still counts lets both succeed);
 //! - *read across a swap*: one follower's answers to the leader are slowed, the leader is
-//!   hot-swapped, cut off with one follower and swapped again while the rest elect another
-//!   leader and write, and a client reads at the old leader (a late confirmation from before a
-//!   swap must not complete a read after it). Clients are steered to the majority side for the
-//!   while, except that reader, and pause just before the cut: a write in flight at the old
-//!   leader would hold every later read there behind its unchosen slot (the read index), which
-//!   is safe and hides the question;
+//!   hot-swapped, then stalls (paused, with one follower) cut off with that follower while the
+//!   rest elect another leader and write; it is swapped again as it resumes (a swap's
+//!   CheckQuorum grace keeps it leading) and a client reads there at once (a late confirmation
+//!   from before a swap must not complete a read after it). Clients are steered to the
+//!   majority side for the while, except that reader, and pause just before the cut: a write
+//!   in flight at the old leader would hold every later read there behind its unchosen slot
+//!   (the read index), which is safe and hides the question;
 //! - *lagging majority*: the leader's messages to three followers are slowed (their learners
 //!   fall behind, its announcements arrive late), the leader crashes and the one up-to-date
 //!   follower is cut off, so a lagging replica leads a lagging majority while late
-//!   announcements make some of them compact what it still needs.
+//!   announcements make some of them compact what it still needs;
+//! - *fence replay*: a rejoiner's fence answers are duplicated and held back; it votes, is
+//!   wiped again while cut off from the leader's side, and the old answers arrive during its
+//!   new fence (they must not complete it);
+//! - *snapshot rejoin*: a rejoiner is compacted before its fence completes (the snapshot says
+//!   "not voting"), votes, and restarts from that snapshot cut off with two replicas that are
+//!   behind its fence's log start, its pre-votes lost, so one of them is elected;
+//! - *missed heartbeats*: in a calm cluster one follower misses the leader's heartbeats for
+//!   more than an election timeout; the leader must keep leading at its ballot (a stability
+//!   check: without pre-vote the follower's own acceptor deposes it);
+//! - *restart after promise*: the leader's accepts to three followers are held back, it stalls
+//!   cut off with the fourth, the three elect another leader that fills the slot, and one of
+//!   them restarts from its WAL just as the held accepts reach it (it must refuse them).
+//!
+//! The scenarios added after the first three draw whether they start from their own random
+//! stream, so the seeds of runs without them play out as before.
 
 use crate::faults::Kind;
 use crate::world::World;
