@@ -86,10 +86,20 @@ pub enum Kind {
     ReadAcrossSwap,
     /// Scenario: three followers' learners fall behind, the leader crashes.
     LaggingMajority,
+    /// Scenario: a rejoiner's fence answers replayed into its next life's fence.
+    FenceReplay,
+    /// Scenario: a rejoiner compacted before its fence completes restarts from that snapshot.
+    SnapshotRejoin,
+    /// Scenario: one follower misses the leader's heartbeats while everything else is fine;
+    /// the leader must stay.
+    MissedHeartbeats,
+    /// Scenario: an acceptor that promised a new leader's ballot restarts, as the stalled old
+    /// leader's accepts reach it.
+    RestartAfterPromise,
 }
 
 /// Every kind, in the order the mix is drawn.
-pub const KINDS: [Kind; 13] = [
+pub const KINDS: [Kind; 17] = [
     Kind::Crash,
     Kind::Wipe,
     Kind::Pause,
@@ -103,7 +113,15 @@ pub const KINDS: [Kind; 13] = [
     Kind::WipeDuringOutages,
     Kind::ReadAcrossSwap,
     Kind::LaggingMajority,
+    Kind::FenceReplay,
+    Kind::SnapshotRejoin,
+    Kind::MissedHeartbeats,
+    Kind::RestartAfterPromise,
 ];
+
+/// The kinds of `KINDS` whose mix (and scenario starts) draw from the run's main stream; the
+/// later ones draw from `World::later_rng`.
+pub const FIRST_KINDS: usize = 13;
 
 /// Each fault kind is on in a seed with this probability…
 const KIND_ON_CHANCE: f64 = 0.7;
@@ -121,9 +139,12 @@ pub struct FaultMix {
 
 impl FaultMix {
     /// Draws a mix.
-    pub fn draw(rng: &mut crate::rng::Rng) -> FaultMix {
+    pub fn draw(rng: &mut crate::rng::Rng, later: &mut crate::rng::Rng) -> FaultMix {
         let mut factor = [0.0; KINDS.len()];
         for (k, f) in factor.iter_mut().enumerate() {
+            // The kinds added after the first `FIRST_KINDS` draw from their own stream, so
+            // that the seeds of the earlier kinds keep their mixes.
+            let rng = if k < FIRST_KINDS { &mut *rng } else { &mut *later };
             // Crashes are the bread and butter of every run (most safety bugs need one).
             let on = rng.chance(KIND_ON_CHANCE) || KINDS[k] == Kind::Crash;
             let percent = rng.range(KIND_RATE_PERCENT.0, KIND_RATE_PERCENT.1);
@@ -187,10 +208,7 @@ impl World<'_> {
             let i = self.rng.range(0, n as u64) as usize;
             if self.nodes[i].guest.is_some() && self.now >= self.nodes[i].paused_until_ms {
                 let ms = self.rng.range(rate::PAUSE_MS.0, rate::PAUSE_MS.1);
-                self.nodes[i].paused_until_ms = self.now + ms;
-                self.nodes[i].back_at_ms = self.now + ms;
-                self.stats.pauses += 1;
-                self.note(|| format!("pause node {} for {ms} ms", i + 1));
+                self.pause(i, ms);
             }
         }
         if !partitioned && self.rng.chance(self.mix.rate(Kind::Partition, rate::PARTITION)) {
@@ -241,6 +259,18 @@ impl World<'_> {
             };
             self.swap(i);
         }
+    }
+
+    /// Node `i` is not stepped for `ms` (its inbox keeps filling).
+    pub(crate) fn pause(&mut self, i: usize, ms: u64) {
+        if self.nodes[i].guest.is_none() {
+            return;
+        }
+        let node = &mut self.nodes[i];
+        node.paused_until_ms = node.paused_until_ms.max(self.now + ms);
+        node.back_at_ms = node.paused_until_ms;
+        self.stats.pauses += 1;
+        self.note(|| format!("pause node {} for {ms} ms", i + 1));
     }
 
     /// Envelopes to node `i`'s acceptor are dropped for `ms`.
@@ -431,7 +461,7 @@ impl World<'_> {
 
     /// Whether `set` is healthy, every link among its members up (both ways) and fast, and no
     /// stream of stale messages from a dead replica outside still reaching it.
-    fn connected_and_healthy(&self, set: &[usize]) -> bool {
+    pub(crate) fn connected_and_healthy(&self, set: &[usize]) -> bool {
         let n = self.nodes.len();
         set.iter().all(|&a| {
             self.healthy(a)

@@ -64,6 +64,16 @@ pub struct Net {
     cut_until_ms: Vec<Vec<u64>>,
     /// `slow_until_ms[src][dst]`: every message on src→dst is long-delayed before this time.
     slow_until_ms: Vec<Vec<u64>>,
+    /// `hold_until_ms[src][dst]`: every `Accept` sent on src→dst before this time is held
+    /// back until then (an acceptor whose proposals queue behind a stuck stream while its other
+    /// traffic flows), then delivered unless a cut is in the way.
+    hold_until_ms: Vec<Vec<u64>>,
+    /// `replay_fenced[src][dst]`: `(until, at)`: every `Fenced` answer sent on src→dst before
+    /// `until` is delivered as usual and once more at `at` (a copy stuck in a buffer, past any
+    /// cut by then).
+    replay_fenced: Vec<Vec<(u64, u64)>>,
+    /// `mute_pre_votes_until_ms[src]`: every `PreVote` src sends before then is lost.
+    mute_pre_votes_until_ms: Vec<u64>,
 }
 
 impl Net {
@@ -77,6 +87,9 @@ impl Net {
             next_seq: 0,
             cut_until_ms: vec![vec![0; nodes]; nodes],
             slow_until_ms: vec![vec![0; nodes]; nodes],
+            hold_until_ms: vec![vec![0; nodes]; nodes],
+            replay_fenced: vec![vec![(0, 0); nodes]; nodes],
+            mute_pre_votes_until_ms: vec![0; nodes],
         }
     }
 
@@ -112,9 +125,31 @@ impl Net {
         }
     }
 
+    /// Holds back every `Accept` sent on src→dst until `until_ms`.
+    pub fn hold_accepts(&mut self, src: usize, dst: usize, until_ms: u64) {
+        if src != dst {
+            let hold = &mut self.hold_until_ms[src][dst];
+            *hold = (*hold).max(until_ms);
+        }
+    }
+
+    /// Every `Fenced` answer sent on src→dst before `until_ms` is delivered once more at `at_ms`.
+    pub fn replay_fenced(&mut self, src: usize, dst: usize, until_ms: u64, at_ms: u64) {
+        if src != dst {
+            self.replay_fenced[src][dst] = (until_ms, at_ms);
+        }
+    }
+
+    /// Every `PreVote` `src` sends before `until_ms` is lost.
+    pub fn mute_pre_votes(&mut self, src: usize, until_ms: u64) {
+        self.mute_pre_votes_until_ms[src] = self.mute_pre_votes_until_ms[src].max(until_ms);
+    }
+
     /// Every link up and fast again (messages in flight stay in flight).
     pub fn heal_all(&mut self) {
-        for row in self.cut_until_ms.iter_mut().chain(self.slow_until_ms.iter_mut()) {
+        let rows = self.cut_until_ms.iter_mut().chain(self.slow_until_ms.iter_mut());
+        self.mute_pre_votes_until_ms.iter_mut().for_each(|t| *t = 0);
+        for row in rows.chain(self.hold_until_ms.iter_mut()) {
             row.iter_mut().for_each(|t| *t = 0);
         }
     }
@@ -128,7 +163,27 @@ impl Net {
         if self.faults && (rng.chance(LOSS_CHANCE) || !self.link_up(src, dst, now_ms)) {
             return Fate::Lost;
         }
+        if self.faults && now_ms < self.mute_pre_votes_until_ms[src] && is_pre_vote(&envelope) {
+            return Fate::Lost;
+        }
         let copies = if self.faults && rng.chance(DUPLICATE_CHANCE) { 2 } else { 1 };
+        let (replay_until, replay_at) = self.replay_fenced[src][dst];
+        if self.faults && now_ms < replay_until && replay_at > now_ms && is_fenced(&envelope) {
+            self.next_seq += 1;
+            self.queue.push(Reverse((replay_at, self.next_seq)));
+            self.in_flight.insert(self.next_seq, InFlight { envelope: envelope.clone(), sent_ms: now_ms, long: true });
+        }
+        let held_until = self.hold_until_ms[src][dst];
+        if self.faults && now_ms < held_until && is_accept(&envelope) {
+            for _ in 0..copies {
+                self.next_seq += 1;
+                let at = held_until + rng.range(1, NORMAL_DELAY_MS_MAX);
+                self.queue.push(Reverse((at, self.next_seq)));
+                self.in_flight
+                    .insert(self.next_seq, InFlight { envelope: envelope.clone(), sent_ms: now_ms, long: false });
+            }
+            return Fate::Sent { copies, long: true };
+        }
         let mut any_long = false;
         for _ in 0..copies {
             let slow = self.faults && self.link_slow(src, dst, now_ms);
@@ -170,4 +225,23 @@ impl Net {
     pub fn in_flight(&self) -> usize {
         self.in_flight.len()
     }
+}
+
+/// Whether the envelope carries a phase 2a `Accept`.
+fn is_accept(envelope: &Envelope) -> bool {
+    use waxos_guest::message::{self, Message};
+    envelope.role == waxos_host::runtime::Role::Acceptor
+        && matches!(message::decode::<Message>(&envelope.payload), Ok(Message::Accept { .. }))
+}
+
+/// Whether the envelope carries a rejoiner's fence answer (`Fenced`).
+fn is_fenced(envelope: &Envelope) -> bool {
+    use waxos_guest::message::{self, Message};
+    matches!(message::decode::<Message>(&envelope.payload), Ok(Message::Fenced { .. }))
+}
+
+/// Whether the envelope carries a `PreVote`.
+fn is_pre_vote(envelope: &Envelope) -> bool {
+    use waxos_guest::message::{self, Message};
+    matches!(message::decode::<Message>(&envelope.payload), Ok(Message::PreVote { .. }))
 }

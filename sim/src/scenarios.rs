@@ -5,21 +5,38 @@
 //! in the right order within a second or two). A scenario is still only a schedule of ordinary
 //! faults — acceptor outages, wipes, partitions, slow links, crashes, hot swaps — so a correct
 //! replica survives it like any other run; it just makes the dangerous interleavings common:
-//! - *wipe during outages*: most acceptors are out while the leader proposes, so only the
-//!   leader and one follower accept; that follower is wiped and rejoins; then the two sides of
-//!   a partition each try to finish the slot (a rejoined acceptor whose old vote still counts
-//!   lets both succeed);
+//! - *wipe during outages*: the leader's accepts to three followers are held back (their other
+//!   traffic flows, so CheckQuorum keeps it leading), so only the leader and one follower
+//!   accept; that follower is wiped and rejoins; the leader stalls (paused) and is cut off with
+//!   one follower, which gets the held accepts, while the other side elects and writes (a
+//!   rejoined acceptor whose old vote still counts lets both succeed);
 //! - *read across a swap*: one follower's answers to the leader are slowed, the leader is
-//!   hot-swapped, cut off with one follower and swapped again while the rest elect another
-//!   leader and write, and a client reads at the old leader (a late confirmation from before a
-//!   swap must not complete a read after it). Clients are steered to the majority side for the
-//!   while, except that reader, and pause just before the cut: a write in flight at the old
-//!   leader would hold every later read there behind its unchosen slot (the read index), which
-//!   is safe and hides the question;
+//!   hot-swapped, then stalls (paused, with one follower) cut off with that follower while the
+//!   rest elect another leader and write; it is swapped again as it resumes (a swap's
+//!   CheckQuorum grace keeps it leading) and a client reads there at once (a late confirmation
+//!   from before a swap must not complete a read after it). Clients are steered to the
+//!   majority side for the while, except that reader, and pause just before the cut: a write
+//!   in flight at the old leader would hold every later read there behind its unchosen slot
+//!   (the read index), which is safe and hides the question;
 //! - *lagging majority*: the leader's messages to three followers are slowed (their learners
 //!   fall behind, its announcements arrive late), the leader crashes and the one up-to-date
 //!   follower is cut off, so a lagging replica leads a lagging majority while late
-//!   announcements make some of them compact what it still needs.
+//!   announcements make some of them compact what it still needs;
+//! - *fence replay*: a rejoiner's fence answers are duplicated and held back; it votes, is
+//!   wiped again while cut off from the leader's side, and the old answers arrive during its
+//!   new fence (they must not complete it);
+//! - *snapshot rejoin*: a rejoiner is compacted before its fence completes (the snapshot says
+//!   "not voting"), votes, and restarts from that snapshot cut off with two replicas that are
+//!   behind its fence's log start, its pre-votes lost, so one of them is elected;
+//! - *missed heartbeats*: in a calm cluster one follower misses the leader's heartbeats for
+//!   more than an election timeout; the leader must keep leading at its ballot (a stability
+//!   check: without pre-vote the follower's own acceptor deposes it);
+//! - *restart after promise*: the leader's accepts to three followers are held back, it stalls
+//!   cut off with the fourth, the three elect another leader that fills the slot, and one of
+//!   them restarts from its WAL just as the held accepts reach it (it must refuse them).
+//!
+//! The scenarios added after the first three draw whether they start from their own random
+//! stream, so the seeds of runs without them play out as before.
 
 use crate::faults::Kind;
 use crate::world::World;
@@ -38,7 +55,25 @@ pub enum Action {
     /// As `Isolate`, but only once `leader` has nothing in flight (every slot it proposed is
     /// applied and no request of its own waits), polling until `give_up_ms`; the rest of the
     /// scenario moves later by as much.
-    IsolateIdle { side: Vec<usize>, ms: u64, leader: usize, give_up_ms: u64 },
+    /// The nodes of `pause` are paused (each for its ms) at the moment of the cut.
+    IsolateIdle { side: Vec<usize>, ms: u64, leader: usize, give_up_ms: u64, pause: Vec<(usize, u64)> },
+    /// Node not stepped for `ms` (a stalled process; its inbox keeps filling).
+    Pause { node: usize, ms: u64 },
+    /// Both directions between every node of `a` and every node of `b` cut for `ms`.
+    Cut { a: Vec<usize>, b: Vec<usize>, ms: u64 },
+    /// Every `Fenced` answer to `dst` sent within `ms` is delivered once more `at_ms` later.
+    ReplayFenced { dst: usize, ms: u64, after_ms: u64 },
+    /// The link src→dst cut (one way) for `ms`.
+    CutOneWay { src: usize, dst: usize, ms: u64 },
+    /// The node must still lead, at the same ballot (nothing but a follower's missed
+    /// heartbeats happened since): otherwise the run fails.
+    ExpectLeader { node: usize, ballot: String },
+    /// The node compacts now and then not again for `hold_ms`.
+    Compact { node: usize, hold_ms: u64 },
+    /// Every `PreVote` the node sends is lost for `ms`.
+    MutePreVotes { node: usize, ms: u64 },
+    /// Every `Accept` src→dst held back for `ms`, then delivered (unless cut off by then).
+    HoldAccepts { src: usize, dst: usize, ms: u64 },
     /// Messages src→dst long-delayed for `ms`.
     Slow { src: usize, dst: usize, ms: u64 },
     /// Hot swap of the node.
@@ -81,6 +116,18 @@ impl World<'_> {
                 return;
             }
         }
+        // The later scenarios draw from their own stream (see `faults::FIRST_KINDS`).
+        for (kind, weight) in [
+            (Kind::FenceReplay, 1.0),
+            (Kind::SnapshotRejoin, 1.0),
+            (Kind::MissedHeartbeats, 1.0),
+            (Kind::RestartAfterPromise, 1.0),
+        ] {
+            if self.later_rng.chance(self.mix.rate(kind, SCENARIO_RATE * weight)) {
+                self.plan(kind);
+                return;
+            }
+        }
     }
 
     fn later(&mut self, after_ms: (u64, u64), action: Action) {
@@ -109,17 +156,24 @@ impl World<'_> {
         let (b, c, d, e) = (others[0], others[1], others[2], others[3]);
         match kind {
             Kind::WipeDuringOutages => {
+                // The leader's accepts to b, d and e are held back (their other traffic flows,
+                // so CheckQuorum keeps it leading): only it and c accept what it proposes now.
+                // c is wiped and rejoins; the leader stalls (paused, so CheckQuorum cannot
+                // depose it) and is cut off with b; its held accepts reach b, whose answers
+                // wait in its inbox while c, d and e elect another leader and write; the old
+                // leader resumes and counts itself, b and c's vote from before the wipe.
                 let now = self.now;
-                let b_ms = self.rng.range(3_500, 6_000);
-                self.schedule(now, Action::Outage { node: b, ms: b_ms });
-                for x in [d, e] {
-                    let ms = self.rng.range(1_500, 2_800);
-                    self.schedule(now, Action::Outage { node: x, ms });
+                let pause_at = now + self.rng.range(2_800, 3_800);
+                let release_ms = pause_at - now + self.rng.range(20, 300);
+                for x in [b, d, e] {
+                    self.schedule(now, Action::HoldAccepts { src: leader, dst: x, ms: release_ms });
                 }
                 let down_ms = self.rng.range(50, 400);
-                self.later((100, 600), Action::Wipe { node: c, down_ms });
-                let ms = self.rng.range(2_000, 4_000);
-                self.later((2_000, 3_200), Action::Isolate { side: vec![leader, b], ms });
+                self.later((300, 900), Action::Wipe { node: c, down_ms });
+                let pause_ms = self.rng.range(2_000, 4_000);
+                self.schedule(pause_at, Action::Pause { node: leader, ms: pause_ms });
+                let ms = pause_ms + self.rng.range(500, 2_500);
+                self.schedule(pause_at, Action::Isolate { side: vec![leader, b], ms });
             }
             Kind::ReadAcrossSwap => {
                 // What one follower answers the leader arrives late. The leader is swapped and a
@@ -131,7 +185,6 @@ impl World<'_> {
                 // then the reader reads at the old leader once more, as late answers arrive.
                 let first_at = self.now + self.rng.range(50, 300);
                 let cut_at = first_at + self.rng.range(800, 1_300);
-                let second_at = cut_at + self.rng.range(300, 900);
                 let late_read_at = cut_at + self.rng.range(1_500, 3_000);
                 let cut_ms = late_read_at + 1_000 - cut_at;
                 let slow_ms = late_read_at + 1_000 - self.now;
@@ -148,10 +201,19 @@ impl World<'_> {
                 }
                 self.schedule(cut_at - 50, Action::Hold { client: reader, until_ms: late_read_at });
                 self.schedule(late_read_at, Action::Retry { client: reader });
-                let idle =
-                    Action::IsolateIdle { side: vec![leader, b], ms: cut_ms, leader, give_up_ms: cut_at + 1_000 };
+                // The old leader and b stall at the cut (paused, so CheckQuorum cannot depose
+                // it); the leader is swapped as it resumes (a swap's CheckQuorum grace keeps it
+                // leading), b resumes just after, and the reader reads there at once.
+                let pause = vec![(leader, late_read_at - cut_at), (b, late_read_at - cut_at + self.rng.range(5, 40))];
+                let idle = Action::IsolateIdle {
+                    side: vec![leader, b],
+                    ms: cut_ms,
+                    leader,
+                    give_up_ms: cut_at + 1_000,
+                    pause,
+                };
                 self.schedule(cut_at, idle);
-                self.schedule(second_at, Action::Swap { node: leader });
+                self.schedule(late_read_at, Action::Swap { node: leader });
             }
             Kind::LaggingMajority => {
                 // The leader's messages to three followers are slowed (accepts and chosen
@@ -171,6 +233,96 @@ impl World<'_> {
                 self.schedule(crash_at, Action::Crash { node: leader, down_ms });
                 let ms = self.rng.range(2_000, 4_000);
                 self.schedule(crash_at, Action::Isolate { side: vec![e], ms });
+            }
+            Kind::FenceReplay => {
+                // u = d and w = e never hear the leader x or y = b: z = c is wiped and fences
+                // (its answers are duplicated, the copies held back); z votes again and x's side
+                // chooses slots with z's vote; then z is wiped again, cut off from x and y with
+                // u and w, and the old answers arrive during its new fence (which must not
+                // count them: z's side would elect a leader ignorant of those slots).
+                let now = self.now;
+                let second_at = now + self.rng.range(3_000, 4_500);
+                let end_ms = second_at - now + self.rng.range(3_000, 5_000);
+                self.schedule(now, Action::Cut { a: vec![leader, b], b: vec![d, e], ms: second_at - now });
+                // The copies arrive right after z restarts, once its new fence is out and
+                // before anyone's refusal of it (u and w promised the same fence ballot in z's
+                // earlier life, so they refuse it) makes z fence higher.
+                let down_ms = self.rng.range(20, 150);
+                let replay_after = second_at - now + down_ms + 2 * crate::world::TICK_MS;
+                self.schedule(now, Action::ReplayFenced { dst: c, ms: 2_000, after_ms: replay_after });
+                let first_down_ms = self.rng.range(50, 300);
+                self.later((100, 400), Action::Wipe { node: c, down_ms: first_down_ms });
+                self.schedule(second_at, Action::Isolate { side: vec![leader, b], ms: end_ms - (second_at - now) });
+                self.schedule(second_at, Action::Wipe { node: c, down_ms });
+            }
+            Kind::SnapshotRejoin => {
+                // u = d and w = e hear nothing from the leader x, y = b or r = c while x writes
+                // (and every replica there compacts past what u and w have); r is wiped and
+                // compacted as it restarts (a snapshot saying "not voting", from before its
+                // fence); r, hearing u and w again, fences, catches up and votes; r crashes and
+                // restarts from that snapshot and the records after it, cut off from x and y
+                // with u and w, and its pre-votes lost: u or w (behind r's fence log start) is
+                // elected with r's promise, which must still say what r never knew.
+                let now = self.now;
+                let wipe_at = now + self.rng.range(2_500, 3_500);
+                let down_ms = self.rng.range(30, 200);
+                let back_at = wipe_at + down_ms;
+                let crash_at = back_at + self.rng.range(1_500, 2_800);
+                let crash_down_ms = self.rng.range(30, 200);
+                let part_ms = self.rng.range(3_000, 5_000);
+                self.schedule(now, Action::Cut { a: vec![leader, b], b: vec![d, e], ms: crash_at - now });
+                self.schedule(now, Action::Cut { a: vec![c], b: vec![d, e], ms: back_at - now });
+                self.schedule(wipe_at, Action::Wipe { node: c, down_ms });
+                self.schedule(back_at, Action::Compact { node: c, hold_ms: crash_at + 100 - back_at });
+                self.schedule(crash_at, Action::Crash { node: c, down_ms: crash_down_ms });
+                self.schedule(crash_at, Action::MutePreVotes { node: c, ms: part_ms });
+                self.schedule(crash_at, Action::Isolate { side: vec![leader, b], ms: part_ms });
+            }
+            Kind::MissedHeartbeats => {
+                // Only in a calm cluster: every replica up, voting, connected and fast (random
+                // faults wait while the scenario runs, except hot swaps, which keep a leader).
+                let all: Vec<usize> = (0..n).collect();
+                if !self.connected_and_healthy(&all) {
+                    return;
+                }
+                let status = self.status(leader).unwrap_or_default();
+                let Some(ballot) = status_ballot(&status) else { return };
+                // …and a settled leader: every replica follows it and promised its ballot (no
+                // election still under way).
+                let follows = format!("\"leader\":{},", leader + 1);
+                let promised = format!("\"promised\":\"{ballot}\"");
+                for i in 0..n {
+                    let s = self.status(i).unwrap_or_default();
+                    if !s.contains(&follows) || !s.contains(&promised) {
+                        return;
+                    }
+                }
+                let ms = self.rng.range(800, 1_600);
+                self.schedule(self.now, Action::CutOneWay { src: leader, dst: b, ms });
+                let check_at = self.now + ms + self.rng.range(800, 1_500);
+                self.schedule(check_at, Action::ExpectLeader { node: leader, ballot });
+            }
+            Kind::RestartAfterPromise => {
+                // The leader x's accepts to c, d and e are held back, so what it proposes now
+                // only it and b accept; x stalls (paused) cut off from the others with b; c, d
+                // and e elect another leader that fills the slot; c crashes and restarts (from
+                // its WAL) just as x's held accepts reach it, and its answers wait in x's inbox
+                // until x resumes: a restarted acceptor must still refuse the old ballot.
+                let now = self.now;
+                let pause_at = now + self.rng.range(300, 700);
+                let crash_at = pause_at + self.rng.range(1_300, 2_200);
+                let down_ms = self.rng.range(30, 150);
+                let back_at = crash_at + down_ms;
+                let release_at = back_at + 2 * crate::world::TICK_MS;
+                let resume_at = release_at + self.rng.range(50, 400);
+                for x in [c, d, e] {
+                    self.schedule(now, Action::HoldAccepts { src: leader, dst: x, ms: release_at - now });
+                }
+                self.schedule(pause_at, Action::Pause { node: leader, ms: resume_at - pause_at });
+                let end_ms = resume_at + self.rng.range(800, 1_500) - pause_at;
+                self.schedule(pause_at, Action::Cut { a: vec![leader, b], b: vec![d, e], ms: end_ms });
+                self.schedule(pause_at, Action::Cut { a: vec![leader, b], b: vec![c], ms: back_at - pause_at });
+                self.schedule(crash_at, Action::Crash { node: c, down_ms });
             }
             _ => return,
         }
@@ -194,24 +346,76 @@ impl World<'_> {
                 let sides: Vec<u8> = (0..self.nodes.len()).map(|i| u8::from(side.contains(&i))).collect();
                 self.partition_sides(sides, ms);
             }
-            Action::IsolateIdle { side, ms, leader, give_up_ms } => {
+            Action::IsolateIdle { side, ms, leader, give_up_ms, pause } => {
                 let status = self.status(leader).unwrap_or_default();
                 let number = |field| crate::world::status_number(&status, field);
                 let idle = number("next_slot").is_some_and(|next| Some(next) == number("applied"))
                     && number("pending") == Some(0);
                 if idle || self.now >= give_up_ms {
                     self.act(Action::Isolate { side, ms });
+                    for (node, ms) in pause {
+                        self.act(Action::Pause { node, ms });
+                    }
                 } else {
                     const POLL_MS: u64 = 20;
                     for (at, _) in self.script.iter_mut() {
                         *at += POLL_MS;
                     }
                     self.quiet_until_ms += POLL_MS;
-                    let retry = Action::IsolateIdle { side, ms, leader, give_up_ms };
+                    let retry = Action::IsolateIdle { side, ms, leader, give_up_ms, pause };
                     self.schedule(self.now + POLL_MS, retry);
                 }
             }
             Action::Slow { src, dst, ms } => self.slow_link(src, dst, ms),
+            Action::Pause { node, ms } => self.pause(node, ms),
+            Action::CutOneWay { src, dst, ms } => {
+                self.net.cut(src, dst, self.now + ms);
+                self.stats.one_way_cuts += 1;
+                self.note(|| format!("cut {} -> {} for {ms} ms", src + 1, dst + 1));
+            }
+            Action::ExpectLeader { node, ballot } => {
+                let status = self.status(node).unwrap_or_default();
+                let leads = status.contains("\"role\":\"leader\"");
+                if (!leads || status_ballot(&status).as_deref() != Some(ballot.as_str())) && self.liveness.is_none() {
+                    self.liveness = Some(format!(
+                        "node {} led at ballot {ballot} in a healthy cluster and was deposed although only one follower missed its heartbeats for a while: {status}",
+                        node + 1
+                    ));
+                }
+            }
+            Action::Compact { node, hold_ms } => {
+                if self.nodes[node].guest.is_some() {
+                    self.compact(node);
+                    self.nodes[node].compact_hold_until_ms = self.now + hold_ms;
+                    self.note(|| format!("compact node {} now, then not for {hold_ms} ms", node + 1));
+                }
+            }
+            Action::MutePreVotes { node, ms } => {
+                self.net.mute_pre_votes(node, self.now + ms);
+                self.note(|| format!("pre-votes of node {} lost for {ms} ms", node + 1));
+            }
+            Action::Cut { a, b, ms } => {
+                for &x in &a {
+                    for &y in &b {
+                        self.net.cut(x, y, self.now + ms);
+                        self.net.cut(y, x, self.now + ms);
+                    }
+                }
+                self.partition_until_ms = self.partition_until_ms.max(self.now + ms);
+                self.stats.partitions += 1;
+                self.note(|| format!("cut between {a:?} and {b:?} (indexes) for {ms} ms"));
+            }
+            Action::ReplayFenced { dst, ms, after_ms } => {
+                for src in (0..self.nodes.len()).filter(|&s| s != dst) {
+                    self.net.replay_fenced(src, dst, self.now + ms, self.now + after_ms);
+                }
+                self.note(|| format!("fence answers to node {} replayed in {after_ms} ms", dst + 1));
+            }
+            Action::HoldAccepts { src, dst, ms } => {
+                self.net.hold_accepts(src, dst, self.now + ms);
+                self.stats.slow_links += 1;
+                self.note(|| format!("accepts {} -> {} held back for {ms} ms", src + 1, dst + 1));
+            }
             Action::Swap { node } => self.swap(node),
             Action::Steer { avoid, reader, reader_node, until_ms } => {
                 let names: Vec<usize> = avoid.iter().map(|i| i + 1).collect();
@@ -234,4 +438,10 @@ impl World<'_> {
             }
         }
     }
+}
+
+/// The `"ballot":"…"` of a status JSON.
+fn status_ballot(status: &str) -> Option<String> {
+    let at = status.find("\"ballot\":\"")? + "\"ballot\":\"".len();
+    Some(status[at..].chars().take_while(|&c| c != '"').collect())
 }

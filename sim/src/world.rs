@@ -78,6 +78,8 @@ pub(crate) struct Node {
     pub(crate) rejoining: bool,
     /// When the last hot swap happened.
     pub(crate) swapped_at_ms: Option<u64>,
+    /// No compaction before this time (a scenario keeps an early snapshot on the disk).
+    pub(crate) compact_hold_until_ms: u64,
 }
 
 struct ClientOp {
@@ -166,6 +168,9 @@ pub struct World<'a> {
     pub(crate) mix: crate::faults::FaultMix,
     /// The last time a client operation completed, or no client waited.
     pub(crate) progress_ms: u64,
+    /// The draws of the fault kinds added later (see `faults::FIRST_KINDS`): their own
+    /// stream, so that a seed without them runs as it did before they existed.
+    pub(crate) later_rng: Rng,
 }
 
 pub(crate) const TICK_MS: u64 = 5;
@@ -192,10 +197,13 @@ impl<'a> World<'a> {
     pub fn new(builds: &'a [GuestBuild], config: SimConfig, seed: u64, trace: bool) -> Result<World<'a>, Failure> {
         let mut rng = Rng::new(seed);
         let members: Vec<u32> = (1..=config.nodes).collect();
-        let mix = crate::faults::FaultMix::draw(&mut rng);
+        let mut later_rng = Rng::new(seed ^ 0x5CE7_A210_F00D_0001);
+        let mix = crate::faults::FaultMix::draw(&mut rng, &mut later_rng);
         let retain_slots = if !config.faults {
             50
-        } else if mix.rate(crate::faults::Kind::LaggingMajority, 1.0) > 0.0 || rng.chance(0.5) {
+        } else if (mix.rate(crate::faults::Kind::LaggingMajority, 1.0) > 0.0 || rng.chance(0.5))
+            || mix.rate(crate::faults::Kind::SnapshotRejoin, 1.0) > 0.0
+        {
             // Tiny: lagging replicas fall behind what the others retain all the time.
             rng.range(RETAIN_SLOTS_LAGGING.0, RETAIN_SLOTS_LAGGING.1)
         } else {
@@ -228,6 +236,7 @@ impl<'a> World<'a> {
                 wiped: false,
                 rejoining: false,
                 swapped_at_ms: None,
+                compact_hold_until_ms: 0,
             });
         }
         let clients = (0..config.clients)
@@ -259,6 +268,7 @@ impl<'a> World<'a> {
             quiet_until_ms: 0,
             mix,
             progress_ms: 1_000,
+            later_rng,
         };
         let mix = world.mix.to_string();
         world.note(|| format!("retain_slots {retain_slots}; faults: {mix}"));
@@ -514,14 +524,16 @@ impl<'a> World<'a> {
         }
         let released = self.nodes[i].disk.carry_out(effects, self.now, &mut self.rng);
         self.release(i, released);
-        if self.nodes[i].disk.records_since_snapshot >= self.nodes[i].snapshot_every_records {
+        if self.nodes[i].disk.records_since_snapshot >= self.nodes[i].snapshot_every_records
+            && self.now >= self.nodes[i].compact_hold_until_ms
+        {
             self.compact(i);
         }
     }
 
     /// The host's compaction: drain the syncs (releasing what they held), then the guest's
     /// snapshot replaces the records it covers.
-    fn compact(&mut self, i: usize) {
+    pub(crate) fn compact(&mut self, i: usize) {
         let released = self.nodes[i].disk.drain();
         self.release(i, released);
         let Some(guest) = self.nodes[i].guest.as_mut() else { return };

@@ -110,3 +110,13 @@ fn catches_an_acceptor_that_drops_accepts_below_its_log_start_in_silence() {
 fn catches_a_follower_that_raises_its_ballot_without_a_pre_vote() {
     eprintln!("caught at seed {}", caught_within_default_seeds("bug-no-pre-vote"));
 }
+
+#[test]
+fn catches_a_fence_that_counts_answers_from_an_earlier_life() {
+    eprintln!("caught at seed {}", caught_within_default_seeds("bug-fence-without-nonce"));
+}
+
+#[test]
+fn catches_a_rejoiner_restarted_from_a_snapshot_that_forgets_its_fence_log_start() {
+    eprintln!("caught at seed {}", caught_within_default_seeds("bug-snapshot-forgets-rejoin"));
+}
