@@ -345,10 +345,14 @@ impl Replica {
         } else {
             let mut pending = self.pending.clone();
             for read in self.reads.waiting().filter(|r| r.remote.is_none()) {
-                pending.insert(read.request_id, self.read_through_log_entry(read, 0));
+                let entry =
+                    self.get_through_log_entry(read.request_id, read.client, read.seq, &read.key, read.since_ms, 0);
+                pending.insert(read.request_id, entry);
             }
             for read in self.follower_reads.waiting() {
-                pending.insert(read.request_id, self.follower_read_through_log_entry(read, 0));
+                let entry =
+                    self.get_through_log_entry(read.request_id, read.client, read.seq, &read.key, read.since_ms, 0);
+                pending.insert(read.request_id, entry);
             }
             Cow::Owned(pending)
         };
@@ -491,22 +495,10 @@ impl Replica {
         }
     }
 
-    fn follower_read_through_log_entry(&self, read: &FollowerRead, sent_ms: u64) -> Pending {
-        let command = ClientCommand {
-            origin: self.config.me,
-            request_id: read.request_id,
-            client: read.client,
-            seq: read.seq,
-            command: Command::Get(read.key.clone()),
-        };
-        Pending { command, submitted_ms: read.since_ms, sent_ms }
-    }
-
     fn follower_read_through_log(&mut self, read: FollowerRead) {
-        let entry = self.follower_read_through_log_entry(&read, self.now_ms);
-        let command = entry.command.clone();
-        self.pending.insert(read.request_id, entry);
-        self.route(command);
+        let entry =
+            self.get_through_log_entry(read.request_id, read.client, read.seq, &read.key, read.since_ms, self.now_ms);
+        self.send_through_log(entry);
     }
 
     /// The highest epoch known open after a restart or a hot swap (the proposer does not carry
@@ -728,16 +720,27 @@ impl Replica {
         }
     }
 
-    /// The pending entry of a read that goes through the log after all.
-    fn read_through_log_entry(&self, read: &WaitingRead, sent_ms: u64) -> Pending {
-        let command = ClientCommand {
-            origin: self.config.me,
-            request_id: read.request_id,
-            client: read.client,
-            seq: read.seq,
-            command: Command::Get(read.key.clone()),
-        };
-        Pending { command, submitted_ms: read.since_ms, sent_ms }
+    /// The pending entry of a read (the leader's or a follower's) that goes through the log
+    /// after all.
+    fn get_through_log_entry(
+        &self,
+        request_id: u64,
+        client: u64,
+        seq: u64,
+        key: &str,
+        since_ms: u64,
+        sent_ms: u64,
+    ) -> Pending {
+        let command =
+            ClientCommand { origin: self.config.me, request_id, client, seq, command: Command::Get(key.to_string()) };
+        Pending { command, submitted_ms: since_ms, sent_ms }
+    }
+
+    /// Keeps `entry` pending until applied and hands its command to the leader.
+    fn send_through_log(&mut self, entry: Pending) {
+        let command = entry.command.clone();
+        self.pending.insert(command.request_id, entry);
+        self.route(command);
     }
 
     fn read_through_log(&mut self, read: WaitingRead) {
@@ -746,10 +749,9 @@ impl Replica {
             // back to the log itself.
             return;
         }
-        let entry = self.read_through_log_entry(&read, self.now_ms);
-        let command = entry.command.clone();
-        self.pending.insert(read.request_id, entry);
-        self.route(command);
+        let entry =
+            self.get_through_log_entry(read.request_id, read.client, read.seq, &read.key, read.since_ms, self.now_ms);
+        self.send_through_log(entry);
     }
 
     fn log(&mut self, line: String) {
