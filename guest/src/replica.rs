@@ -136,6 +136,10 @@ pub const CHECK_QUORUM_MS: u64 = ELECTION_TIMEOUT_MIN_MS;
 /// `CHECK_QUORUM_MS`: a message it sent long ago and that arrives late (a slow link, a deaf
 /// leader's backlog) proves nothing about now.
 pub const CHECK_QUORUM_PROBE_MS: u64 = 100;
+/// A leader with slots in flight that has chosen nothing for this long steps down: its probes
+/// may be answered while its accepts are lost (a gray failure: large messages dropped, a
+/// queue stuck), and followers stay sticky to it for as long as it looks alive.
+pub const COMMIT_STALL_MS: u64 = 2_000;
 /// Marks a `ReadConfirm` round as a CheckQuorum probe carrying its send time.
 pub const CHECK_QUORUM_PROBE_BIT: u64 = 1 << 63;
 
@@ -178,6 +182,8 @@ pub struct Replica {
     heard_ms: BTreeMap<NodeId, u64>,
     /// Since when this replica leads (CheckQuorum gives a new leader one timeout of grace).
     leading_since_ms: Option<u64>,
+    /// When this leader last chose a slot or had none in flight (`COMMIT_STALL_MS`).
+    commit_progress_ms: Option<u64>,
     /// When the leader last probed its acceptors (CheckQuorum).
     probed_ms: Option<u64>,
     /// The pre-vote in progress, if any (volatile: a restart or a swap just asks again).
@@ -224,6 +230,7 @@ impl Replica {
             early_rejoin: EarlyRejoin::default(),
             heard_ms: BTreeMap::new(),
             leading_since_ms: None,
+            commit_progress_ms: None,
             probed_ms: None,
             pre_vote: None,
             incoming_snapshot: None,
@@ -643,10 +650,21 @@ impl Replica {
     fn check_quorum(&mut self) {
         if !self.proposer.is_leader() {
             self.leading_since_ms = None;
+            self.commit_progress_ms = None;
             return;
         }
         let now = self.now_ms;
         let since = *self.leading_since_ms.get_or_insert(now);
+        if self.proposer.in_flight.is_empty() {
+            self.commit_progress_ms = Some(now);
+        }
+        let progress = *self.commit_progress_ms.get_or_insert(now);
+        if now >= progress + COMMIT_STALL_MS && !cfg!(feature = "bug-no-check-quorum") {
+            self.proposer.stand_down(now);
+            self.commit_progress_ms = None;
+            self.log(format!("chose nothing for {COMMIT_STALL_MS} ms with slots in flight: no longer leading"));
+            return;
+        }
         if self.probed_ms.is_none_or(|t| now >= t + CHECK_QUORUM_PROBE_MS) {
             self.probed_ms = Some(now);
             let probe = Message::ReadConfirm { ballot: self.proposer.ballot, round: CHECK_QUORUM_PROBE_BIT | now };
@@ -1084,6 +1102,7 @@ impl Replica {
             }
             Message::Accepted { ballot, slot } => {
                 if let Some((slot, value)) = self.proposer.on_accepted(src, ballot, slot) {
+                    self.commit_progress_ms = Some(self.now_ms);
                     self.to_announce.push((slot, value.clone()));
                     self.learn(slot, value);
                 }

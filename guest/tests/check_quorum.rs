@@ -29,6 +29,33 @@ fn a_leader_that_hears_from_no_majority_steps_down_so_another_can_be_elected() {
     assert_eq!(sim.call(new, 2, 1, put("b", "2")), Outcome::Done);
 }
 
+/// A gray failure CheckQuorum's probes cannot see: every accept from the leader is lost while
+/// its small messages (heartbeats, probes) get through, so followers stay sticky to a leader that
+/// cannot commit. It must step down once it chose nothing for `COMMIT_STALL_MS`.
+#[test]
+fn a_leader_whose_accepts_are_lost_steps_down_so_another_can_be_elected() {
+    use common::Fate;
+    use waxos_guest::message::{self, Message};
+    let mut sim = Sim::new(5, 53);
+    sim.wait_for_leader();
+    sim.run_for(1_000);
+    let old = sim.wait_for_leader();
+    assert_eq!(sim.call(old, 1, 1, put("a", "1")), Outcome::Done);
+    sim.filter = Some(Box::new(move |env: &waxos_guest::types::Envelope| {
+        let accept = matches!(message::decode::<Message>(&env.payload), Ok(Message::Accept { .. }));
+        if accept && env.src == old && env.dst != old {
+            Fate::Drop
+        } else {
+            Fate::Deliver
+        }
+    }));
+    let stuck = sim.request(old, 1, 2, put("b", "2"));
+    let other_leader = |s: &Sim| s.leaders().iter().any(|&n| n != old);
+    assert!(sim.run_until(10_000, other_leader), "a leader whose accepts are lost kept leading");
+    assert!(sim.run_until(10_000, |s| s.replies.contains_key(&stuck)), "the write never completed");
+    assert_eq!(sim.replies[&stuck], Outcome::Done);
+}
+
 /// CheckQuorum must not depose a healthy leader of an idle cluster: followers answer its
 /// heartbeats, so it hears from a majority with no traffic at all.
 #[test]

@@ -49,6 +49,10 @@ pub struct Disk {
     held: VecDeque<(u64, Vec<Effect>)>,
     /// Records appended since the last compaction.
     pub records_since_snapshot: u64,
+    /// Records that became durable since the world last looked (`take_newly_durable`): the
+    /// agreement check judges what a replica *durably* recorded, since a record lost in a crash
+    /// never had an effect outside (everything after it was held).
+    newly_durable: Vec<Vec<u8>>,
 }
 
 /// What a crash did to the records not yet durable.
@@ -121,6 +125,7 @@ impl Disk {
         let mut released = Vec::new();
         if self.syncing.as_ref().is_some_and(|s| s.done_at_ms <= now_ms) {
             if let Some(done) = self.syncing.take() {
+                self.newly_durable.extend(done.records.iter().cloned());
                 self.durable.extend(done.records);
                 self.sync_durable = done.ticket;
             }
@@ -140,8 +145,10 @@ impl Disk {
     /// the host's `drain_syncs`); returns what is released.
     pub fn drain(&mut self) -> Vec<Effect> {
         if let Some(done) = self.syncing.take() {
+            self.newly_durable.extend(done.records.iter().cloned());
             self.durable.extend(done.records);
         }
+        self.newly_durable.extend(self.buffered.iter().cloned());
         self.durable.append(&mut self.buffered);
         self.sync_durable = self.sync_issued;
         self.held.drain(..).flat_map(|(_, effects)| effects).collect()
@@ -162,13 +169,20 @@ impl Disk {
             let kept = rng.range(0, sync.records.len() as u64 + 1) as usize;
             loss.kept = kept;
             loss.lost += sync.records.len() - kept;
-            self.durable.extend(sync.records.into_iter().take(kept));
+            let kept_records: Vec<Vec<u8>> = sync.records.into_iter().take(kept).collect();
+            self.newly_durable.extend(kept_records.iter().cloned());
+            self.durable.extend(kept_records);
         }
         self.buffered.clear();
         self.held.clear();
         self.sync_durable = self.sync_issued;
         self.records_since_snapshot = self.durable.len() as u64;
         loss
+    }
+
+    /// The records made durable since the last call, in log order.
+    pub fn take_newly_durable(&mut self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut self.newly_durable)
     }
 
     /// The disk is gone: no snapshot, no records, nothing pending.

@@ -326,6 +326,8 @@ impl World<'_> {
                     loss.held_steps
                 )
             });
+            // A torn sync's kept prefix is durable now.
+            self.observe_durable(i);
         }
     }
 

@@ -507,21 +507,24 @@ impl<'a> World<'a> {
         }
     }
 
-    /// A step's (or a start's) effects, as the host's `carry_out`: records checked for
-    /// agreement and appended; sends and replies held until their sync; compaction when due.
-    pub(crate) fn carry_out(&mut self, i: usize, effects: Vec<Effect>) {
-        for effect in &effects {
-            if let Effect::Persist(record) | Effect::PersistLazy(record) = effect {
-                match self.agreement.observe(i, record) {
-                    Ok(installed) => self.stats.snapshot_installs += u64::from(installed),
-                    Err(problem) => {
-                        if self.divergence.is_none() {
-                            self.divergence = Some(problem);
-                        }
+    /// Records of node `i` that became durable are checked for agreement (a record lost in a
+    /// crash never had an effect outside: everything after it was held).
+    pub(crate) fn observe_durable(&mut self, i: usize) {
+        for record in self.nodes[i].disk.take_newly_durable() {
+            match self.agreement.observe(i, &record) {
+                Ok(installed) => self.stats.snapshot_installs += u64::from(installed),
+                Err(problem) => {
+                    if self.divergence.is_none() {
+                        self.divergence = Some(problem);
                     }
                 }
             }
         }
+    }
+
+    /// A step's (or a start's) effects, as the host's `carry_out`: records appended (checked
+    /// for agreement once durable); sends and replies held until their sync; compaction when due.
+    pub(crate) fn carry_out(&mut self, i: usize, effects: Vec<Effect>) {
         let released = self.nodes[i].disk.carry_out(effects, self.now, &mut self.rng);
         self.release(i, released);
         if self.nodes[i].disk.records_since_snapshot >= self.nodes[i].snapshot_every_records
@@ -535,6 +538,7 @@ impl<'a> World<'a> {
     /// snapshot replaces the records it covers.
     pub(crate) fn compact(&mut self, i: usize) {
         let released = self.nodes[i].disk.drain();
+        self.observe_durable(i);
         self.release(i, released);
         let Some(guest) = self.nodes[i].guest.as_mut() else { return };
         match guest.snapshot(false) {
@@ -557,6 +561,7 @@ impl<'a> World<'a> {
                 continue;
             }
             let released = self.nodes[i].disk.poll(self.now, &mut self.rng);
+            self.observe_durable(i);
             self.release(i, released);
             let node = &mut self.nodes[i];
             let mut events: Vec<Event> = node.loopback.drain(..).map(Event::Message).collect();
