@@ -7,14 +7,10 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::{put, Fate, Sim};
+use common::{put, voting, Fate, Lcg, Sim};
 use waxos_guest::message::{self, Message, Value};
 use waxos_guest::replica::Replica;
 use waxos_guest::types::{Envelope, NodeId, Outcome};
-
-fn voting(sim: &Sim, n: NodeId) -> bool {
-    sim.nodes[&n].status().contains("\"voting\":true")
-}
 
 /// Records every slot every replica has in its learner log into `learned`; panics on a second
 /// value for a slot (Paxos Made Simple §2.3, Agreement).
@@ -148,15 +144,6 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use waxos_guest::types::Command;
 
-struct Lcg(u64);
-
-impl Lcg {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (self.0 >> 33) % n
-    }
-}
-
 /// The host's compaction: everything appended is made durable, the snapshot becomes the base,
 /// the WAL starts over.
 fn compact(sim: &mut Sim, snaps: &mut BTreeMap<NodeId, Vec<u8>>, n: NodeId) {
@@ -269,24 +256,9 @@ fn chaos_run(seed: u64, opts: &ChaosOpts) {
                     restart_from_disk(&mut sim, &snaps, n);
                 }
             }
-            3 => {
-                let cut = rng.below(2) as usize + 1;
-                let mut order: Vec<NodeId> = (1..=5).collect();
-                order.rotate_left(rng.below(5) as usize);
-                sim.partition(&order[..cut], &order[cut..]);
+            3..=7 => {
+                sim.network_fault(what - 3, node, 2, &mut rng);
             }
-            4 => sim.cut.clear(),
-            5 => {
-                let other = rng.below(5) as NodeId + 1;
-                if other != node {
-                    sim.cut_one_way.insert((node, other));
-                }
-            }
-            6 => sim.cut_one_way.clear(),
-            7 if !sim.acceptor_down.remove(&node) => {
-                sim.acceptor_down.insert(node);
-            }
-            7 => {}
             8 if sim.paused.is_empty() && up => {
                 sim.paused.insert(node);
             }

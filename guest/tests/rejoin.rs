@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::{put, Fate, Sim};
+use common::{put, voting, Fate, Lcg, Sim};
 use waxos_guest::acceptor::Acceptor;
 use waxos_guest::message::{self, Ballot, Message, Record, Value};
 use waxos_guest::types::{Envelope, NodeId, Outcome};
@@ -159,20 +159,6 @@ fn a_hot_swap_during_a_rejoin_neither_skips_nor_blocks_the_fence() {
     }
 }
 
-/// A tiny deterministic PRNG for the chaos runs (the guest's own is not public API).
-struct Lcg(u64);
-
-impl Lcg {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (self.0 >> 33) % n
-    }
-}
-
-fn voting(sim: &Sim, n: NodeId) -> bool {
-    sim.nodes[&n].status().contains("\"voting\":true")
-}
-
 /// Paxos Made Simple §2.3 (one value per slot) under everything at once: wipes (at most one
 /// replica without its state at a time), crash restarts from the WAL, partitions, one-way
 /// cuts, acceptor outages, pauses, hot swaps, late messages, and compaction (20 slots kept). Every slot learned anywhere, at any
@@ -192,7 +178,8 @@ fn wipes_crashes_partitions_and_pauses_never_choose_two_values_for_a_slot() {
         let mut next_key = 0;
         for _ in 0..150 {
             let node = rng.below(5) as NodeId + 1;
-            match rng.below(16) {
+            let what = rng.below(16);
+            match what {
                 0 | 12 => {
                     let others_voting = (1..=5).filter(|&n| n != node).all(|n| voting(&sim, n));
                     if others_voting && !sim.crashed.contains(&node) && !sim.paused.contains(&node) {
@@ -206,24 +193,8 @@ fn wipes_crashes_partitions_and_pauses_never_choose_two_values_for_a_slot() {
                         sim.restart(n);
                     }
                 }
-                3 => {
-                    let cut = rng.below(3) as usize + 1;
-                    let mut order: Vec<NodeId> = (1..=5).collect();
-                    order.rotate_left(rng.below(5) as usize);
-                    sim.partition(&order[..cut], &order[cut..]);
-                }
-                4 => sim.cut.clear(),
-                5 => {
-                    let other = rng.below(5) as NodeId + 1;
-                    if other != node {
-                        sim.cut_one_way.insert((node, other));
-                    }
-                }
-                6 => sim.cut_one_way.clear(),
-                7 => {
-                    if !sim.acceptor_down.remove(&node) {
-                        sim.acceptor_down.insert(node);
-                    }
+                3..=7 => {
+                    sim.network_fault(what - 3, node, 3, &mut rng);
                 }
                 8 if sim.paused.is_empty() && !sim.crashed.contains(&node) => {
                     sim.paused.insert(node);

@@ -317,3 +317,49 @@ pub fn get(key: &str) -> Command {
 pub fn delete(key: &str) -> Command {
     Command::Delete(key.to_string())
 }
+
+/// A tiny deterministic PRNG for the chaos runs (the guest's own is not public API).
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
+
+/// Whether `n`'s acceptor takes part in votes.
+pub fn voting(sim: &Sim, n: NodeId) -> bool {
+    sim.nodes[&n].status().contains("\"voting\":true")
+}
+
+impl Sim {
+    /// One network move of a chaos run, chosen by `what` (0..5): a partition with at most
+    /// `minority_max` nodes on the small side, healing it, a one-way cut from `node`, healing
+    /// those, or toggling `node`'s acceptor outage. Returns false for another `what`.
+    pub fn network_fault(&mut self, what: u64, node: NodeId, minority_max: u64, rng: &mut Lcg) -> bool {
+        match what {
+            0 => {
+                let cut = rng.below(minority_max) as usize + 1;
+                let mut order: Vec<NodeId> = (1..=5).collect();
+                order.rotate_left(rng.below(5) as usize);
+                self.partition(&order[..cut], &order[cut..]);
+            }
+            1 => self.cut.clear(),
+            2 => {
+                let other = rng.below(5) as NodeId + 1;
+                if other != node {
+                    self.cut_one_way.insert((node, other));
+                }
+            }
+            3 => self.cut_one_way.clear(),
+            4 => {
+                if !self.acceptor_down.remove(&node) {
+                    self.acceptor_down.insert(node);
+                }
+            }
+            _ => return false,
+        }
+        true
+    }
+}
