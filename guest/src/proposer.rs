@@ -258,9 +258,11 @@ impl Proposer {
                     }
                 }
                 let ballot = self.ballot;
-                let in_flight_bytes: usize =
-                    self.in_flight.values().map(|f| crate::learner::value_bytes(&f.value)).sum();
-                let resend_ms = ACCEPT_RESEND_MS + (in_flight_bytes / ACCEPT_RESEND_BYTES_PER_MS) as u64;
+                // Sizing the window costs a walk over it: only when some slot is due at all.
+                if self.in_flight.values().all(|f| now_ms < f.sent_ms + ACCEPT_RESEND_MS) {
+                    return;
+                }
+                let resend_ms = ACCEPT_RESEND_MS + (self.in_flight_bytes() / ACCEPT_RESEND_BYTES_PER_MS) as u64;
                 for (&slot, flight) in self.in_flight.iter_mut() {
                     if now_ms >= flight.sent_ms + resend_ms {
                         flight.sent_ms = now_ms;
@@ -455,12 +457,20 @@ impl Proposer {
         refused
     }
 
+    /// Payload bytes of the slots in flight.
+    fn in_flight_bytes(&self) -> usize {
+        self.in_flight.values().map(|f| crate::learner::value_bytes(&f.value)).sum()
+    }
+
     /// Proposes queued commands in batches while the window has room.
     pub fn flush(&mut self, now_ms: u64, out: &mut Vec<Outgoing>) {
         if !self.is_leader() {
             return;
         }
-        let mut in_flight_bytes: usize = self.in_flight.values().map(|f| crate::learner::value_bytes(&f.value)).sum();
+        if self.queue.is_empty() {
+            return;
+        }
+        let mut in_flight_bytes = self.in_flight_bytes();
         while !self.queue.is_empty() && self.in_flight.len() < WINDOW_SLOTS_MAX && in_flight_bytes < WINDOW_BYTES_MAX {
             let mut batch = Vec::new();
             let mut bytes = 0usize;
