@@ -28,7 +28,7 @@ cluster chaos="low": build
 test: build
     scripts/guest-variants.sh
     cargo test --release --target wasm32-wasip2 -p waxos-guest
-    cargo test --release -p waxos-host -p waxos-client -p waxos-proto -p waxos-sim
+    cargo test --release -p waxos-host -p waxos-client -p waxos-proto -p waxos-sim --features waxos-host/crash-points
 
 # Hot-swap a guest build (default: the current guest, rebuilt) into the five `just cluster` hosts, one by one.
 swap path="": setup
@@ -38,10 +38,15 @@ swap path="": setup
 bench: build
     scripts/bench.sh --group-commit-compare
     scripts/bench-latency.sh
+    scripts/bench-stall.sh 60
 
 # p50 latency per value size, 8 B-1 MiB, one client: a third-party client (Python grpcio) and waxos bench.
 bench-latency: build
     scripts/bench-latency.sh
+
+# Memory of a follower whose disk stalls for SECONDS under load, then its catch-up.
+bench-stall seconds="60": build
+    scripts/bench-stall.sh {{seconds}}
 
 # The same scenarios against a five-member etcd on loopback (installs etcd-server if missing).
 bench-etcd:
@@ -67,5 +72,5 @@ sim *args="1000": build
 # Format and lint (CI runs these too).
 lint: setup
     cargo fmt --all -- --check
-    cargo clippy --release --all-targets -p waxos-host -p waxos-client -p waxos-proto -p waxos-sim -- -D warnings
+    cargo clippy --release --all-targets -p waxos-host -p waxos-client -p waxos-proto -p waxos-sim --features waxos-host/crash-points -- -D warnings
     cargo clippy --release --target wasm32-wasip2 -p waxos-guest --all-targets -- -D warnings

@@ -41,7 +41,7 @@ fn main() -> anyhow::Result<()> {
     let record = vec![42u8; 150];
     for per_sync in [1usize, 100] {
         let dir = root.join(format!("wal-{per_sync}"));
-        let (mut wal, _) = Wal::open(&dir, 0, 64 << 20)?;
+        let (mut wal, _) = Wal::open(&dir, 0, false, 64 << 20)?;
         let total = if per_sync == 1 { 3_000 } else { 100_000 };
         let t = Instant::now();
         for i in 0..total {

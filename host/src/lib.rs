@@ -4,19 +4,23 @@
 //! - `runtime`: wasmtime — engine, compiled-guest cache, instances with deadlines and limits.
 //! - `step_loop`: the thread that owns the guest and the WAL; persist before send.
 //! - `storage`: the write-ahead log and snapshots.
+//! - `sync_pipeline`: which step's effects may leave when; the bound on a stalled disk's backlog.
 //! - `chaos`: failure on purpose (acceptor outages, guest crashes).
 //! - `net`: socket and HTTP/2 settings of every connection (TCP_NODELAY, flow-control windows).
 //! - `peer`: host-to-host envelope streams and the `Peer` gRPC service.
 //! - `service`: the client-facing `KeyValue` gRPC service.
 //! - `admin`: the `Admin` gRPC service (status, hot swap) and `--watch`.
 //! - `bootstrap`: the roster, via the coordinator at start-up, persisted afterwards.
+//! - `crash_point`: named points between storage actions where a test build can be made to die.
 
 pub mod admin;
 pub mod bootstrap;
 pub mod chaos;
+pub mod crash_point;
 pub mod net;
 pub mod peer;
 pub mod runtime;
 pub mod service;
 pub mod step_loop;
 pub mod storage;
+pub mod sync_pipeline;

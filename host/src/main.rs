@@ -197,6 +197,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let _ = members.set((roster.me, roster.ids()));
     let _ = roster_cell.set(roster.clone());
 
+    if let Some(why) = storage::lost::marked(&data_dir) {
+        // The WAL failed a sync before the last stop: what it holds cannot be trusted.
+        roster.rejoining = true;
+        roster.save(&data_dir)?;
+        let aside = storage::lost::set_aside(&data_dir)?;
+        tracing::warn!(
+            "the WAL of {} failed before the last stop ({why}): its state is set aside in {} and this host rejoins",
+            data_dir.display(),
+            aside.display()
+        );
+    }
     let (storage, durable) = storage::Storage::open(&data_dir, args.wal_segment_bytes)?;
     let has_state = durable.snapshot.is_some() || !durable.records.is_empty();
     if roster.rejoining && source == bootstrap::RosterSource::Registered && has_state {
@@ -216,6 +227,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         roster.save(&data_dir)?;
     }
     let rejoining = roster.rejoining;
+    if rejoining {
+        waxos_host::crash_point::reach("rejoin.after_roster_saved");
+    }
     if rejoining && !has_state {
         tracing::warn!("rejoining with no state: this replica will not vote until it has caught up");
     } else if rejoining {

@@ -154,25 +154,57 @@ fn load_component(engine: &Engine, bytes: &[u8], source: &str, cache_dir: &Path)
         h.finish()
     };
     let cached = cache_dir.join(format!("{key:016x}.cwasm"));
-    if let Ok(serialized) = std::fs::read(&cached) {
-        // SAFETY: the file was written by `Component::serialize` of this same engine
-        // configuration (the key includes the compatibility hash) into our own data dir.
-        match unsafe { Component::deserialize(engine, &serialized) } {
-            Ok(component) => return Ok(component),
-            Err(e) => tracing::warn!("ignoring unusable compiled-guest cache {}: {e}", cached.display()),
+    if let Ok(file) = std::fs::read(&cached) {
+        match cache_payload(&file) {
+            // SAFETY: the bytes are exactly what `Component::serialize` of this same engine
+            // configuration wrote (the key includes the compatibility hash; the checksum proves
+            // the file whole) into our own data dir.
+            Some(serialized) => match unsafe { Component::deserialize(engine, serialized) } {
+                Ok(component) => return Ok(component),
+                Err(e) => tracing::warn!("ignoring unusable compiled-guest cache {}: {e}", cached.display()),
+            },
+            None => tracing::warn!(
+                "compiled-guest cache {} is damaged (bad header or checksum): compiling again",
+                cached.display()
+            ),
         }
     }
     let component = Component::new(engine, bytes)
         .map_err(anyhow::Error::from)
         .with_context(|| format!("{source} is not a valid wasm component"))?;
     if let Ok(serialized) = component.serialize() {
-        let _ = std::fs::create_dir_all(cache_dir);
-        let tmp = cached.with_extension("tmp");
-        if std::fs::write(&tmp, serialized).is_ok() {
-            let _ = std::fs::rename(&tmp, &cached);
+        // Best effort: a cache that cannot be written only costs the next start a compile.
+        if let Err(e) = crate::storage::write_atomically(&cached, &cache_file(&serialized)) {
+            tracing::warn!("cannot write the compiled-guest cache {}: {e:#}", cached.display());
         }
     }
     Ok(component)
+}
+
+/// Magic of a compiled-guest cache file: `WAXCWSM1`, length (u64 LE), CRC32C (u32 LE), bytes.
+const CACHE_MAGIC: &[u8; 8] = b"WAXCWSM1";
+const CACHE_HEADER_BYTES: usize = 8 + 8 + 4;
+
+/// A cache file holding `serialized`.
+fn cache_file(serialized: &[u8]) -> Vec<u8> {
+    let mut file = Vec::with_capacity(CACHE_HEADER_BYTES + serialized.len());
+    file.extend_from_slice(CACHE_MAGIC);
+    file.extend_from_slice(&(serialized.len() as u64).to_le_bytes());
+    file.extend_from_slice(&crc32c::crc32c(serialized).to_le_bytes());
+    file.extend_from_slice(serialized);
+    file
+}
+
+/// The serialized component in a cache file, if the file is whole (magic, length, checksum):
+/// deserializing is unsafe, so nothing torn or damaged may reach it.
+fn cache_payload(file: &[u8]) -> Option<&[u8]> {
+    if file.len() < CACHE_HEADER_BYTES || &file[..8] != CACHE_MAGIC {
+        return None;
+    }
+    let len = u64::from_le_bytes(file[8..16].try_into().ok()?) as usize;
+    let crc = u32::from_le_bytes(file[16..20].try_into().ok()?);
+    let payload = file.get(CACHE_HEADER_BYTES..)?;
+    (payload.len() == len && crc32c::crc32c(payload) == crc).then_some(payload)
 }
 
 /// A live guest instance. Not `Sync`: one thread (the step loop) owns it.
@@ -216,5 +248,50 @@ impl Guest {
     pub fn status(&mut self) -> Result<String, GuestCrash> {
         self.arm(CALL_DEADLINE_MS);
         self.node.waxos_replica_replica().call_status(&mut self.store).map_err(|e| crash("status", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn cached_files(dir: &Path) -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|x| x == "cwasm"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// A damaged or torn cache file never reaches the unsafe deserialize: the build is compiled
+    /// again and the cache rewritten whole.
+    #[test]
+    fn a_damaged_compiled_guest_cache_is_compiled_again_not_loaded() {
+        let guest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip2/guest/waxos_guest.wasm");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let runtime = Runtime::new(dir.path()).expect("engine");
+        runtime.load(&guest).expect("guest (run `just build`)");
+        let files = cached_files(dir.path());
+        assert_eq!(files.len(), 1, "one cache file");
+        let whole = std::fs::read(&files[0]).expect("read");
+        assert!(cache_payload(&whole).is_some());
+        for damage in ["flip", "torn"] {
+            let mut bad = whole.clone();
+            match damage {
+                "flip" => bad[whole.len() / 2] ^= 0x40,
+                _ => bad.truncate(whole.len() / 3),
+            }
+            assert!(cache_payload(&bad).is_none(), "{damage} must be caught");
+            std::fs::write(&files[0], &bad).expect("write");
+            let build = runtime.load(&guest).expect("loads by compiling again");
+            assert!(build.instantiate().is_ok(), "{damage}: the recompiled guest instantiates");
+            let rewritten = std::fs::read(&files[0]).expect("read");
+            assert!(cache_payload(&rewritten).is_some(), "{damage}: cache rewritten whole");
+        }
     }
 }

@@ -102,6 +102,8 @@ fn unexpected(outcome: Outcome) -> Status {
         Outcome::Rejected(reason) if reason.starts_with("key") || reason.starts_with("value") => {
             Status::invalid_argument(reason)
         }
+        // Backpressure (a full input queue, a disk that is behind): try another replica or later.
+        Outcome::Rejected(reason) if reason.starts_with("overloaded") => Status::resource_exhausted(reason),
         Outcome::Rejected(reason) => Status::unavailable(reason),
         Outcome::Redirect(Some(leader)) => Status::unavailable(format!("not the leader: try node {leader}")),
         Outcome::Redirect(None) => Status::unavailable("no leader known yet; retry"),

@@ -5,10 +5,10 @@
 //! drains what is queued (up to `STEP_EVENTS_MAX`), calls the guest's `step` once, appends
 //! every `persist` record to the WAL, and hands the step's `send` and `reply` effects on only
 //! once those records (and every earlier one) are durable. That order is the rule that keeps an
-//! acceptor's promises and accepts across a crash (DESIGN §2). The `fdatasync` itself runs on
-//! the WAL's writer thread (`storage::syncer`): while it runs, the loop keeps stepping and
-//! buffering, holding each step's effects until the sync covering it reports back, and the
-//! next sync carries everything buffered meanwhile (group commit across steps). A guest crash (trap, deadline, memory) is logged; the instance is
+//! acceptor's promises and accepts across a crash (DESIGN §2); `sync_pipeline` keeps it while
+//! the `fdatasync` runs on the WAL's writer thread, and bounds what a stalled disk may cost (the
+//! loop then turns work away rather than grow or wait). A failed write or sync stops the host
+//! and marks the data dir, so the next start rejoins (`storage::lost`). A guest crash (trap, deadline, memory) is logged; the instance is
 //! thrown away and a new one started from the snapshot and WAL, while the host keeps serving.
 //! Every `snapshot_every` records it compacts: the guest's snapshot becomes the new base and
 //! the WAL segments it covers are dropped. It also runs the chaos schedule (acceptor outages,
@@ -26,8 +26,9 @@ use tokio::sync::oneshot;
 use crate::chaos::{Chaos, ChaosEvent};
 use crate::peer::Transport;
 use crate::runtime::{Command, Effect, Event, Guest, GuestBuild, GuestConfig, GuestCrash, Outcome, Request, Role};
-use crate::storage::syncer::{Synced, Syncer};
+use crate::storage::syncer::Syncer;
 use crate::storage::{Durable, Storage};
+use crate::sync_pipeline::{SyncPipeline, BACKLOG_BYTES_MAX};
 
 /// The guest is stepped at least this often (its timers: heartbeats, elections, re-sends).
 pub const TICK_MS: u64 = 10;
@@ -138,14 +139,12 @@ pub struct StepLoop {
     waiting: HashMap<u64, oneshot::Sender<Outcome>>,
     /// Envelopes the guest sent to itself: its next step's first events.
     loopback: Vec<crate::runtime::Envelope>,
-    /// The WAL's writer thread (from `run`; without it, each step syncs inline).
-    syncer: Option<Syncer>,
-    /// Hand-offs to the writer numbered so far, and the last one known durable.
-    sync_issued: u64,
-    sync_durable: u64,
-    /// Effects of steps whose records are not durable yet, in step order, each with the
-    /// hand-off that must be durable first.
-    held: std::collections::VecDeque<(u64, Vec<Effect>)>,
+    /// Effects waiting for the disk, and the WAL's writer thread (from `run`; without it,
+    /// each step syncs inline).
+    pipeline: SyncPipeline,
+    /// Inputs turned away while the disk is behind (`BACKLOG_BYTES_MAX`), since the last log.
+    shed: u64,
+    last_shed_log: Instant,
     next_request_id: u64,
     clock: Instant,
     last_restart_attempt: Option<Instant>,
@@ -179,10 +178,9 @@ impl StepLoop {
             peers,
             waiting: HashMap::new(),
             loopback: Vec::new(),
-            syncer: None,
-            sync_issued: 0,
-            sync_durable: 0,
-            held: std::collections::VecDeque::new(),
+            pipeline: SyncPipeline::new(None),
+            shed: 0,
+            last_shed_log: Instant::now(),
             // Unique across restarts of this host, so a late reply can never match a new request.
             next_request_id: now.as_micros() as u64,
             clock: Instant::now(),
@@ -231,7 +229,7 @@ impl StepLoop {
     /// it through it).
     pub fn run(mut self, inputs: Receiver<Input>, handle: StepLoopHandle) {
         match Syncer::start(move || handle.offer(Input::Synced)) {
-            Ok(syncer) => self.syncer = Some(syncer),
+            Ok(syncer) => self.pipeline = SyncPipeline::new(Some(syncer)),
             Err(e) => tracing::warn!("no WAL writer thread ({e:#}): syncing on the step loop"),
         }
         loop {
@@ -256,7 +254,14 @@ impl StepLoop {
 
     fn turn(&mut self, inputs: Vec<Input>) {
         self.collect_syncs();
+        if self.pipeline.compaction_due && !self.pipeline.in_flight() {
+            self.compact();
+        }
         self.run_chaos();
+        // A disk that is behind (stalled, failing slowly) must not cost memory without end:
+        // take no new work until it catches up.
+        let backlog = self.pipeline.backlog_bytes(&self.storage.wal);
+        let overloaded = backlog > BACKLOG_BYTES_MAX;
         if self.guest.is_none() && !self.chaos.guest_held_down() {
             self.try_restart();
         }
@@ -266,6 +271,14 @@ impl StepLoop {
         for input in inputs {
             match input {
                 Input::Request { command, client, seq, reply } => {
+                    if overloaded {
+                        self.shed += 1;
+                        let _ = reply.send(Outcome::Rejected(format!(
+                            "overloaded: this replica's disk is behind ({} MiB not yet durable); retry on another replica",
+                            backlog >> 20
+                        )));
+                        continue;
+                    }
                     if self.guest.is_none() {
                         let _ = reply.send(Outcome::Rejected("replica's guest is down (restarting); retry".into()));
                         continue;
@@ -275,6 +288,7 @@ impl StepLoop {
                     self.waiting.insert(id, reply);
                     events.push(Event::Request(Request { id, client, seq, command }));
                 }
+                Input::Message(_) if overloaded => self.shed += 1,
                 Input::Message(envelope) => {
                     if self.chaos.acceptor_down() && envelope.role == Role::Acceptor {
                         self.dropped_for_outage += 1;
@@ -287,10 +301,20 @@ impl StepLoop {
                 Input::Synced => {}
             }
         }
+        if self.shed > 0 && self.last_shed_log.elapsed() >= Duration::from_secs(1) {
+            tracing::warn!(
+                "disk behind: {} MiB buffered, being synced or held; {} requests and messages turned away in {} ms",
+                backlog >> 20,
+                self.shed,
+                self.last_shed_log.elapsed().as_millis()
+            );
+            self.shed = 0;
+            self.last_shed_log = Instant::now();
+        }
         if events.is_empty() {
             events.push(Event::Tick);
             // Idle: make lazily persisted records durable now rather than at the next write.
-            if self.syncer.is_some() {
+            if self.pipeline.pipelined() {
                 self.hand_off();
             } else {
                 self.make_durable();
@@ -330,8 +354,19 @@ impl StepLoop {
     /// Paxos safety by answering: the host stops rather than send anything.
     fn make_durable(&mut self) {
         if let Err(e) = self.storage.wal.sync() {
-            stop_host(format!("cannot make the WAL durable, stopping the host: {e:#}"));
+            self.stop_host_disk(format!("cannot make the WAL durable: {e:#}"));
         }
+    }
+
+    /// Stops the host because the disk failed a write or sync. What the WAL holds can no
+    /// longer be trusted (the kernel may have dropped the pages whose fdatasync failed, or may
+    /// still serve them from its cache to a restart), so the data dir is marked: the next
+    /// start sets the state aside and rejoins rather than replay it.
+    fn stop_host_disk(&self, reason: String) -> ! {
+        if let Err(e) = self.storage.mark_wal_failed(&reason) {
+            tracing::error!("cannot mark the data dir as needing a rejoin either: {e:#}");
+        }
+        stop_host(format!("{reason}; stopping the host (the next start rejoins)"))
     }
 
     /// Persist, then send and reply: never the other way round. Lazy records go into the log in
@@ -356,7 +391,7 @@ impl StepLoop {
                 Effect::Send(_) | Effect::Reply(_) | Effect::Log(_) => {}
             }
         }
-        if self.syncer.is_none() || self.sync_every_record {
+        if !self.pipeline.pipelined() || self.sync_every_record {
             if persisted > 0 {
                 self.make_durable();
             }
@@ -364,17 +399,19 @@ impl StepLoop {
         } else {
             // This step's records go with the next hand-off; a step without any still waits for
             // the steps before it (their effects leave first).
-            let needs = if persisted > 0 { Some(self.sync_issued + 1) } else { self.held.back().map(|(t, _)| *t) };
-            match needs {
-                Some(ticket) => {
-                    self.held.push_back((ticket, effects));
-                    self.hand_off();
-                }
-                None => self.release(effects),
+            match self.pipeline.admit(&mut self.storage.wal, effects, persisted > 0) {
+                Ok(Some(free)) => self.release(free),
+                Ok(None) => {}
+                Err(failure) => self.stop_host_disk(failure),
             }
         }
         if self.storage.records_since_snapshot >= self.snapshot_every {
-            self.compact();
+            if self.pipeline.in_flight() {
+                // Not now: that would wait on the disk. Right after the sync in flight reports.
+                self.pipeline.compaction_due = true;
+            } else {
+                self.compact();
+            }
         }
     }
 
@@ -399,66 +436,32 @@ impl StepLoop {
     /// Starts a sync of what the WAL buffered, unless one is running (the next one will then
     /// carry it) or nothing is buffered.
     fn hand_off(&mut self) {
-        let Some(syncer) = self.syncer.as_ref() else { return };
-        if self.sync_issued > self.sync_durable {
-            return;
-        }
-        match self.storage.wal.take_for_sync() {
-            Ok(None) => {}
-            Ok(Some((file, bytes))) => {
-                self.sync_issued += 1;
-                if !syncer.submit(self.sync_issued, file, bytes) {
-                    stop_host("the WAL writer thread is gone, stopping the host".to_string());
-                }
-            }
-            Err(e) => {
-                stop_host(format!("cannot hand the WAL over for syncing, stopping the host: {e:#}"));
-            }
+        if let Err(failure) = self.pipeline.hand_off(&mut self.storage.wal) {
+            self.stop_host_disk(failure);
         }
     }
 
     /// Takes the syncs reported finished: releases what they made durable, starts the next.
     fn collect_syncs(&mut self) {
-        while let Some(done) = self.syncer.as_ref().and_then(Syncer::try_done) {
-            self.on_synced(done);
-        }
-    }
-
-    fn on_synced(&mut self, done: Synced) {
-        if let Err(e) = done.result {
-            stop_host(format!("cannot make the WAL durable, stopping the host: {e}"));
-        }
-        self.sync_durable = self.sync_durable.max(done.ticket);
-        while self.held.front().is_some_and(|(ticket, _)| *ticket <= self.sync_durable) {
-            if let Some((_, effects)) = self.held.pop_front() {
-                self.release(effects);
-            }
-        }
-        if !self.held.is_empty() {
-            self.hand_off();
+        match self.pipeline.collect(&mut self.storage.wal) {
+            Ok(released) => released.into_iter().for_each(|effects| self.release(effects)),
+            Err(failure) => self.stop_host_disk(failure),
         }
     }
 
     /// Waits until every record appended so far is durable and every held effect released
     /// (before compaction, a restart from disk, or a per-record sync).
     fn drain_syncs(&mut self) {
-        while self.sync_issued > self.sync_durable {
-            match self.syncer.as_ref().and_then(Syncer::wait_done) {
-                Some(done) => self.on_synced(done),
-                None => {
-                    stop_host("the WAL writer thread is gone, stopping the host".to_string());
-                }
-            }
-        }
-        self.make_durable();
-        let held: Vec<_> = self.held.drain(..).collect();
-        for (_, effects) in held {
-            self.release(effects);
+        match self.pipeline.drain(&mut self.storage.wal) {
+            Ok(released) => released.into_iter().for_each(|effects| self.release(effects)),
+            Err(failure) => self.stop_host_disk(failure),
         }
     }
 
-    /// The guest's snapshot becomes the new base; covered WAL segments go.
+    /// The guest's snapshot becomes the new base; covered WAL segments go. Called when no sync
+    /// is in flight, so the wait for the disk is this compaction's own.
     fn compact(&mut self) {
+        self.pipeline.compaction_due = false;
         self.drain_syncs();
         let Some(guest) = self.guest.as_mut() else { return };
         let started = Instant::now();
@@ -474,9 +477,7 @@ impl StepLoop {
                 "compacted {records} WAL records into a {bytes}-byte snapshot ({snapshot_ms:.1} ms in the guest, {:.1} ms in all)",
                 started.elapsed().as_secs_f64() * 1e3
             ),
-            Err(e) => {
-                stop_host(format!("cannot write the snapshot, stopping the host: {e:#}"));
-            }
+            Err(e) => self.stop_host_disk(format!("cannot write the snapshot: {e:#}")),
         }
     }
 
@@ -521,10 +522,10 @@ impl StepLoop {
         let pause = started.elapsed();
         // Persist the choice: a restarted host runs this build.
         let current = self.guest_dir.join("current.wasm");
-        if let Err(e) = std::fs::rename(&next, &current)
-            .map_err(anyhow::Error::from)
-            .and_then(|_| crate::storage::sync_dir(&self.guest_dir))
-        {
+        if let Err(e) = std::fs::rename(&next, &current).map_err(anyhow::Error::from).and_then(|_| {
+            crate::crash_point::reach("swap.after_install");
+            crate::storage::sync_dir(&self.guest_dir)
+        }) {
             return refuse(format!("cannot persist the new build: {e:#}"));
         }
         self.guest = Some(new);
@@ -736,7 +737,7 @@ mod tests {
         let transport = DiskCheckingTransport { wal_dir: dir.path().join("wal"), seen: seen.clone() };
         let mut step_loop = step_loop_in(dir.path(), Box::new(transport));
         if pipelined {
-            step_loop.syncer = Some(Syncer::start(|| {}).expect("writer thread"));
+            step_loop.pipeline = SyncPipeline::new(Some(Syncer::start(|| {}).expect("writer thread")));
         }
 
         let ballot = Ballot { round: 5, node: 2 };

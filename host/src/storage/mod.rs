@@ -4,8 +4,10 @@
 //! Start-up state is the latest valid snapshot plus every WAL record after it. Compaction
 //! (`Storage::compact`) rolls the WAL to a fresh segment, writes the snapshot atomically naming
 //! that segment as the first one it does not cover, and only then deletes the covered
-//! segments, so a crash at any point leaves a consistent pair.
+//! segments, so a crash at any point leaves a consistent pair. A data dir whose WAL failed a
+//! sync is set aside on the next start and the host rejoins (`lost`).
 
+pub mod lost;
 pub mod snapshot;
 pub mod syncer;
 pub mod wal;
@@ -37,12 +39,17 @@ pub struct Durable {
 impl Storage {
     /// Opens (creating) the storage in `dir` and returns it with the durable state.
     pub fn open(dir: &Path, segment_bytes_max: u64) -> anyhow::Result<(Storage, Durable)> {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating data dir {}", dir.display()))?;
+        create_dir_durably(dir)?;
         let snapshot = Snapshot::load(dir)?;
         let first_segment = snapshot.as_ref().map_or(0, |s| s.first_segment);
-        let (wal, records) = Wal::open(&dir.join("wal"), first_segment, segment_bytes_max)?;
+        let (wal, records) = Wal::open(&dir.join("wal"), first_segment, snapshot.is_some(), segment_bytes_max)?;
         let storage = Storage { dir: dir.to_path_buf(), wal, records_since_snapshot: records.len() as u64 };
         Ok((storage, Durable { snapshot: snapshot.map(|s| s.bytes), records }))
+    }
+
+    /// Marks this data dir: its WAL failed a write or sync (see `lost`).
+    pub fn mark_wal_failed(&self, reason: &str) -> anyhow::Result<()> {
+        lost::mark(&self.dir, reason)
     }
 
     /// Everything durable now (to restart a crashed guest).
@@ -57,8 +64,11 @@ impl Storage {
     pub fn compact(&mut self, snapshot: Vec<u8>) -> anyhow::Result<()> {
         self.wal.sync()?;
         let first_segment = self.wal.roll()?;
+        crate::crash_point::reach("compact.after_roll");
         Snapshot { first_segment, bytes: snapshot }.save(&self.dir)?;
+        crate::crash_point::reach("compact.after_snapshot");
         self.wal.drop_segments_before(first_segment)?;
+        crate::crash_point::reach("compact.after_drop");
         self.records_since_snapshot = 0;
         Ok(())
     }
@@ -69,13 +79,40 @@ impl Storage {
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     use std::io::Write;
     let dir = path.parent().context("path has no parent directory")?;
-    std::fs::create_dir_all(dir)?;
+    create_dir_durably(dir)?;
     let tmp = path.with_extension("tmp");
+    // Crash points are named after the file: `roster.after_rename`, `snapshot.after_tmp_write`…
+    let point = |step: &str| {
+        let stem = path.file_stem().map(|s| s.to_string_lossy()).unwrap_or_default();
+        crate::crash_point::reach(&format!("{stem}.{step}"));
+    };
     let mut file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     file.write_all(bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    point("after_tmp_write");
     file.sync_all().with_context(|| format!("fsync of {}", tmp.display()))?;
+    point("after_tmp_fsync");
     std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
+    point("after_rename");
     sync_dir(dir)
+}
+
+/// Creates `dir` (and missing parents) if it is not there, and makes each new entry durable
+/// with an fsync of the directory holding it: a crash must not lose a directory that files
+/// written later were synced into.
+pub fn create_dir_durably(dir: &Path) -> anyhow::Result<()> {
+    if dir.as_os_str().is_empty() || dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        create_dir_durably(parent)?;
+    }
+    match std::fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
+    }
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    sync_dir(parent)
 }
 
 /// fsync of a directory, so a rename or a new file in it is durable.

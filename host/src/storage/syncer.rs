@@ -32,10 +32,15 @@ impl Syncer {
         let (report, done) = channel();
         std::thread::Builder::new().name("wal-sync".into()).spawn(move || {
             for (ticket, mut file, bytes) in todo {
+                crate::crash_point::reach("wal.sync.before_write");
                 let result = file
                     .write_all(&bytes)
-                    .and_then(|()| file.sync_data())
+                    .and_then(|()| {
+                        crate::crash_point::reach("wal.sync.after_write");
+                        file.sync_data()
+                    })
                     .map_err(|e| format!("writing and syncing {} WAL bytes: {e}", bytes.len()));
+                crate::crash_point::reach("wal.sync.after_fdatasync");
                 if report.send(Synced { ticket, result }).is_err() {
                     return;
                 }

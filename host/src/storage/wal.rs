@@ -1,14 +1,24 @@
 //! The write-ahead log of the guest's `persist` records: checksummed, append-only, in
 //! segment files.
 //!
-//! Record format: `[len: u32 LE][crc32c(payload): u32 LE][payload]`. Appends are buffered and
-//! made durable together by one `fdatasync` per step (group commit): the step loop calls
-//! `append` for every record of a step, then `sync` once, before anything of that step leaves
-//! the host. Segments are files `wal/<n>.wal`; a segment that outgrows its limit is closed and
-//! the next one started, and compaction deletes segments a snapshot covers. On open, a torn or
-//! corrupt *last* record of the last segment (a crash mid-append) is cut off with a warning; a
-//! bad record anywhere else is corruption and stops the start with an error naming the file
-//! and offset, because silently dropping acknowledged state is worse than not starting.
+//! Record format: `[len: u32 LE][crc32c(payload): u32 LE][payload]`; a payload is never empty.
+//! Appends are buffered and made durable together by one `fdatasync` per step (group commit):
+//! the step loop calls `append` for every record of a step, then `sync` once, before anything of
+//! that step leaves the host. Segments are files `wal/<n>.wal`; a segment that outgrows its
+//! limit is closed and the next one started, and compaction deletes segments a snapshot covers.
+//!
+//! Opening tells a crash from damage, the way etcd does. Only the tail of the last segment can
+//! hold a write that was never synced; there, and only there, three things are cut off with a
+//! warning: a zero-filled tail (space a file system allocated but never wrote), a record cut
+//! short by the end of the file, and a record whose damage shows a zeroed disk sector (a torn
+//! write: the sector never reached the disk, so neither did anything after it, and fdatasync
+//! never returned for it). Anything else — a checksum mismatch with every sector present,
+//! anything bad in a segment that is not the last — is damage to records that may have been
+//! acknowledged, and stops the start with an error naming the file and offset: silently
+//! dropping acknowledged state is worse than not starting. Before replaying, every segment and
+//! the directory are fsynced, so a restart acts only on what the disk holds, not on pages a
+//! failed fdatasync left in the cache (PostgreSQL's rule). Covered segments are deleted only
+//! after everything has been validated.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
@@ -20,6 +30,8 @@ use anyhow::{bail, Context};
 const HEADER_BYTES: usize = 8;
 /// Largest record accepted (a guard against a corrupt length field).
 pub const RECORD_BYTES_MAX: usize = 1 << 30;
+/// The unit a write tears at: a disk writes a sector whole or not at all.
+const SECTOR_BYTES: usize = 512;
 
 /// An open write-ahead log.
 pub struct Wal {
@@ -53,42 +65,76 @@ fn segments(dir: &Path) -> anyhow::Result<Vec<u64>> {
 
 impl Wal {
     /// Opens the log in `dir`, whose segments before `first_segment` are covered by a
-    /// snapshot, and returns it with every durable record after that point, in order.
-    pub fn open(dir: &Path, first_segment: u64, segment_bytes_max: u64) -> anyhow::Result<(Wal, Vec<Vec<u8>>)> {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let mut present = segments(dir)?;
-        for &old in present.iter().filter(|&&n| n < first_segment) {
-            // Left over by a compaction interrupted after its snapshot was durable.
-            std::fs::remove_file(segment_path(dir, old))?;
-        }
-        present.retain(|&n| n >= first_segment);
-        if let Some(&first) = present.first() {
-            if first != first_segment {
-                bail!("{}: WAL segment {first_segment} is missing (found {first}); refusing to start", dir.display());
+    /// snapshot, and returns it with every durable record after that point, in order. With
+    /// `snapshot_exists`, segment `first_segment` must be there: compaction makes it durable
+    /// before the snapshot that names it, so its absence (or a missing `wal/`) is damage.
+    pub fn open(
+        dir: &Path,
+        first_segment: u64,
+        snapshot_exists: bool,
+        segment_bytes_max: u64,
+    ) -> anyhow::Result<(Wal, Vec<Vec<u8>>)> {
+        if !dir.exists() {
+            if snapshot_exists {
+                bail!(
+                    "{} is missing but a snapshot names segment {first_segment} in it: the records after \
+                     the snapshot are gone; refusing to start (restore it, or wipe the data dir to rejoin from peers)",
+                    dir.display()
+                );
             }
+            super::create_dir_durably(dir)?;
+        }
+        let mut present = segments(dir)?;
+        // Covered segments are left by a compaction interrupted after its snapshot was durable;
+        // they go only once the rest has been validated.
+        let covered: Vec<u64> = present.iter().copied().filter(|&n| n < first_segment).collect();
+        present.retain(|&n| n >= first_segment);
+        match present.first() {
+            Some(&first) if first != first_segment => {
+                bail!("{}: WAL segment {first_segment} is missing (found {first}); refusing to start", dir.display())
+            }
+            None if snapshot_exists => bail!(
+                "{}: WAL segment {first_segment}, which the snapshot names as the next one, is missing: the \
+                 records after the snapshot are gone; refusing to start (restore it, or wipe the data dir to \
+                 rejoin from peers)",
+                dir.display()
+            ),
+            _ => {}
         }
         for pair in present.windows(2) {
             if pair[1] != pair[0] + 1 {
                 bail!("{}: WAL segment {} is missing; refusing to start", dir.display(), pair[0] + 1);
             }
         }
+        // Replay only what is on the disk: pages a failed fdatasync left dirty in the cache
+        // must fail here (or be written now), not be acted upon.
+        for &n in &present {
+            let path = segment_path(dir, n);
+            File::open(&path).and_then(|f| f.sync_all()).with_context(|| format!("fsync of {}", path.display()))?;
+        }
+        super::sync_dir(dir)?;
         let mut records = Vec::new();
         let last = present.last().copied();
         for &n in &present {
             let path = segment_path(dir, n);
             let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-            let (mut found, valid_len) = scan(&bytes, &path, Some(n) == last)?;
+            let (mut found, valid_len, why) = scan(&bytes, &path, Some(n) == last)?;
             records.append(&mut found);
             if valid_len < bytes.len() as u64 {
                 tracing::warn!(
-                    "{}: torn or corrupt tail at offset {valid_len} ({} bytes) cut off",
+                    "{}: {} at offset {valid_len} ({} bytes, never synced) cut off",
                     path.display(),
+                    why.unwrap_or("unsynced tail"),
                     bytes.len() as u64 - valid_len
                 );
                 let file = OpenOptions::new().write(true).open(&path)?;
                 file.set_len(valid_len)?;
                 file.sync_all()?;
+                crate::crash_point::reach("wal.open.after_cut");
             }
+        }
+        for old in covered {
+            std::fs::remove_file(segment_path(dir, old))?;
         }
         let segment = last.unwrap_or(first_segment);
         let path = segment_path(dir, segment);
@@ -100,9 +146,7 @@ impl Wal {
             .open(&path)
             .with_context(|| format!("opening {}", path.display()))?;
         let segment_len = file.seek(SeekFrom::End(0))?;
-        if last.is_none() {
-            super::sync_dir(dir)?;
-        }
+        super::sync_dir(dir)?;
         let wal = Wal {
             dir: dir.to_path_buf(),
             file,
@@ -129,8 +173,11 @@ impl Wal {
             return Ok(());
         }
         let path = segment_path(&self.dir, self.segment);
+        crate::crash_point::reach("wal.sync.before_write");
         self.file.write_all(&self.buffer).with_context(|| format!("appending to {}", path.display()))?;
+        crate::crash_point::reach("wal.sync.after_write");
         self.file.sync_data().with_context(|| format!("fdatasync of {}", path.display()))?;
+        crate::crash_point::reach("wal.sync.after_fdatasync");
         self.segment_len += self.buffer.len() as u64;
         self.buffer.clear();
         if self.segment_len >= self.segment_bytes_max {
@@ -142,6 +189,11 @@ impl Wal {
     /// True when records are buffered that no `sync` or hand-off has taken yet.
     pub fn has_buffered(&self) -> bool {
         !self.buffer.is_empty()
+    }
+
+    /// Bytes buffered that no `sync` or hand-off has taken yet.
+    pub fn buffered_bytes(&self) -> usize {
+        self.buffer.len()
     }
 
     /// Hands what is buffered to a writer on another thread (`storage::syncer`): the bytes and
@@ -174,7 +226,9 @@ impl Wal {
             .write(true)
             .open(&path)
             .with_context(|| format!("creating {}", path.display()))?;
+        crate::crash_point::reach("wal.roll.after_create");
         super::sync_dir(&self.dir)?;
+        crate::crash_point::reach("wal.roll.after_dir_sync");
         self.file = file;
         self.segment = next;
         self.segment_len = 0;
@@ -196,7 +250,7 @@ impl Wal {
         for n in segments(&self.dir)?.into_iter().filter(|&n| n >= self.first_segment) {
             let path = segment_path(&self.dir, n);
             let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-            let (mut found, _) = scan(&bytes, &path, n == self.segment)?;
+            let (mut found, _, _) = scan(&bytes, &path, n == self.segment)?;
             records.append(&mut found);
         }
         Ok(records)
@@ -215,9 +269,10 @@ pub fn read_records(dir: &Path) -> anyhow::Result<Vec<Vec<u8>>> {
     Ok(records)
 }
 
-/// Reads the records of one segment; returns them and the length of the valid prefix. A bad
-/// record is tolerated only as the tail of the last segment.
-fn scan(bytes: &[u8], path: &Path, is_last: bool) -> anyhow::Result<(Vec<Vec<u8>>, u64)> {
+/// Reads the records of one segment; returns them, the length of the valid prefix and, when
+/// that is not the whole file, why the rest is an unsynced tail. Only the last segment may end
+/// in one (see the module doc); any other bad record is refused.
+fn scan(bytes: &[u8], path: &Path, is_last: bool) -> anyhow::Result<(Vec<Vec<u8>>, u64, Option<&'static str>)> {
     let mut records = Vec::new();
     let mut at = 0usize;
     while at < bytes.len() {
@@ -227,41 +282,104 @@ fn scan(bytes: &[u8], path: &Path, is_last: bool) -> anyhow::Result<(Vec<Vec<u8>
                 at = next;
             }
             None => {
-                if !is_last || valid_record_follows(bytes, at) {
+                let unsynced = if is_last { unsynced_tail(bytes, at) } else { None };
+                let Some(why) = unsynced else {
                     bail!(
-                        "{}: corrupt record at offset {at} with data after it; refusing to start \
+                        "{}: corrupt record at offset {at} ({}); refusing to start \
                          (restore the file, or wipe the data dir to rejoin from peers)",
-                        path.display()
+                        path.display(),
+                        damage(bytes, at, is_last)
                     );
-                }
-                break;
+                };
+                return Ok((records, at as u64, Some(why)));
             }
         }
     }
-    Ok((records, at as u64))
+    Ok((records, at as u64, None))
 }
 
-/// The record at `at` if it is whole and its checksum matches, with the offset after it.
+/// The record at `at` if it is whole, not empty and its checksum matches, with the offset after
+/// it.
 fn record_at(bytes: &[u8], at: usize) -> Option<(&[u8], usize)> {
-    let header = bytes.get(at..at + HEADER_BYTES)?;
-    let len = u32::from_le_bytes(header[0..4].try_into().ok()?) as usize;
-    let crc = u32::from_le_bytes(header[4..8].try_into().ok()?);
-    if len > RECORD_BYTES_MAX {
+    let (len, crc) = header_at(bytes, at)?;
+    if len == 0 || len > RECORD_BYTES_MAX {
         return None;
     }
     let payload = bytes.get(at + HEADER_BYTES..at + HEADER_BYTES + len)?;
     (crc32c::crc32c(payload) == crc).then_some((payload, at + HEADER_BYTES + len))
 }
 
+/// The length and checksum fields of the record header at `at`, if the header is whole.
+fn header_at(bytes: &[u8], at: usize) -> Option<(usize, u32)> {
+    let header = bytes.get(at..at + HEADER_BYTES)?;
+    let len = u32::from_le_bytes(header[0..4].try_into().ok()?) as usize;
+    let crc = u32::from_le_bytes(header[4..8].try_into().ok()?);
+    Some((len, crc))
+}
+
+/// Why the bytes from the bad record at `at` to the end of the last segment are a write that
+/// never completed (and so was never acknowledged), or None when they are damage.
+fn unsynced_tail(bytes: &[u8], at: usize) -> Option<&'static str> {
+    if bytes[at..].iter().all(|&b| b == 0) {
+        return Some("zero-filled tail");
+    }
+    let Some((len, _)) = header_at(bytes, at) else {
+        return Some("torn record header");
+    };
+    if len == 0 {
+        // Nothing writes an empty record: a zero header is unwritten space if its sector is
+        // zeros to the end (a torn group commit: later sectors may hold records of the same
+        // write, which was never synced either).
+        let sector_end = ((at / SECTOR_BYTES) + 1) * SECTOR_BYTES;
+        return bytes[at..sector_end.min(bytes.len())].iter().all(|&b| b == 0).then_some("torn write (zeroed sector)");
+    }
+    if len > RECORD_BYTES_MAX {
+        return None;
+    }
+    let end = at + HEADER_BYTES + len;
+    if has_zeroed_sector(bytes, at, end.min(bytes.len())) {
+        return Some("torn write (zeroed sector)");
+    }
+    // Cut short by the end of the file: a crash mid-append, unless what follows parses as
+    // records (then the length field itself is damaged).
+    (end > bytes.len() && !valid_record_follows(bytes, at)).then_some("record cut short by the end of the file")
+}
+
+/// Whether a whole disk sector within `from..to` (or the part of one that the range holds) is
+/// zeros: the mark of a write that did not reach the disk.
+fn has_zeroed_sector(bytes: &[u8], from: usize, to: usize) -> bool {
+    let mut start = from;
+    while start < to {
+        let sector_end = ((start / SECTOR_BYTES) + 1) * SECTOR_BYTES;
+        let chunk = &bytes[start..sector_end.min(to)];
+        if chunk.iter().all(|&b| b == 0) {
+            return true;
+        }
+        start = sector_end;
+    }
+    false
+}
+
+/// What is wrong with the bad record at `at`, for the error.
+fn damage(bytes: &[u8], at: usize, is_last: bool) -> String {
+    let tail_note = if is_last { "" } else { " in a segment that is not the last, so it was synced" };
+    match header_at(bytes, at) {
+        None => format!("header cut short{tail_note}"),
+        Some((0, _)) => format!("zero length with data in its sector{tail_note}"),
+        Some((len, _)) if len > RECORD_BYTES_MAX => format!("impossible length {len}{tail_note}"),
+        Some((len, _)) if at + HEADER_BYTES + len > bytes.len() => {
+            format!("length {len} runs past the end of the file but valid records follow{tail_note}")
+        }
+        Some(_) => format!("checksum mismatch with every sector present: damage, not a torn write{tail_note}"),
+    }
+}
+
 /// Whether some whole, valid record starts after a bad one at `bad`: then the damage is not a
 /// torn tail. Only records that end exactly at the end or at another valid record count, so
 /// random bytes are very unlikely to pass.
 fn valid_record_follows(bytes: &[u8], bad: usize) -> bool {
-    (bad + 1..bytes.len().saturating_sub(HEADER_BYTES)).any(|at| {
-        record_at(bytes, at).is_some_and(|(payload, next)| {
-            !payload.is_empty() && (next == bytes.len() || record_at(bytes, next).is_some())
-        })
-    })
+    (bad + 1..bytes.len().saturating_sub(HEADER_BYTES))
+        .any(|at| record_at(bytes, at).is_some_and(|(_, next)| next == bytes.len() || record_at(bytes, next).is_some()))
 }
 
 #[cfg(test)]
@@ -271,7 +389,7 @@ mod tests {
     const SEGMENT_MAX: u64 = 1 << 20;
 
     fn open(dir: &Path) -> (Wal, Vec<Vec<u8>>) {
-        Wal::open(dir, 0, SEGMENT_MAX).expect("open")
+        Wal::open(dir, 0, false, SEGMENT_MAX).expect("open")
     }
 
     /// Appends and syncs; returns the length of the current segment afterwards.
@@ -315,12 +433,129 @@ mod tests {
             assert_eq!(records.len(), 2, "cut at {cut}");
             assert_eq!(std::fs::metadata(&path).expect("meta").len(), prefix_len, "tail cut off at {cut}");
         }
-        // A corrupt (not just short) last record is a torn tail too.
-        let mut flipped = whole.clone();
-        let last = flipped.len() - 1;
-        flipped[last] ^= 0xff;
-        std::fs::write(&path, &flipped).expect("write");
+    }
+
+    /// Bit rot in the last record is not a torn write: every sector is there, so the record
+    /// was written whole and may have been acknowledged. Cutting it would lose it silently.
+    #[test]
+    fn wal_refuses_a_checksum_mismatch_in_the_last_record_when_no_sector_is_zeroed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_records(dir.path(), &[b"first record", b"the last record, acknowledged"]);
+        let path = segment_path(dir.path(), 0);
+        let mut bytes = std::fs::read(&path).expect("read");
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x01;
+        std::fs::write(&path, &bytes).expect("write");
+        let err = Wal::open(dir.path(), 0, false, SEGMENT_MAX).err().expect("must refuse").to_string();
+        assert!(err.contains("checksum mismatch") && err.contains("not a torn write"), "{err}");
+        assert_eq!(std::fs::read(&path).expect("read"), bytes, "nothing cut on refusal");
+    }
+
+    /// Space a file system allocated but never wrote reads as zeros: the end of the log
+    /// (etcd's rule), not an empty record and not corruption.
+    #[test]
+    fn wal_reads_a_zero_filled_tail_as_the_end_of_the_log() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let valid = write_records(dir.path(), &[b"one", b"two"]);
+        let path = segment_path(dir.path(), 0);
+        let mut bytes = std::fs::read(&path).expect("read");
+        bytes.extend_from_slice(&[0u8; 4096]);
+        std::fs::write(&path, &bytes).expect("write");
+        let (mut wal, records) = open(dir.path());
+        assert_eq!(records, vec![b"one".to_vec(), b"two".to_vec()]);
+        assert_eq!(std::fs::metadata(&path).expect("meta").len(), valid, "zeros cut off");
+        // And the log goes on from there.
+        wal.append(b"three");
+        wal.sync().expect("sync");
+        assert_eq!(open(dir.path()).1.len(), 3);
+    }
+
+    /// A group commit torn by power loss: its first page never reached the disk (zeros), a later
+    /// page did. fdatasync never returned for any of it, so all of it is cut.
+    #[test]
+    fn wal_cuts_a_torn_group_commit_with_a_zeroed_page_and_records_after_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let valid = write_records(dir.path(), &[b"synced one", b"synced two"]) as usize;
+        let path = segment_path(dir.path(), 0);
+        let synced = std::fs::read(&path).expect("read");
+        // What the torn write held: records from `valid` to past the next page boundary.
+        let mut unsynced = Vec::new();
+        for i in 0..200u32 {
+            let payload = format!("unsynced record {i:04}");
+            unsynced.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            unsynced.extend_from_slice(&crc32c::crc32c(payload.as_bytes()).to_le_bytes());
+            unsynced.extend_from_slice(payload.as_bytes());
+        }
+        let page_end = 4096;
+        assert!(valid + unsynced.len() > page_end + 512);
+        let mut torn = synced.clone();
+        torn.extend_from_slice(&unsynced);
+        torn[valid..page_end].fill(0); // the first page of the write never reached the disk
+        std::fs::write(&path, &torn).expect("write");
+        let (_, records) = open(dir.path());
+        assert_eq!(records, vec![b"synced one".to_vec(), b"synced two".to_vec()]);
+        assert_eq!(std::fs::metadata(&path).expect("meta").len() as usize, valid);
+        // A zeroed sector inside a record that is otherwise whole: torn too.
+        let mut torn = synced;
+        let big = vec![7u8; 2000];
+        torn.extend_from_slice(&(big.len() as u32).to_le_bytes());
+        torn.extend_from_slice(&crc32c::crc32c(&big).to_le_bytes());
+        let payload_at = torn.len();
+        torn.extend_from_slice(&big);
+        let sector = payload_at.div_ceil(SECTOR_BYTES) * SECTOR_BYTES;
+        torn[sector..sector + SECTOR_BYTES].fill(0);
+        std::fs::write(&path, &torn).expect("write");
         assert_eq!(open(dir.path()).1.len(), 2);
+    }
+
+    /// A zero length with data in the rest of its sector is not unwritten space: refused.
+    #[test]
+    fn wal_refuses_a_zeroed_header_with_data_in_its_sector() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_records(dir.path(), &[b"one", b"two", b"three"]);
+        let path = segment_path(dir.path(), 0);
+        let mut bytes = std::fs::read(&path).expect("read");
+        let second = HEADER_BYTES + 3;
+        bytes[second..second + HEADER_BYTES].fill(0);
+        std::fs::write(&path, &bytes).expect("write");
+        let err = Wal::open(dir.path(), 0, false, SEGMENT_MAX).err().expect("must refuse").to_string();
+        assert!(err.contains("zero length"), "{err}");
+    }
+
+    /// A snapshot names the segment after it; compaction made that segment durable first, so
+    /// its absence (or a missing wal/) means records were lost: refused, never started without them.
+    #[test]
+    fn wal_refuses_to_open_without_the_segment_a_snapshot_names() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let wal_dir = dir.path().join("wal");
+        let err = Wal::open(&wal_dir, 3, true, SEGMENT_MAX).err().expect("must refuse").to_string();
+        assert!(err.contains("is missing"), "{err}");
+        assert!(!wal_dir.exists(), "refusing creates nothing");
+        std::fs::create_dir(&wal_dir).expect("mkdir");
+        let err = Wal::open(&wal_dir, 3, true, SEGMENT_MAX).err().expect("must refuse").to_string();
+        assert!(err.contains("segment 3") && err.contains("missing"), "{err}");
+        // Without a snapshot an empty log is simply new.
+        assert!(Wal::open(&wal_dir, 0, false, SEGMENT_MAX).is_ok());
+    }
+
+    /// Segments a snapshot covers are deleted only after the rest validated: a refused start
+    /// changes nothing on disk.
+    #[test]
+    fn wal_deletes_covered_segments_only_after_validating_the_rest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut wal, _) = open(dir.path());
+        wal.append(b"covered");
+        let first = wal.roll().expect("roll");
+        wal.append(b"after one");
+        wal.append(b"after two");
+        wal.sync().expect("sync");
+        drop(wal);
+        let path = segment_path(dir.path(), first);
+        let mut bytes = std::fs::read(&path).expect("read");
+        bytes[HEADER_BYTES] ^= 0xff; // first record after the snapshot, with one after it
+        std::fs::write(&path, &bytes).expect("write");
+        assert!(Wal::open(dir.path(), first, true, SEGMENT_MAX).is_err());
+        assert!(segment_path(dir.path(), 0).exists(), "covered segment kept while the start is refused");
     }
 
     #[test]
@@ -331,20 +566,20 @@ mod tests {
         let mut bytes = std::fs::read(&path).expect("read");
         bytes[HEADER_BYTES + 2] ^= 0xff; // inside the first payload
         std::fs::write(&path, &bytes).expect("write");
-        let err = Wal::open(dir.path(), 0, SEGMENT_MAX).err().expect("must refuse").to_string();
+        let err = Wal::open(dir.path(), 0, false, SEGMENT_MAX).err().expect("must refuse").to_string();
         assert!(err.contains("0000000000000000.wal") && err.contains("offset 0"), "{err}");
     }
 
     #[test]
     fn wal_rolls_over_segments_and_replays_across_them() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (mut wal, _) = Wal::open(dir.path(), 0, 64).expect("open");
+        let (mut wal, _) = Wal::open(dir.path(), 0, false, 64).expect("open");
         for i in 0..20u32 {
             wal.append(format!("record {i:02} with some padding").as_bytes());
             wal.sync().expect("sync");
         }
         assert!(segments(dir.path()).expect("list").len() > 5, "segments must roll over");
-        let (_, records) = Wal::open(dir.path(), 0, 64).expect("reopen");
+        let (_, records) = Wal::open(dir.path(), 0, false, 64).expect("reopen");
         assert_eq!(records.len(), 20);
         assert_eq!(records[19], b"record 19 with some padding");
         // Corruption in a segment that is not the last is an error, not a torn tail.
@@ -353,7 +588,7 @@ mod tests {
         let last = bytes.len() - 1;
         bytes[last] ^= 0xff;
         std::fs::write(&path, &bytes).expect("write");
-        let err = Wal::open(dir.path(), 0, 64).err().expect("must refuse").to_string();
+        let err = Wal::open(dir.path(), 0, false, 64).err().expect("must refuse").to_string();
         assert!(err.contains("0000000000000001.wal"), "{err}");
     }
 
@@ -366,7 +601,7 @@ mod tests {
         wal.append(b"after");
         wal.sync().expect("sync");
         // The snapshot covers segment 0; a crash before the drop leaves it on disk.
-        let (_, records) = Wal::open(dir.path(), first, SEGMENT_MAX).expect("open");
+        let (_, records) = Wal::open(dir.path(), first, true, SEGMENT_MAX).expect("open");
         assert_eq!(records, vec![b"after".to_vec()]);
         assert!(!segment_path(dir.path(), 0).exists(), "covered segment deleted on open");
     }

@@ -51,6 +51,8 @@ pub struct Host {
     pub data_dir: PathBuf,
     pub log: PathBuf,
     pub child: Option<Child>,
+    /// Extra environment of this host's next start (a fault shim, a crash point).
+    pub env: Vec<(String, String)>,
 }
 
 pub struct Cluster {
@@ -74,7 +76,7 @@ impl Cluster {
         for (i, port) in ports.iter().enumerate() {
             let data_dir = cluster.dir.path().join(format!("data{}", i + 1));
             let log = cluster.dir.path().join(format!("{}.log", i + 1));
-            cluster.hosts.push(Host { port: *port, data_dir, log, child: None });
+            cluster.hosts.push(Host { port: *port, data_dir, log, child: None, env: Vec::new() });
         }
         for i in 0..n {
             cluster.spawn(i);
@@ -97,6 +99,7 @@ impl Cluster {
             .arg(self.hosts_len().to_string())
             .args(&self.extra_args)
             .env("RUST_LOG", "info")
+            .envs(host.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -166,6 +169,35 @@ impl Cluster {
             Some(child) => child.try_wait().ok().flatten().is_none(),
             None => false,
         }
+    }
+
+    /// Waits up to `patience` for host `i` to exit by itself; its exit code (None: still
+    /// running, or killed by a signal).
+    pub fn wait_exit(&mut self, i: usize, patience: Duration) -> Option<i32> {
+        let deadline = Instant::now() + patience;
+        loop {
+            let child = self.hosts[i].child.as_mut()?;
+            if let Ok(Some(status)) = child.try_wait() {
+                self.hosts[i].child = None;
+                return status.code();
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Host `i`'s guest status JSON, through its own Admin service.
+    pub fn guest_status(&self, i: usize) -> Option<serde_json::Value> {
+        let out = self.client(i, &["--timeout-ms", "1000", "--json", "status"]);
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let port = format!(":{}", self.hosts[i].port);
+        status["members"]
+            .as_array()?
+            .iter()
+            .find(|m| m["address"].as_str().is_some_and(|a| a.ends_with(&port)))
+            .map(|m| m["guest"].clone())
     }
 
     pub fn log_of(&self, i: usize) -> String {
@@ -275,4 +307,52 @@ pub async fn read_eventually(addr: &str, key: &str, patience: Duration) -> Resul
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Err(format!("no answer for {key} from {addr}: {last}"))
+}
+
+/// A ballot as the guest's status prints it (`round.node`, or `epoch:round.node`), comparable.
+pub fn parse_ballot(text: &str) -> Option<(u64, u64, u64)> {
+    let (epoch, rest) = match text.split_once(':') {
+        Some((e, rest)) => (e.parse().ok()?, rest),
+        None => (0, text),
+    };
+    let (round, node) = rest.split_once('.')?;
+    Some((epoch, round.parse().ok()?, node.parse().ok()?))
+}
+
+/// The fault-injecting disk (`host/tests/faultdisk/faultdisk.c`), built once with `cc` next to
+/// the binaries; its path, for `LD_PRELOAD`.
+pub fn faultdisk_shim() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/faultdisk/faultdisk.c");
+            let out = bin_dir().join(format!("faultdisk-{}.so", std::process::id()));
+            let status = Command::new("cc")
+                .args(["-shared", "-fPIC", "-O2", "-o"])
+                .arg(&out)
+                .arg(&source)
+                .arg("-ldl")
+                .status()
+                .expect("run cc (a C compiler is needed to link Rust anyway)");
+            assert!(status.success(), "building {}", source.display());
+            out
+        })
+        .clone()
+}
+
+/// Environment that puts host processes on the fault-injecting disk for files under `path`.
+pub fn faultdisk_env(path: &str, mode: &str, after: u64) -> Vec<(String, String)> {
+    vec![
+        ("LD_PRELOAD".into(), faultdisk_shim().display().to_string()),
+        ("FAULTDISK_PATH".into(), path.into()),
+        ("FAULTDISK_MODE".into(), mode.into()),
+        ("FAULTDISK_AFTER".into(), after.to_string()),
+    ]
+}
+
+/// Resident memory of a process, in MiB.
+pub fn rss_mib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? / 1024)
 }
