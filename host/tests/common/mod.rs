@@ -86,7 +86,8 @@ impl Cluster {
     }
 
     fn spawn(&mut self, i: usize) {
-        let host = &mut self.hosts[i];
+        let replicas = self.hosts_len();
+        let host = &self.hosts[i];
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&host.log).expect("log file");
         let child = Command::new(waxosd_path())
             .arg(self.coordinator_port.to_string())
@@ -96,7 +97,7 @@ impl Cluster {
             .arg("--guest")
             .arg(guest_path())
             .arg("--replicas")
-            .arg(self.hosts_len().to_string())
+            .arg(replicas.to_string())
             .args(&self.extra_args)
             .env("RUST_LOG", "info")
             .envs(host.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
