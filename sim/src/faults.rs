@@ -7,7 +7,9 @@
 //!   `start(snapshot, wal)` after a while;
 //! - *wipe*: the host loses its disk and comes back with nothing, `rejoining` (as
 //!   `host/src/main.rs` starts a host whose coordinator says it lost its state); never more
-//!   than a minority is without state at once;
+//!   than a minority is without state at once; a third of rejoiners crash again within a
+//!   sync's time of their restart, between the roster and the first durable record (the host's
+//!   `rejoin.after_roster_saved` crash point): the roster's flag alone must keep them silent;
 //! - *pause*: the host stops stepping for up to seconds while its inbox fills, then resumes
 //!   with a queue of old messages;
 //! - *partitions*: symmetric (two sides, often the leader with one follower), asymmetric (one
@@ -55,6 +57,9 @@ mod rate {
     pub const OUTAGE: f64 = 0.003;
     pub const OUTAGE_MS: (u64, u64) = (100, 1_000);
     pub const SWAP: f64 = 0.003;
+    /// A rejoiner's restart is followed by a crash within a sync's time (before its first
+    /// record is durable) this often.
+    pub const CRASH_REJOINER_ON_START: f64 = 0.3;
 }
 
 /// Fault kinds, for the per-seed mix.
@@ -423,11 +428,23 @@ impl World<'_> {
             self.note(|| "fault window over: every fault healed".into());
         }
         for i in 0..self.nodes.len() {
+            if self.nodes[i].crash_at_ms.is_some_and(|t| self.now >= t) {
+                self.nodes[i].crash_at_ms = None;
+                if !over {
+                    self.note(|| format!("node {} crashes before its rejoin's first record is durable", i + 1));
+                    self.crash(i, false);
+                }
+            }
+        }
+        for i in 0..self.nodes.len() {
             let due = self.nodes[i].down_until_ms.is_some_and(|t| self.now >= t || over);
             if due {
                 self.nodes[i].down_until_ms = None;
                 self.nodes[i].back_at_ms = self.now;
                 self.boot(i)?;
+                if self.nodes[i].config.rejoining && !over && self.rng.chance(rate::CRASH_REJOINER_ON_START) {
+                    self.nodes[i].crash_at_ms = Some(self.now + self.rng.range(0, crate::disk::SYNC_MS_MAX));
+                }
                 let how = if self.nodes[i].config.rejoining {
                     "with an empty disk, rejoining"
                 } else if self.nodes[i].disk.snapshot.is_some() {

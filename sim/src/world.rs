@@ -76,6 +76,9 @@ pub(crate) struct Node {
     pub(crate) wiped: bool,
     /// Wiped and not voting again yet: without state.
     pub(crate) rejoining: bool,
+    /// A crash planned for then: a rejoiner killed right after its restart, before its first
+    /// record is durable (the host's crash point `rejoin.after_roster_saved`).
+    pub(crate) crash_at_ms: Option<u64>,
     /// When the last hot swap happened.
     pub(crate) swapped_at_ms: Option<u64>,
     /// No compaction before this time (a scenario keeps an early snapshot on the disk).
@@ -235,6 +238,7 @@ impl<'a> World<'a> {
                 acceptor_out_until_ms: 0,
                 wiped: false,
                 rejoining: false,
+                crash_at_ms: None,
                 swapped_at_ms: None,
                 compact_hold_until_ms: 0,
             });
