@@ -269,10 +269,14 @@ pub fn read_records(dir: &Path) -> anyhow::Result<Vec<Vec<u8>>> {
     Ok(records)
 }
 
+/// What `scan` found in a segment: its records, the length of the valid prefix and, when that
+/// is not the whole file, why the rest is an unsynced tail.
+type Scanned = (Vec<Vec<u8>>, u64, Option<&'static str>);
+
 /// Reads the records of one segment; returns them, the length of the valid prefix and, when
 /// that is not the whole file, why the rest is an unsynced tail. Only the last segment may end
 /// in one (see the module doc); any other bad record is refused.
-fn scan(bytes: &[u8], path: &Path, is_last: bool) -> anyhow::Result<(Vec<Vec<u8>>, u64, Option<&'static str>)> {
+fn scan(bytes: &[u8], path: &Path, is_last: bool) -> anyhow::Result<Scanned> {
     let mut records = Vec::new();
     let mut at = 0usize;
     while at < bytes.len() {
