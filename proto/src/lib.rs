@@ -69,21 +69,67 @@ pub mod logging {
         }
     }
 
+    /// One formatted event as it may be written: a single line. Text from the network (a key,
+    /// an address, a peer's error) reaches log messages; a newline or carriage return in it
+    /// would forge a line of its own, so every control character but the final newline (and
+    /// tabs, and the colour escapes of a terminal when `ansi`) is written escaped (`\n`,
+    /// `\x1b`).
+    pub fn one_line(event: &[u8], ansi: bool) -> std::borrow::Cow<'_, [u8]> {
+        let body = event.strip_suffix(b"\n").unwrap_or(event);
+        let keep = |b: u8| b >= 0x20 && b != 0x7f || b == b'\t' || (ansi && b == 0x1b);
+        if body.iter().all(|&b| keep(b)) {
+            return std::borrow::Cow::Borrowed(event);
+        }
+        let mut out = Vec::with_capacity(event.len() + 16);
+        for &b in body {
+            match b {
+                b'\n' => out.extend_from_slice(b"\\n"),
+                b'\r' => out.extend_from_slice(b"\\r"),
+                b if keep(b) => out.push(b),
+                b => out.extend_from_slice(format!("\\x{b:02x}").as_bytes()),
+            }
+        }
+        if body.len() < event.len() {
+            out.push(b'\n');
+        }
+        std::borrow::Cow::Owned(out)
+    }
+
+    fn stderr_is_terminal() -> bool {
+        std::io::IsTerminal::is_terminal(&std::io::stderr())
+    }
+
+    /// Unbatched logging's writer: each event straight to stderr, as one line.
+    struct Direct;
+
+    impl Write for Direct {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            std::io::stderr().write_all(&one_line(bytes, stderr_is_terminal()))?;
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            std::io::stderr().flush()
+        }
+    }
+
     /// What the formatter writes one line into.
     struct Queued;
 
     impl Write for Queued {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        fn write(&mut self, event: &[u8]) -> std::io::Result<usize> {
+            let line = one_line(event, stderr_is_terminal());
+            let bytes = &line[..];
             let Some(queue) = QUEUE.get() else {
-                return std::io::stderr().write(bytes);
+                return std::io::stderr().write_all(bytes).map(|()| event.len());
             };
             let Ok(mut lines) = queue.lines.lock() else {
-                return std::io::stderr().write(bytes);
+                return std::io::stderr().write_all(bytes).map(|()| event.len());
             };
             if lines.len() > QUEUED_BYTES_MAX {
                 drop(lines);
                 queue.write_out();
-                return std::io::stderr().write(bytes);
+                return std::io::stderr().write_all(bytes).map(|()| event.len());
             }
             let was_empty = lines.is_empty();
             lines.extend_from_slice(bytes);
@@ -91,7 +137,7 @@ pub mod logging {
             if was_empty {
                 queue.ready.notify_one();
             }
-            Ok(bytes.len())
+            Ok(event.len())
         }
 
         fn flush(&mut self) -> std::io::Result<()> {
@@ -118,8 +164,8 @@ pub mod logging {
             .with_timer(MillisecondTime)
             .with_env_filter(filter(default_level))
             .with_target(false)
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .with_writer(std::io::stderr)
+            .with_ansi(stderr_is_terminal())
+            .with_writer(|| Direct)
             .try_init();
     }
 
@@ -153,7 +199,7 @@ pub mod logging {
             .with_timer(MillisecondTime)
             .with_env_filter(filter(default_level))
             .with_target(false)
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_ansi(stderr_is_terminal())
             .with_writer(MakeQueued)
             .try_init();
     }
@@ -162,6 +208,26 @@ pub mod logging {
     pub fn flush() {
         if let Some(queue) = QUEUE.get() {
             queue.write_out();
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::one_line;
+
+        #[test]
+        fn a_newline_from_the_network_cannot_start_a_log_line_of_its_own() {
+            let forged = b"registered 1.2.3.4:5\n2026-11-25 09:12:03.481  INFO forged line\r\x1b[2J\n";
+            let line = one_line(forged, false);
+            assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1, "one line");
+            assert_eq!(
+                String::from_utf8_lossy(&line),
+                "registered 1.2.3.4:5\\n2026-11-25 09:12:03.481  INFO forged line\\r\\x1b[2J\n"
+            );
+            let plain = b"2026-11-25 09:12:03.481  INFO put k (3 bytes)\tok\n";
+            assert!(matches!(one_line(plain, false), std::borrow::Cow::Borrowed(_)), "plain lines are not copied");
+            // A terminal's colour escapes stay when colours are on.
+            assert_eq!(&one_line(b"\x1b[32mINFO\x1b[0m x\n", true)[..], b"\x1b[32mINFO\x1b[0m x\n");
         }
     }
 }
