@@ -10,10 +10,12 @@
 //! - `service`: the client-facing `KeyValue` gRPC service.
 //! - `admin`: the `Admin` gRPC service (status, hot swap) and `--watch`.
 //! - `bootstrap`: the roster, via the coordinator at start-up, persisted afterwards.
+//! - `identity`: whose data dir this is (cluster id, member, incarnation); foreign ones refused.
 
 pub mod admin;
 pub mod bootstrap;
 pub mod chaos;
+pub mod identity;
 pub mod net;
 pub mod peer;
 pub mod runtime;

@@ -63,8 +63,15 @@ pub struct Cluster {
 impl Cluster {
     /// Starts `n` hosts and waits until a write succeeds through the first.
     pub fn start(n: usize, extra_args: &[&str]) -> Cluster {
-        let dir = tempfile::tempdir().expect("tempdir");
         let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        Cluster::start_on(&ports, extra_args)
+    }
+
+    /// Starts one host per port (the first coordinates), with fresh data dirs, and waits until
+    /// a write succeeds through the first: e.g. a second cluster on the ports of a stopped one.
+    pub fn start_on(ports: &[u16], extra_args: &[&str]) -> Cluster {
+        let n = ports.len();
+        let dir = tempfile::tempdir().expect("tempdir");
         let mut cluster = Cluster {
             hosts: Vec::new(),
             coordinator_port: ports[0],
@@ -158,6 +165,28 @@ impl Cluster {
     pub fn restart(&mut self, i: usize) {
         self.kill(i);
         self.spawn(i);
+    }
+
+    /// Each host's port, in order.
+    pub fn ports(&self) -> Vec<u16> {
+        self.hosts.iter().map(|h| h.port).collect()
+    }
+
+    /// Waits up to `patience` for host `i`'s process to exit on its own; its exit status, or
+    /// `None` if it is still running (or was not started).
+    pub fn wait_exit(&mut self, i: usize, patience: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + patience;
+        loop {
+            let child = self.hosts[i].child.as_mut()?;
+            if let Ok(Some(status)) = child.try_wait() {
+                self.hosts[i].child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Whether host `i`'s process is still running.
