@@ -15,6 +15,12 @@
 //! holds a roster but neither WAL nor snapshot (`main` checks); or this host is the coordinator
 //! and lost everything — it then learns the roster from any member, which *announces* its
 //! roster when its peer stream to the coordinator is refused for want of one.
+//!
+//! Identity. The roster file also says whose data dir this is: the cluster id (made here by
+//! the coordinator when it first bootstraps the roster, handed out with every registration and
+//! adopted with an announced roster), `me`, and the data dir's incarnation. A persisted roster
+//! that does not name this host's address for `me` is refused at start; the rest of the
+//! checking is `identity`'s.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -36,6 +42,13 @@ pub struct Roster {
     /// rejoins instead of voting from empty state. Never cleared: once the guest has caught up,
     /// its own log says it votes again.
     pub rejoining: bool,
+    /// The cluster this data dir belongs to (`None`: written before cluster ids existed, or
+    /// registered with a coordinator that knew none; adopted from the first peer that names one).
+    pub cluster_id: Option<String>,
+    /// Random per data dir, made when it first got its roster (0: not yet; a roster written
+    /// before incarnations existed gets one when loaded). A host registers with it, so the
+    /// coordinator tells a wiped host (new incarnation) from a retry (same one).
+    pub incarnation: u64,
 }
 
 impl Roster {
@@ -69,20 +82,51 @@ impl Roster {
                 .filter_map(|m| Some((u32::try_from(m["id"].as_u64()?).ok()?, m["address"].as_str()?.to_string())))
                 .collect::<Vec<_>>()
         });
-        match (me, members) {
-            (Some(me), Some(members)) if members.iter().any(|(id, _)| *id == me) => {
+        // Both absent in a roster written before identities existed.
+        let cluster_id = match &value["cluster_id"] {
+            serde_json::Value::Null => Ok(None),
+            serde_json::Value::String(id) if crate::identity::valid_cluster_id(id) => Ok(Some(id.clone())),
+            _ => Err(()),
+        };
+        let incarnation = match &value["incarnation"] {
+            serde_json::Value::Null => Ok(0),
+            serde_json::Value::String(hex) => u64::from_str_radix(hex, 16).map_err(|_| ()),
+            _ => Err(()),
+        };
+        match (me, members, cluster_id, incarnation) {
+            (Some(me), Some(members), Ok(cluster_id), Ok(incarnation)) if members.iter().any(|(id, _)| *id == me) => {
                 let rejoining = value["rejoining"].as_bool().unwrap_or(false);
-                Ok(Some(Roster { me, members, rejoining }))
+                Ok(Some(Roster { me, members, rejoining, cluster_id, incarnation }))
             }
             _ => bail!("{} is not a valid roster (delete it to register again)", path.display()),
         }
     }
 
+    /// Refuses a roster whose entry for `me` is not `my_address`: the data dir was copied to
+    /// another host or port, and would vote there with another member's memory.
+    pub fn check_address(&self, data_dir: &Path, my_address: &str) -> Result<(), crate::identity::Foreign> {
+        let recorded = self.members.iter().find(|(id, _)| *id == self.me).map(|(_, a)| a.as_str()).unwrap_or("");
+        if recorded == my_address {
+            return Ok(());
+        }
+        Err(crate::identity::Foreign::Address {
+            data_dir: data_dir.to_path_buf(),
+            me: self.me,
+            recorded: recorded.to_string(),
+            my_address: my_address.to_string(),
+        })
+    }
+
     /// Writes the roster atomically (temp file, fsync, rename, fsync of the directory).
     pub fn save(&self, data_dir: &Path) -> anyhow::Result<()> {
         let members: Vec<_> = self.members.iter().map(|(id, a)| json!({"id": id, "address": a})).collect();
-        let text =
-            serde_json::to_string_pretty(&json!({"me": self.me, "members": members, "rejoining": self.rejoining}))?;
+        let text = serde_json::to_string_pretty(&json!({
+            "cluster_id": self.cluster_id,
+            "incarnation": format!("{:016x}", self.incarnation),
+            "me": self.me,
+            "members": members,
+            "rejoining": self.rejoining,
+        }))?;
         crate::storage::write_atomically(&Self::path(data_dir), text.as_bytes())
     }
 }
@@ -104,6 +148,9 @@ pub struct Registry {
     /// A roster announced by an existing member while this coordinator had none (it lost its
     /// data dir): the coordinator adopts it and rejoins.
     pub adopted: Option<Roster>,
+    /// The cluster id handed out with every registration: made when this coordinator first
+    /// bootstraps the roster, read from the persisted roster, or adopted with an announced one.
+    pub cluster_id: Option<String>,
 }
 
 /// Why a registration was not accepted.
@@ -129,8 +176,14 @@ pub type SharedRegistry = Arc<Mutex<Registry>>;
 
 impl Registry {
     /// An existing member (`from`) announces the cluster's roster to a coordinator that has
-    /// none. Adopted when this host's own address is in it; ignored once a roster is known.
-    pub fn announce(&mut self, from: u32, members: Vec<(u32, String)>) -> Result<RegisterResponse, RegisterError> {
+    /// none. Adopted, with the announcer's cluster id (`None`: it knows none), when this host's
+    /// own address is in it; ignored once a roster is known.
+    pub fn announce(
+        &mut self,
+        from: u32,
+        members: Vec<(u32, String)>,
+        cluster_id: Option<String>,
+    ) -> Result<RegisterResponse, RegisterError> {
         if !self.settled {
             return Err(RegisterError::NotYet);
         }
@@ -149,7 +202,16 @@ impl Registry {
                      this coordinator lost its state and rejoins",
                     members.len()
                 );
-                self.adopted = Some(Roster { me, members: members.clone(), rejoining: true });
+                // The id this coordinator made when it started without a roster is not the
+                // cluster's: take the announcer's, or none (learned later from a peer).
+                self.cluster_id = cluster_id;
+                self.adopted = Some(Roster {
+                    me,
+                    members: members.clone(),
+                    rejoining: true,
+                    cluster_id: self.cluster_id.clone(),
+                    incarnation: 0,
+                });
             }
             Some(_) if valid => {}
             _ => {
@@ -164,6 +226,7 @@ impl Registry {
             members: members.iter().map(|(id, a)| Member { id: *id, address: a.clone() }).collect(),
             replicas: members.len() as u32,
             rejoin: false,
+            cluster_id: self.cluster_id.clone().unwrap_or_default(),
         })
     }
 
@@ -206,6 +269,7 @@ impl Registry {
             members: self.members.iter().map(|(id, a)| Member { id: *id, address: a.clone() }).collect(),
             replicas: self.replicas,
             rejoin,
+            cluster_id: self.cluster_id.clone().unwrap_or_default(),
         })
     }
 }
@@ -222,7 +286,9 @@ pub enum RosterSource {
 /// Finds this host's roster: persisted, or made by (or obtained from) the coordinator, or, for a
 /// coordinator that lost its state, announced by a member. `Roster::rejoining` says whether this
 /// host was a member already and lost its state (it rejoins); a new roster is saved, flag and
-/// all, before this returns.
+/// identity and all, before this returns. A persisted roster that names another address for
+/// this member is refused (`identity::Foreign::Address`); one written before identities existed
+/// gets an incarnation, and at the coordinator a cluster id, saved before this returns.
 pub async fn roster(
     data_dir: &Path,
     my_address: &str,
@@ -230,24 +296,49 @@ pub async fn roster(
     replicas: u32,
     registry: &SharedRegistry,
 ) -> anyhow::Result<(Roster, RosterSource)> {
-    if let Some(roster) = Roster::load(data_dir)? {
+    if let Some(mut roster) = Roster::load(data_dir)? {
         tracing::info!("roster from {}: node {} of {:?}", data_dir.display(), roster.me, roster.ids());
+        roster.check_address(data_dir, my_address)?;
+        // Written by a build before identities (every roster this build writes has an
+        // incarnation). One it wrote without a cluster id (registered with an older
+        // coordinator, or adopted from a member that knew none) waits to learn the cluster's.
+        let old_format = roster.incarnation == 0;
+        let mut upgraded = false;
+        if old_format {
+            roster.incarnation = crate::identity::new_incarnation();
+            upgraded = true;
+        }
+        if old_format && roster.cluster_id.is_none() && coordinator_address.is_none() {
+            // A cluster bootstrapped before cluster ids: its coordinator makes one now, and the
+            // other members adopt it from its envelopes.
+            let id = crate::identity::new_cluster_id();
+            tracing::info!("the roster predates cluster ids: this coordinator names the cluster {id}");
+            roster.cluster_id = Some(id);
+            upgraded = true;
+        }
+        if upgraded {
+            roster.save(data_dir)?;
+        }
         if let Ok(mut reg) = registry.lock() {
             reg.members = roster.members.clone();
             reg.replicas = roster.members.len() as u32;
             reg.my_address = my_address.to_string();
+            reg.cluster_id = roster.cluster_id.clone();
             reg.settled = true;
         }
         return Ok((roster, RosterSource::Persisted));
     }
-    let roster = match coordinator_address {
+    let incarnation = crate::identity::new_incarnation();
+    let mut roster = match coordinator_address {
         None => {
             {
                 let mut reg = registry.lock().map_err(|_| anyhow::anyhow!("registry lock poisoned"))?;
                 reg.replicas = replicas;
                 reg.my_address = my_address.to_string();
+                // The cluster is named here, once; an announced roster replaces it with its own.
+                reg.cluster_id = Some(crate::identity::new_cluster_id());
                 reg.settled = true;
-                reg.register(my_address, rand::random()).map_err(|e| anyhow::anyhow!("{e}"))?;
+                reg.register(my_address, incarnation).map_err(|e| anyhow::anyhow!("{e}"))?;
             }
             tracing::info!("coordinating: waiting for {replicas} replicas to register");
             loop {
@@ -259,7 +350,13 @@ pub async fn roster(
                         break adopted;
                     }
                     if reg.members.len() as u32 >= replicas {
-                        break Roster { me: 1, members: reg.members.clone(), rejoining: false };
+                        break Roster {
+                            me: 1,
+                            members: reg.members.clone(),
+                            rejoining: false,
+                            cluster_id: reg.cluster_id.clone(),
+                            incarnation,
+                        };
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -269,9 +366,10 @@ pub async fn roster(
             if let Ok(mut reg) = registry.lock() {
                 reg.settled = true;
             }
-            register_with(coordinator, my_address, replicas).await?
+            register_with(coordinator, my_address, replicas, incarnation).await?
         }
     };
+    roster.incarnation = incarnation;
     roster.save(data_dir)?;
     tracing::info!("roster complete: node {} of {:?}", roster.me, roster.ids());
     Ok((roster, RosterSource::Registered))
@@ -279,13 +377,14 @@ pub async fn roster(
 
 /// Announces `roster` to the coordinator at `address`, which refused our peer stream for want
 /// of a roster (it lost its data dir). Best effort: the stream's next refusal tries again.
-pub async fn announce_roster(address: &str, roster: &Roster, my_address: &str) {
+pub async fn announce_roster(address: &str, roster: &Roster, my_address: &str, cluster_id: Option<&str>) {
     let request = RegisterRequest {
         address: my_address.to_string(),
         replicas: roster.members.len() as u32,
         incarnation: 0,
         member_id: roster.me,
         members: roster.to_proto(),
+        cluster_id: cluster_id.unwrap_or_default().to_string(),
     };
     let answer = async {
         let channel = crate::net::endpoint(address, Duration::from_secs(2))?.connect().await?;
@@ -298,9 +397,8 @@ pub async fn announce_roster(address: &str, roster: &Roster, my_address: &str) {
     }
 }
 
-async fn register_with(coordinator: &str, my_address: &str, replicas: u32) -> anyhow::Result<Roster> {
+async fn register_with(coordinator: &str, my_address: &str, replicas: u32, incarnation: u64) -> anyhow::Result<Roster> {
     let mut logged_wait = false;
-    let incarnation: u64 = rand::random();
     loop {
         let answer = async {
             let channel = crate::net::endpoint(coordinator, Duration::from_secs(2))?.connect().await?;
@@ -311,6 +409,7 @@ async fn register_with(coordinator: &str, my_address: &str, replicas: u32) -> an
                 incarnation,
                 member_id: 0,
                 members: Vec::new(),
+                cluster_id: String::new(),
             };
             anyhow::Ok(client.register(request).await?.into_inner())
         }
@@ -318,7 +417,18 @@ async fn register_with(coordinator: &str, my_address: &str, replicas: u32) -> an
         match answer {
             Ok(r) if r.members.len() as u32 >= r.replicas && r.replicas > 0 => {
                 let members = r.members.into_iter().map(|m| (m.id, m.address)).collect();
-                return Ok(Roster { me: r.assigned_id, members, rejoining: r.rejoin });
+                let cluster_id = match r.cluster_id.as_str() {
+                    "" => None,
+                    id if crate::identity::valid_cluster_id(id) => Some(id.to_string()),
+                    id => {
+                        let shown: String = id.escape_debug().take(64).collect();
+                        tracing::warn!(
+                            "coordinator {coordinator} names the cluster {shown}, not a cluster id: ignored"
+                        );
+                        None
+                    }
+                };
+                return Ok(Roster { me: r.assigned_id, members, rejoining: r.rejoin, cluster_id, incarnation });
             }
             Ok(r) => {
                 if !logged_wait {
@@ -361,32 +471,108 @@ mod tests {
         (1..=3).map(|id| (id, format!("127.0.0.1:{id}"))).collect()
     }
 
+    const CLUSTER: &str = "00112233445566778899aabbccddeeff";
+
     #[test]
     fn a_coordinator_without_a_roster_adopts_one_announced_by_a_member_and_rejoins() {
-        let mut registry =
-            Registry { replicas: 3, settled: true, my_address: "127.0.0.1:1".into(), ..Registry::default() };
+        let mut registry = Registry {
+            replicas: 3,
+            settled: true,
+            my_address: "127.0.0.1:1".into(),
+            cluster_id: Some(crate::identity::new_cluster_id()),
+            ..Registry::default()
+        };
         registry.register("127.0.0.1:1", 5).expect("registers itself");
         assert!(
-            matches!(registry.announce(2, vec![(2, "127.0.0.1:2".into())]), Err(RegisterError::Refused(_))),
+            matches!(registry.announce(2, vec![(2, "127.0.0.1:2".into())], None), Err(RegisterError::Refused(_))),
             "a roster that does not name this host is refused"
         );
         assert!(
-            matches!(registry.announce(9, members()), Err(RegisterError::Refused(_))),
+            matches!(registry.announce(9, members(), None), Err(RegisterError::Refused(_))),
             "the announcer must be in the roster it announces"
         );
-        registry.announce(2, members()).expect("adopted");
-        assert_eq!(registry.adopted, Some(Roster { me: 1, members: members(), rejoining: true }));
+        let answer = registry.announce(2, members(), Some(CLUSTER.into())).expect("adopted");
+        let adopted =
+            Roster { me: 1, members: members(), rejoining: true, cluster_id: Some(CLUSTER.into()), incarnation: 0 };
+        assert_eq!(registry.adopted, Some(adopted));
+        assert_eq!(answer.cluster_id, CLUSTER, "the cluster's id, not the one this coordinator made at start");
+        // A host registering again (wiped) is handed the adopted cluster id.
+        assert_eq!(registry.register("127.0.0.1:3", 9).expect("registers").cluster_id, CLUSTER);
     }
 
     #[test]
-    fn the_rejoin_flag_is_saved_with_the_roster() {
+    fn the_rejoin_flag_and_the_identity_are_saved_with_the_roster() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let roster = Roster { me: 2, members: members(), rejoining: true };
+        let roster = Roster {
+            me: 2,
+            members: members(),
+            rejoining: true,
+            cluster_id: Some(CLUSTER.into()),
+            incarnation: u64::MAX,
+        };
         roster.save(dir.path()).expect("save");
         assert_eq!(Roster::load(dir.path()).expect("load"), Some(roster));
-        // A roster written by an older build (no flag) loads as not rejoining.
-        std::fs::write(dir.path().join("roster.json"), r#"{"me": 1, "members": [{"id": 1, "address": "a:1"}]}"#)
-            .expect("write");
-        assert_eq!(Roster::load(dir.path()).expect("load").map(|r| r.rejoining), Some(false));
+    }
+
+    /// A roster written by an older build: no rejoin flag, no cluster id, no incarnation.
+    fn write_old_roster(dir: &Path) {
+        let old = r#"{"me": 2, "members": [{"id": 1, "address": "127.0.0.1:1"}, {"id": 2, "address": "127.0.0.1:2"}]}"#;
+        std::fs::write(dir.join("roster.json"), old).expect("write");
+    }
+
+    #[test]
+    fn an_old_roster_loads_with_an_unknown_cluster_id_and_no_incarnation() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_old_roster(dir.path());
+        let roster = Roster::load(dir.path()).expect("load").expect("roster");
+        assert_eq!((roster.rejoining, roster.cluster_id, roster.incarnation), (false, None, 0));
+        // But a cluster id that is there must be one.
+        let bad = r#"{"me": 1, "members": [{"id": 1, "address": "a:1"}], "cluster_id": "x"}"#;
+        std::fs::write(dir.path().join("roster.json"), bad).expect("write");
+        assert!(Roster::load(dir.path()).is_err());
+    }
+
+    #[tokio::test]
+    async fn an_old_roster_gets_an_incarnation_at_start_and_its_coordinator_names_the_cluster() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_old_roster(dir.path());
+        let registry = SharedRegistry::default();
+        let (member, source) =
+            roster(dir.path(), "127.0.0.1:2", Some("127.0.0.1:1"), 2, &registry).await.expect("starts");
+        assert_eq!(source, RosterSource::Persisted);
+        assert_eq!(member.cluster_id, None, "a member learns the id from its peers");
+        assert_ne!(member.incarnation, 0);
+        assert_eq!(Roster::load(dir.path()).expect("load"), Some(member.clone()), "persisted");
+        let (again, _) = roster(dir.path(), "127.0.0.1:2", Some("127.0.0.1:1"), 2, &registry).await.expect("starts");
+        assert_eq!(again.incarnation, member.incarnation, "made once per data dir");
+
+        // At the coordinator, a roster this build wrote without an id (adopted from a member
+        // that knew none) waits to learn the cluster's: a new one would split the cluster.
+        let (adopted, _) = roster(dir.path(), "127.0.0.1:2", None, 2, &registry).await.expect("starts");
+        assert_eq!(adopted.cluster_id, None);
+
+        // An old roster at the coordinator (port = coordinator port): it names the cluster.
+        write_old_roster(dir.path());
+        let (coordinator, _) = roster(dir.path(), "127.0.0.1:2", None, 2, &registry).await.expect("starts");
+        let id = coordinator.cluster_id.clone().expect("named");
+        assert!(crate::identity::valid_cluster_id(&id));
+        assert_eq!(Roster::load(dir.path()).expect("load").and_then(|r| r.cluster_id), Some(id.clone()));
+        assert_eq!(registry.lock().expect("lock").cluster_id, Some(id), "handed out to registering hosts");
+    }
+
+    #[tokio::test]
+    async fn a_data_dir_that_names_another_address_for_this_member_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Roster { me: 2, members: members(), rejoining: false, cluster_id: Some(CLUSTER.into()), incarnation: 3 }
+            .save(dir.path())
+            .expect("save");
+        let registry = SharedRegistry::default();
+        let error = roster(dir.path(), "127.0.0.1:9", Some("127.0.0.1:1"), 3, &registry)
+            .await
+            .expect_err("a data dir copied to another port");
+        let foreign = error.downcast_ref::<crate::identity::Foreign>().expect("an identity refusal (exit 78)");
+        let message = foreign.to_string();
+        assert!(message.contains("node 2 at 127.0.0.1:2") && message.contains("127.0.0.1:9"), "{message}");
+        assert!(roster(dir.path(), "127.0.0.1:2", Some("127.0.0.1:1"), 3, &registry).await.is_ok());
     }
 }

@@ -12,11 +12,13 @@
 //! - `admin`: the `Admin` gRPC service (status, hot swap) and `--watch`.
 //! - `bootstrap`: the roster, via the coordinator at start-up, persisted afterwards.
 //! - `crash_point`: named points between storage actions where a test build can be made to die.
+//! - `identity`: whose data dir this is (cluster id, member, incarnation); foreign ones refused.
 
 pub mod admin;
 pub mod bootstrap;
 pub mod chaos;
 pub mod crash_point;
+pub mod identity;
 pub mod net;
 pub mod peer;
 pub mod runtime;

@@ -10,7 +10,7 @@ use std::sync::{Arc, OnceLock};
 use anyhow::{bail, Context};
 use clap::Parser;
 use rand::RngExt;
-use waxos_host::{admin, bootstrap, chaos, net, peer, runtime, service, step_loop, storage};
+use waxos_host::{admin, bootstrap, chaos, identity, net, peer, runtime, service, step_loop, storage};
 use waxos_proto::admin_server::AdminServer;
 use waxos_proto::key_value_server::KeyValueServer;
 use waxos_proto::peer_server::PeerServer;
@@ -105,7 +105,13 @@ async fn main() {
         Ok(()) => 0,
         Err(e) => {
             tracing::error!("waxosd stopped: {e:#}");
-            1
+            // A data dir that is not this host's (or not this cluster's) is a configuration
+            // error, not a crash: a supervisor should not restart it into the same refusal.
+            if e.downcast_ref::<identity::Foreign>().is_some() {
+                identity::EXIT_FOREIGN
+            } else {
+                1
+            }
         }
     };
     // Exit without waiting for connections and threads to wind down (see `run`).
@@ -154,8 +160,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let registry = bootstrap::SharedRegistry::default();
     let members = Arc::new(OnceLock::new());
     let roster_cell = Arc::new(OnceLock::new());
-    let peer_service =
-        peer::PeerService { step_loop: handle.clone(), registry: registry.clone(), members: members.clone() };
+    let identity = Arc::new(identity::Identity::new(&data_dir));
+    let peer_service = peer::PeerService {
+        step_loop: handle.clone(),
+        registry: registry.clone(),
+        members: members.clone(),
+        identity: identity.clone(),
+    };
     let kv_service = service::KeyValueService { step_loop: handle.clone(), replicas: args.replicas };
     let admin_service = admin::AdminService {
         step_loop: handle.clone(),
@@ -194,13 +205,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
             return Ok(());
         }
     };
+    // Identity first: a batch accepted from a member may make it adopt a cluster id.
+    identity.start(&roster);
     let _ = members.set((roster.me, roster.ids()));
     let _ = roster_cell.set(roster.clone());
 
     if let Some(why) = storage::lost::marked(&data_dir) {
         // The WAL failed a sync before the last stop: what it holds cannot be trusted.
         roster.rejoining = true;
-        roster.save(&data_dir)?;
+        identity.update_roster(|r| r.rejoining = true)?;
         let aside = storage::lost::set_aside(&data_dir)?;
         tracing::warn!(
             "the WAL of {} failed before the last stop ({why}): its state is set aside in {} and this host rejoins",
@@ -224,7 +237,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             data_dir.display()
         );
         roster.rejoining = true;
-        roster.save(&data_dir)?;
+        identity.update_roster(|r| r.rejoining = true)?;
     }
     let rejoining = roster.rejoining;
     if rejoining {
@@ -235,7 +248,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     } else if rejoining {
         tracing::info!("rejoining (continued after a restart): the log says when this replica votes again");
     }
-    let peers = peer::Peers::start(&roster);
+    let peers = peer::Peers::start(&roster, identity.clone());
     let config = runtime::GuestConfig {
         me: roster.me,
         members: roster.ids(),
@@ -275,6 +288,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             tracing::info!("waxosd stopping (signal)");
             Ok(())
         }
+        foreign = identity.refused() => Err(foreign.into()),
         result = &mut server => match result {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e).context("gRPC server failed"),

@@ -8,6 +8,9 @@
 //! handed to the step loop; anything else is logged and dropped. A host that has no roster yet
 //! refuses streams with `NO_ROSTER`; a member that meets that refusal at another member (a
 //! coordinator that lost its data dir) announces the roster to it (see `bootstrap`).
+//! Every batch carries the sender's cluster id; a batch from another cluster is refused with
+//! the whole stream, and a sender refused that way tells `identity`, which stops this host
+//! once a majority of the other members refused it.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -21,6 +24,7 @@ use waxos_proto::peer_server::Peer;
 use waxos_proto::{EnvelopeBatch, ExchangeClosed, RegisterRequest, RegisterResponse};
 
 use crate::bootstrap::{RegisterError, Roster, SharedRegistry};
+use crate::identity::{Identity, FOREIGN_CLUSTER};
 use crate::runtime::{Envelope, Role};
 use crate::step_loop::{Input, StepLoopHandle};
 
@@ -58,14 +62,14 @@ pub struct Peers {
 
 impl Peers {
     /// Starts one sender task per other member of the roster.
-    pub fn start(roster: &Roster) -> Peers {
+    pub fn start(roster: &Roster, identity: std::sync::Arc<Identity>) -> Peers {
         let mut queues = HashMap::new();
         for (id, address) in &roster.members {
             if *id == roster.me {
                 continue;
             }
             let (tx, rx) = mpsc::channel(PEER_QUEUE_ENVELOPES_MAX);
-            tokio::spawn(sender(roster.clone(), *id, address.clone(), rx));
+            tokio::spawn(sender(roster.clone(), identity.clone(), *id, address.clone(), rx));
             queues.insert(*id, tx);
         }
         Peers { queues }
@@ -86,10 +90,18 @@ impl Peers {
 }
 
 /// Keeps a stream open to one peer and feeds it.
-async fn sender(roster: Roster, peer: u32, address: String, mut queue: mpsc::Receiver<Envelope>) {
+async fn sender(
+    roster: Roster,
+    identity: std::sync::Arc<Identity>,
+    peer: u32,
+    address: String,
+    mut queue: mpsc::Receiver<Envelope>,
+) {
     let me = roster.me;
     let mut backoff_ms = BACKOFF_MIN_MS;
     let mut was_connected = true;
+    // The last stream was refused as another cluster's: its reconnections are not news.
+    let mut refused_as_foreign = false;
     loop {
         let endpoint = match crate::net::endpoint(&address, Duration::from_millis(500)) {
             Ok(e) => e,
@@ -113,7 +125,9 @@ async fn sender(roster: Roster, peer: u32, address: String, mut queue: mpsc::Rec
                 continue;
             }
         };
-        tracing::info!("peer {peer} at {address}: connected");
+        if !refused_as_foreign {
+            tracing::info!("peer {peer} at {address}: connected");
+        }
         was_connected = true;
         backoff_ms = BACKOFF_MIN_MS;
         let mut client = PeerClient::new(channel)
@@ -136,7 +150,9 @@ async fn sender(roster: Roster, peer: u32, address: String, mut queue: mpsc::Rec
                             Err(_) => break,
                         }
                     }
-                    if stream_tx.send(EnvelopeBatch { src: me, envelopes }).await.is_err() {
+                    // Read per batch: a data dir that did not know its cluster id adopts one.
+                    let cluster_id = identity.cluster_id().unwrap_or_default().to_string();
+                    if stream_tx.send(EnvelopeBatch { src: me, envelopes, cluster_id }).await.is_err() {
                         break;
                     }
                 }
@@ -145,11 +161,21 @@ async fn sender(roster: Roster, peer: u32, address: String, mut queue: mpsc::Rec
                         &ended,
                         Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition && status.message() == NO_ROSTER
                     );
+                    let foreign_refusal = match &ended {
+                        Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition
+                            && status.message().starts_with(FOREIGN_CLUSTER) => Some(status.message().to_string()),
+                        _ => None,
+                    };
+                    refused_as_foreign = foreign_refusal.is_some();
                     if refused_for_want_of_a_roster {
                         tracing::warn!("peer {peer} at {address} has no roster (it lost its state): announcing ours");
                         if let Some((_, my_address)) = roster.members.iter().find(|(id, _)| *id == me) {
-                            crate::bootstrap::announce_roster(&address, &roster, my_address).await;
+                            crate::bootstrap::announce_roster(&address, &roster, my_address, identity.cluster_id()).await;
                         }
+                    } else if let Some(refusal) = foreign_refusal {
+                        identity.peer_refused(peer, &address, &refusal);
+                        // It will refuse again: no need to knock 20 times a second.
+                        backoff_ms = BACKOFF_MAX_MS;
                     } else {
                         tracing::warn!("peer {peer} at {address}: stream ended ({:?}); reconnecting", ended.map(|r| r.err()));
                     }
@@ -189,6 +215,8 @@ pub struct PeerService {
     pub registry: SharedRegistry,
     /// Members allowed to send (filled once the roster is known).
     pub members: std::sync::Arc<std::sync::OnceLock<(u32, Vec<u32>)>>,
+    /// Whose data dir this is: batches from another cluster are refused.
+    pub identity: std::sync::Arc<Identity>,
 }
 
 #[tonic::async_trait]
@@ -211,7 +239,14 @@ impl Peer for PeerService {
             let Some((me, members)) = self.members.get() else {
                 continue;
             };
-            if !members.contains(&batch.src) || batch.src == *me {
+            let member = members.contains(&batch.src) && batch.src != *me;
+            // Before the sender check: another cluster's ids need not match ours, and its host
+            // must hear why it is refused (a majority of refusals stops it).
+            if let Err(refusal) = self.identity.check_batch(batch.src, &batch.cluster_id, member) {
+                // The whole stream: nothing of another cluster reaches the guest.
+                return Err(Status::failed_precondition(refusal));
+            }
+            if !member {
                 if !refused_logged {
                     tracing::warn!("refused envelopes from unknown node {} at {remote:?}", batch.src);
                     refused_logged = true;
@@ -250,9 +285,17 @@ impl Peer for PeerService {
             registry.register(&address, request.incarnation)
         } else {
             let members = request.members.into_iter().map(|m| (m.id, m.address)).collect();
-            registry.announce(request.member_id, members)
+            let cluster_id = Some(request.cluster_id).filter(|id| crate::identity::valid_cluster_id(id));
+            registry.announce(request.member_id, members, cluster_id)
         };
         drop(registry);
+        // A coordinator that adopted a roster without a cluster id may have learned one since.
+        let answer = answer.map(|mut response| {
+            if response.cluster_id.is_empty() {
+                response.cluster_id = self.identity.cluster_id().unwrap_or_default().to_string();
+            }
+            response
+        });
         let answer = answer.map_err(|e| match e {
             RegisterError::NotYet => Status::unavailable(e.to_string()),
             RegisterError::Refused(reason) => Status::failed_precondition(reason),

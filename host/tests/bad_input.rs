@@ -46,8 +46,11 @@ fn garbage_bytes_unknown_peers_and_undecodable_payloads_are_dropped() {
     runtime.block_on(async {
         let mut peer = PeerClient::connect(cluster.addr(0)).await.expect("connect");
         // From a node id outside the roster.
-        let stranger =
-            EnvelopeBatch { src: 99, envelopes: vec![Envelope { src: 99, dst: 1, role: 1, payload: vec![1, 2, 3] }] };
+        let stranger = EnvelopeBatch {
+            src: 99,
+            envelopes: vec![Envelope { src: 99, dst: 1, role: 1, payload: vec![1, 2, 3] }],
+            cluster_id: String::new(),
+        };
         // From a member, but the payload is not a Paxos message, and one role is unknown.
         let garbled = EnvelopeBatch {
             src: 2,
@@ -55,6 +58,7 @@ fn garbage_bytes_unknown_peers_and_undecodable_payloads_are_dropped() {
                 Envelope { src: 2, dst: 1, role: 1, payload: vec![1, 0xff, 0xfe, 0xfd] },
                 Envelope { src: 2, dst: 1, role: 7, payload: vec![] },
             ],
+            cluster_id: String::new(),
         };
         let _ = peer.exchange(tokio_stream::iter(vec![stranger, garbled])).await;
     });

@@ -98,6 +98,14 @@ fn a_wiped_coordinator_learns_the_roster_from_a_member_and_rejoins() {
     }
     let roster = std::fs::read_to_string(&path).expect("roster");
     assert!(roster.contains("\"me\": 1") && roster.contains("\"rejoining\": true"), "{roster}");
+    // It adopted the cluster's id with the roster, not the one it made when it started empty.
+    let cluster_id = |text: &str| -> Option<String> {
+        let value: serde_json::Value = serde_json::from_str(text).ok()?;
+        value["cluster_id"].as_str().map(str::to_string)
+    };
+    let member = std::fs::read_to_string(cluster.hosts[1].data_dir.join("roster.json")).expect("member's roster");
+    assert!(cluster_id(&member).is_some(), "{member}");
+    assert_eq!(cluster_id(&roster), cluster_id(&member), "{roster}\n{member}");
     cluster.wait_ready(0);
     assert_readable_at(&cluster, &runtime, 0, &acked);
 }

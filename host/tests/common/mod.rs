@@ -65,8 +65,15 @@ pub struct Cluster {
 impl Cluster {
     /// Starts `n` hosts and waits until a write succeeds through the first.
     pub fn start(n: usize, extra_args: &[&str]) -> Cluster {
-        let dir = tempfile::tempdir().expect("tempdir");
         let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        Cluster::start_on(&ports, extra_args)
+    }
+
+    /// Starts one host per port (the first coordinates), with fresh data dirs, and waits until
+    /// a write succeeds through the first: e.g. a second cluster on the ports of a stopped one.
+    pub fn start_on(ports: &[u16], extra_args: &[&str]) -> Cluster {
+        let n = ports.len();
+        let dir = tempfile::tempdir().expect("tempdir");
         let mut cluster = Cluster {
             hosts: Vec::new(),
             coordinator_port: ports[0],
@@ -162,6 +169,11 @@ impl Cluster {
     pub fn restart(&mut self, i: usize) {
         self.kill(i);
         self.spawn(i);
+    }
+
+    /// Each host's port, in order.
+    pub fn ports(&self) -> Vec<u16> {
+        self.hosts.iter().map(|h| h.port).collect()
     }
 
     /// Whether host `i`'s process is still running.
