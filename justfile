@@ -34,7 +34,7 @@ test: build
 swap path="": setup
     scripts/swap.sh "{{path}}"
 
-# Load scenarios at value sizes 100 B-256 KiB (PUT, GET at 1 and 64 clients, leader and spread), then p50 latency per size.
+# Load scenarios at value sizes 100 B-256 KiB (PUT, GET at 1 and 64 clients, leader and spread), p50 latency per size, a stalled follower's memory.
 bench: build
     scripts/bench.sh --group-commit-compare
     scripts/bench-latency.sh

@@ -109,6 +109,9 @@ async fn main() {
             // error, not a crash: a supervisor should not restart it into the same refusal.
             if e.downcast_ref::<identity::Foreign>().is_some() {
                 identity::EXIT_FOREIGN
+            } else if e.downcast_ref::<storage::DiskFailed>().is_some() {
+                // As a failed sync while serving: the data dir is marked, the next start rejoins.
+                step_loop::EXIT_DISK_FAILED
             } else {
                 1
             }

@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,6 +34,9 @@ use crate::sync_pipeline::{SyncPipeline, BACKLOG_BYTES_MAX};
 pub const TICK_MS: u64 = 10;
 /// Bound on inputs waiting for the step loop.
 pub const INPUT_QUEUE_MAX: usize = 65_536;
+/// Bound on the bytes those inputs carry (values, envelopes): a step loop held up (a
+/// compaction's fsync on a slow disk) must not let the queue grow to gigabytes of 1 MiB values.
+pub const INPUT_QUEUE_BYTES_MAX: usize = 256 << 20;
 /// Bound on events handed to one `step`.
 pub const STEP_EVENTS_MAX: usize = 4_096;
 /// A restart attempt after a failed one waits this long.
@@ -85,6 +88,8 @@ pub struct SwapReport {
 #[derive(Clone)]
 pub struct StepLoopHandle {
     tx: SyncSender<Input>,
+    /// Bytes carried by the inputs queued (see `INPUT_QUEUE_BYTES_MAX`).
+    queued_bytes: Arc<AtomicUsize>,
     /// True once the guest runs (the roster is complete).
     pub ready: Arc<AtomicBool>,
 }
@@ -93,7 +98,17 @@ impl StepLoopHandle {
     /// Offers an input; if the queue is full, a request is answered "overloaded" and a message
     /// dropped (Paxos tolerates loss).
     pub fn offer(&self, input: Input) {
-        match self.tx.try_send(input) {
+        let bytes = input.bytes();
+        let queued = self.queued_bytes.fetch_add(bytes, Ordering::AcqRel) + bytes;
+        let sent = if queued > INPUT_QUEUE_BYTES_MAX && bytes > 0 {
+            Err(TrySendError::Full(input))
+        } else {
+            self.tx.try_send(input)
+        };
+        if sent.is_err() {
+            self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+        }
+        match sent {
             Ok(()) => {}
             Err(TrySendError::Full(Input::Request { reply, .. })) => {
                 let _ = reply.send(Outcome::Rejected("overloaded: the replica's input queue is full".into()));
@@ -116,10 +131,48 @@ impl StepLoopHandle {
     }
 }
 
+impl Input {
+    /// What this input carries, roughly, for the queue's byte bound.
+    fn bytes(&self) -> usize {
+        match self {
+            Input::Request { command: Command::Put((key, value)), .. } => 64 + key.len() + value.len(),
+            Input::Request { command: Command::Get(key) | Command::GetStale(key) | Command::Delete(key), .. } => {
+                64 + key.len()
+            }
+            Input::Message(envelope) => 64 + envelope.payload.len(),
+            Input::Status(_) | Input::Synced | Input::Swap { .. } => 0,
+        }
+    }
+}
+
 /// A new channel: the handle for producers, the receiver for `StepLoop::run`.
-pub fn channel() -> (StepLoopHandle, Receiver<Input>) {
+pub fn channel() -> (StepLoopHandle, Inputs) {
     let (tx, rx) = std::sync::mpsc::sync_channel(INPUT_QUEUE_MAX);
-    (StepLoopHandle { tx, ready: Arc::new(AtomicBool::new(false)) }, rx)
+    let queued_bytes = Arc::new(AtomicUsize::new(0));
+    let handle = StepLoopHandle { tx, queued_bytes: queued_bytes.clone(), ready: Arc::new(AtomicBool::new(false)) };
+    (handle, Inputs { rx, queued_bytes })
+}
+
+/// The receiving side, for `StepLoop::run`: takes inputs off the queue and their bytes off its
+/// count.
+pub struct Inputs {
+    rx: Receiver<Input>,
+    queued_bytes: Arc<AtomicUsize>,
+}
+
+impl Inputs {
+    fn taken(&self, input: Input) -> Input {
+        self.queued_bytes.fetch_sub(input.bytes(), Ordering::AcqRel);
+        input
+    }
+
+    fn recv_timeout(&self, timeout: Duration) -> Result<Input, RecvTimeoutError> {
+        self.rx.recv_timeout(timeout).map(|input| self.taken(input))
+    }
+
+    fn try_recv(&self) -> Option<Input> {
+        self.rx.try_recv().ok().map(|input| self.taken(input))
+    }
 }
 
 /// The loop's state.
@@ -227,7 +280,7 @@ impl StepLoop {
 
     /// Runs until the process ends; `handle` is this loop's own (the WAL's writer thread wakes
     /// it through it).
-    pub fn run(mut self, inputs: Receiver<Input>, handle: StepLoopHandle) {
+    pub fn run(mut self, inputs: Inputs, handle: StepLoopHandle) {
         match Syncer::start(move || handle.offer(Input::Synced)) {
             Ok(syncer) => self.pipeline = SyncPipeline::new(Some(syncer)),
             Err(e) => tracing::warn!("no WAL writer thread ({e:#}): syncing on the step loop"),
@@ -244,8 +297,8 @@ impl StepLoop {
             }
             while batch.len() < STEP_EVENTS_MAX {
                 match inputs.try_recv() {
-                    Ok(input) => batch.push(input),
-                    Err(_) => break,
+                    Some(input) => batch.push(input),
+                    None => break,
                 }
             }
             self.turn(batch);
@@ -626,12 +679,15 @@ impl StepLoop {
     }
 }
 
+/// Exit code of a host stopped because its disk failed a write or sync.
+pub const EXIT_DISK_FAILED: i32 = 70;
+
 /// Stops the process after logging why: without durable storage this acceptor would break
 /// Paxos safety by answering, so the host stops rather than send anything.
 fn stop_host(reason: String) -> ! {
     tracing::error!("{reason}");
     waxos_proto::logging::flush();
-    std::process::exit(70);
+    std::process::exit(EXIT_DISK_FAILED);
 }
 
 /// Marks the handle ready (the guest is running).

@@ -104,10 +104,10 @@ impl SyncPipeline {
         }
         match wal.take_for_sync() {
             Ok(None) => Ok(()),
-            Ok(Some((file, bytes))) => {
+            Ok(Some((file, start, bytes))) => {
                 self.issued += 1;
                 self.in_flight_bytes = bytes.len();
-                if syncer.submit(self.issued, file, bytes) {
+                if syncer.submit(self.issued, file, start, bytes) {
                     Ok(())
                 } else {
                     Err("the WAL writer thread is gone".into())

@@ -19,6 +19,19 @@ use anyhow::Context;
 pub use snapshot::Snapshot;
 pub use wal::Wal;
 
+/// The disk failed a write or sync: what the page cache holds may not be on the disk, so the
+/// data dir is marked (`lost`) and the next start rejoins rather than replay.
+#[derive(Debug)]
+pub struct DiskFailed(pub String);
+
+impl std::fmt::Display for DiskFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl std::error::Error for DiskFailed {}
+
 /// The storage of one host.
 pub struct Storage {
     dir: PathBuf,
@@ -42,7 +55,18 @@ impl Storage {
         create_dir_durably(dir)?;
         let snapshot = Snapshot::load(dir)?;
         let first_segment = snapshot.as_ref().map_or(0, |s| s.first_segment);
-        let (wal, records) = Wal::open(&dir.join("wal"), first_segment, snapshot.is_some(), segment_bytes_max)?;
+        let (wal, records) = match Wal::open(&dir.join("wal"), first_segment, snapshot.is_some(), segment_bytes_max) {
+            Ok(opened) => opened,
+            Err(e) if e.is::<DiskFailed>() => {
+                // Linux reports a writeback error once: the next start's fsync would pass and
+                // replay pages that may never reach the disk. Mark, so that it rejoins instead.
+                if let Err(mark) = lost::mark(dir, &format!("{e:#}")) {
+                    tracing::error!("cannot mark {} as needing a rejoin either: {mark:#}", dir.display());
+                }
+                return Err(e.context("the disk failed before the WAL could be replayed; the next start rejoins"));
+            }
+            Err(e) => return Err(e),
+        };
         let storage = Storage { dir: dir.to_path_buf(), wal, records_since_snapshot: records.len() as u64 };
         Ok((storage, Durable { snapshot: snapshot.map(|s| s.bytes), records }))
     }

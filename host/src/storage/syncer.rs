@@ -21,17 +21,17 @@ pub struct Synced {
 
 /// The writer thread's two ends.
 pub struct Syncer {
-    jobs: Sender<(u64, File, Vec<u8>)>,
+    jobs: Sender<(u64, File, u64, Vec<u8>)>,
     done: Receiver<Synced>,
 }
 
 impl Syncer {
     /// Starts the thread; `wake` is called after each hand-off is done (to wake the step loop).
     pub fn start(wake: impl Fn() + Send + 'static) -> anyhow::Result<Syncer> {
-        let (jobs, todo) = channel::<(u64, File, Vec<u8>)>();
+        let (jobs, todo) = channel::<(u64, File, u64, Vec<u8>)>();
         let (report, done) = channel();
         std::thread::Builder::new().name("wal-sync".into()).spawn(move || {
-            for (ticket, mut file, bytes) in todo {
+            for (ticket, mut file, start, bytes) in todo {
                 crate::crash_point::reach("wal.sync.before_write");
                 let result = file
                     .write_all(&bytes)
@@ -39,8 +39,18 @@ impl Syncer {
                         crate::crash_point::reach("wal.sync.after_write");
                         file.sync_data()
                     })
-                    .map_err(|e| format!("writing and syncing {} WAL bytes: {e}", bytes.len()));
-                crate::crash_point::reach("wal.sync.after_fdatasync");
+                    .map_err(|e| {
+                        // Cut what may not be on the disk off the file (and its cached pages)
+                        // at once, before anything else runs: a restart must not replay it.
+                        let cut = file.set_len(start).and_then(|()| file.sync_all());
+                        format!(
+                            "writing and syncing {} WAL bytes: {e} (cut back to {start} bytes: {cut:?})",
+                            bytes.len()
+                        )
+                    });
+                if result.is_ok() {
+                    crate::crash_point::reach("wal.sync.after_fdatasync");
+                }
                 if report.send(Synced { ticket, result }).is_err() {
                     return;
                 }
@@ -50,9 +60,10 @@ impl Syncer {
         Ok(Syncer { jobs, done })
     }
 
-    /// Hands `bytes` over, to be appended to `file` and synced. False when the thread is gone.
-    pub fn submit(&self, ticket: u64, file: File, bytes: Vec<u8>) -> bool {
-        self.jobs.send((ticket, file, bytes)).is_ok()
+    /// Hands `bytes` over, to be appended to `file` (whose durable length is `start`) and
+    /// synced. False when the thread is gone.
+    pub fn submit(&self, ticket: u64, file: File, start: u64, bytes: Vec<u8>) -> bool {
+        self.jobs.send((ticket, file, start, bytes)).is_ok()
     }
 
     /// A finished hand-off, if one is reported.

@@ -10,9 +10,10 @@
 //! Opening tells a crash from damage, the way etcd does. Only the tail of the last segment can
 //! hold a write that was never synced; there, and only there, three things are cut off with a
 //! warning: a zero-filled tail (space a file system allocated but never wrote), a record cut
-//! short by the end of the file, and a record whose damage shows a zeroed disk sector (a torn
-//! write: the sector never reached the disk, so neither did anything after it, and fdatasync
-//! never returned for it). Anything else — a checksum mismatch with every sector present,
+//! short by the end of the file (unless its checksum shows it whole with another length: then
+//! the length field is damaged), and a last record whose damage shows a zeroed disk sector (a
+//! torn write: the sector never reached the disk, and fdatasync never returned for it).
+//! Anything else — a checksum mismatch with every sector present,
 //! anything bad in a segment that is not the last — is damage to records that may have been
 //! acknowledged, and stops the start with an error naming the file and offset: silently
 //! dropping acknowledged state is worse than not starting. Before replaying, every segment and
@@ -110,9 +111,11 @@ impl Wal {
         // must fail here (or be written now), not be acted upon.
         for &n in &present {
             let path = segment_path(dir, n);
-            File::open(&path).and_then(|f| f.sync_all()).with_context(|| format!("fsync of {}", path.display()))?;
+            File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| super::DiskFailed(format!("fsync of {} before replaying it: {e}", path.display())))?;
         }
-        super::sync_dir(dir)?;
+        super::sync_dir(dir).map_err(|e| super::DiskFailed(format!("{e:#}")))?;
         let mut records = Vec::new();
         let last = present.last().copied();
         for &n in &present {
@@ -174,9 +177,19 @@ impl Wal {
         }
         let path = segment_path(&self.dir, self.segment);
         crate::crash_point::reach("wal.sync.before_write");
-        self.file.write_all(&self.buffer).with_context(|| format!("appending to {}", path.display()))?;
-        crate::crash_point::reach("wal.sync.after_write");
-        self.file.sync_data().with_context(|| format!("fdatasync of {}", path.display()))?;
+        let written = self.file.write_all(&self.buffer).and_then(|()| {
+            crate::crash_point::reach("wal.sync.after_write");
+            self.file.sync_data()
+        });
+        if let Err(e) = written {
+            // As the writer thread does: what may not be on the disk goes from the file too.
+            let cut = self.file.set_len(self.segment_len).and_then(|()| self.file.sync_all());
+            return Err(anyhow::Error::new(super::DiskFailed(format!(
+                "appending to and syncing {}: {e} (cut back to {} bytes: {cut:?})",
+                path.display(),
+                self.segment_len
+            ))));
+        }
         crate::crash_point::reach("wal.sync.after_fdatasync");
         self.segment_len += self.buffer.len() as u64;
         self.buffer.clear();
@@ -196,11 +209,11 @@ impl Wal {
         self.buffer.len()
     }
 
-    /// Hands what is buffered to a writer on another thread (`storage::syncer`): the bytes and
-    /// a handle to the segment they belong at the end of. Starts a new segment first when this
+    /// Hands what is buffered to a writer on another thread (`storage::syncer`): the bytes, a
+    /// handle to the segment they belong at the end of, and its durable length before them. Starts a new segment first when this
     /// one is full; the caller guarantees no earlier hand-off is still being written (one
     /// writer, in order). None when nothing is buffered.
-    pub fn take_for_sync(&mut self) -> anyhow::Result<Option<(File, Vec<u8>)>> {
+    pub fn take_for_sync(&mut self) -> anyhow::Result<Option<(File, u64, Vec<u8>)>> {
         if self.buffer.is_empty() {
             return Ok(None);
         }
@@ -210,8 +223,9 @@ impl Wal {
             self.buffer = buffer;
         }
         let file = self.file.try_clone().context("duplicating the WAL segment handle")?;
+        let start = self.segment_len;
         self.segment_len += self.buffer.len() as u64;
-        Ok(Some((file, std::mem::take(&mut self.buffer))))
+        Ok(Some((file, start, std::mem::take(&mut self.buffer))))
     }
 
     /// Closes the current segment and starts the next; returns the new segment's number.
@@ -322,7 +336,9 @@ fn header_at(bytes: &[u8], at: usize) -> Option<(usize, u32)> {
 }
 
 /// Why the bytes from the bad record at `at` to the end of the last segment are a write that
-/// never completed (and so was never acknowledged), or None when they are damage.
+/// never completed (and so was never acknowledged), or None when they are damage. When in
+/// doubt, damage: refusing a valid crash state costs a rejoin, cutting synced records loses
+/// acknowledged ones.
 fn unsynced_tail(bytes: &[u8], at: usize) -> Option<&'static str> {
     if bytes[at..].iter().all(|&b| b == 0) {
         return Some("zero-filled tail");
@@ -341,25 +357,50 @@ fn unsynced_tail(bytes: &[u8], at: usize) -> Option<&'static str> {
         return None;
     }
     let end = at + HEADER_BYTES + len;
-    if has_zeroed_sector(bytes, at, end.min(bytes.len())) {
-        return Some("torn write (zeroed sector)");
+    if end > bytes.len() {
+        // Cut short by the end of the file: a crash mid-append, unless the record is whole
+        // with another length (its length field is what is damaged).
+        return (!whole_with_another_length(bytes, at)).then_some("record cut short by the end of the file");
     }
-    // Cut short by the end of the file: a crash mid-append, unless what follows parses as
-    // records (then the length field itself is damaged).
-    (end > bytes.len() && !valid_record_follows(bytes, at)).then_some("record cut short by the end of the file")
+    // Whole but its checksum fails: torn only if a sector of it never reached the disk and
+    // nothing written after it did (then it is the end of the last write). Zeros that a
+    // client's value holds look the same, so a record followed by valid records is damage.
+    let last = end == bytes.len() || bytes[end..].iter().all(|&b| b == 0);
+    (last && has_zeroed_sector(bytes, at, end)).then_some("torn write (zeroed sector)")
 }
 
-/// Whether a whole disk sector within `from..to` (or the part of one that the range holds) is
-/// zeros: the mark of a write that did not reach the disk.
+/// Whether a disk sector that the range `from..to` touches is zeros in the file, judged whole
+/// (a sector the file holds all of), or, at the end of the file, the part it holds when that is
+/// at least `PARTIAL_SECTOR_BYTES_MIN`: the mark of a write that did not reach the disk.
 fn has_zeroed_sector(bytes: &[u8], from: usize, to: usize) -> bool {
-    let mut start = from;
-    while start < to {
-        let sector_end = ((start / SECTOR_BYTES) + 1) * SECTOR_BYTES;
-        let chunk = &bytes[start..sector_end.min(to)];
-        if chunk.iter().all(|&b| b == 0) {
+    const PARTIAL_SECTOR_BYTES_MIN: usize = 32;
+    let mut sector = (from / SECTOR_BYTES) * SECTOR_BYTES;
+    while sector < to {
+        let sector_end = (sector + SECTOR_BYTES).min(bytes.len());
+        let whole = sector_end - sector == SECTOR_BYTES || sector_end - sector >= PARTIAL_SECTOR_BYTES_MIN;
+        if whole && bytes[sector..sector_end].iter().all(|&b| b == 0) {
             return true;
         }
-        start = sector_end;
+        sector += SECTOR_BYTES;
+    }
+    false
+}
+
+/// Whether the record at `at`, which claims to run past the end of the file, is in fact whole
+/// with a shorter length: its checksum matches some prefix of what follows its header, and
+/// that prefix ends at the end of the file or at a valid record. Then its length field is
+/// damaged, and the records it swallowed were synced. (Records inside a torn record's own
+/// value never pass: the checksum is over the whole record.)
+fn whole_with_another_length(bytes: &[u8], at: usize) -> bool {
+    let Some((_, crc)) = header_at(bytes, at) else { return false };
+    let payload_at = at + HEADER_BYTES;
+    let mut running = 0u32;
+    for (i, &b) in bytes[payload_at..].iter().enumerate() {
+        running = crc32c::crc32c_append(running, &[b]);
+        let next = payload_at + i + 1;
+        if running == crc && (next == bytes.len() || record_at(bytes, next).is_some()) {
+            return true;
+        }
     }
     false
 }
@@ -372,18 +413,13 @@ fn damage(bytes: &[u8], at: usize, is_last: bool) -> String {
         Some((0, _)) => format!("zero length with data in its sector{tail_note}"),
         Some((len, _)) if len > RECORD_BYTES_MAX => format!("impossible length {len}{tail_note}"),
         Some((len, _)) if at + HEADER_BYTES + len > bytes.len() => {
-            format!("length {len} runs past the end of the file but valid records follow{tail_note}")
+            format!("length {len} runs past the end of the file but the record is whole with another length{tail_note}")
         }
-        Some(_) => format!("checksum mismatch with every sector present: damage, not a torn write{tail_note}"),
+        Some(_) if is_last => {
+            "checksum mismatch where no write can have torn (no zeroed sector, or synced records after it): damage, not a torn write".to_string()
+        }
+        Some(_) => format!("checksum mismatch{tail_note}"),
     }
-}
-
-/// Whether some whole, valid record starts after a bad one at `bad`: then the damage is not a
-/// torn tail. Only records that end exactly at the end or at another valid record count, so
-/// random bytes are very unlikely to pass.
-fn valid_record_follows(bytes: &[u8], bad: usize) -> bool {
-    (bad + 1..bytes.len().saturating_sub(HEADER_BYTES))
-        .any(|at| record_at(bytes, at).is_some_and(|(_, next)| next == bytes.len() || record_at(bytes, next).is_some()))
 }
 
 #[cfg(test)]
