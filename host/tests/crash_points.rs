@@ -75,8 +75,8 @@ fn every_crash_point_keeps_acknowledged_writes_promises_and_a_valid_start() {
             .collect();
         if how == Trigger::Swap {
             wait_serving(&cluster, target);
-            let _ =
-                cluster.client(target, &["--timeout-ms", "20000", "swap", &common::guest_path().display().to_string()]);
+            let signed = cluster.sign(&common::guest_path());
+            let _ = cluster.client(target, &["--timeout-ms", "20000", "swap", &signed.display().to_string()]);
         }
         // The last promise the host reported before it died.
         let mut promised = None;
