@@ -15,10 +15,11 @@ setup:
     @rustup component list --installed | grep -q '^rustfmt' || rustup component add rustfmt
     @rustup component list --installed | grep -q '^clippy' || rustup component add clippy
 
-# Build the guest component, the host (waxosd) and the client (waxos), release.
+# Build the guest component, the host (waxosd) and the client (waxos), release; sign the guest with the dev key (.cluster/dev-signing.key, made on first run).
 build: setup
     cargo build --target wasm32-wasip2 --profile guest -p waxos-guest
     cargo build --release -p waxos-host -p waxos-client -p waxos-sim
+    scripts/dev-signing.sh {{guest_wasm}}
 
 # Start five hosts on 127.0.0.1:50051-50055 (50051 coordinates); Ctrl-C stops all five.
 cluster chaos="low": build
@@ -30,7 +31,7 @@ test: build
     cargo test --release --target wasm32-wasip2 -p waxos-guest
     cargo test --release -p waxos-host -p waxos-client -p waxos-proto -p waxos-sim --features waxos-host/crash-points
 
-# Hot-swap a guest build (default: the current guest, rebuilt) into the five `just cluster` hosts, one by one.
+# Hot-swap a guest build (default: the current guest, rebuilt and signed with the dev key) into the five `just cluster` hosts, one by one.
 swap path="": setup
     scripts/swap.sh "{{path}}"
 

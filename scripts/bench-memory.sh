@@ -13,7 +13,8 @@ pids=()
 stop() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap 'stop; rm -rf "$dir"' EXIT
 for n in 1 2 3 4 5; do
-  ./target/release/waxosd 21071 $((21070 + n)) --data-dir "$dir/data/$n" --chaos off 2>"$dir/$n.log" &
+  ./target/release/waxosd 21071 $((21070 + n)) --data-dir "$dir/data/$n" --chaos off \
+    --trusted-keys .cluster/trusted-keys 2>"$dir/$n.log" &
   pids+=($!)
   sleep 0.2
 done

@@ -17,7 +17,8 @@ trap 'stop; rm -rf "$dir"' EXIT
 cc -shared -fPIC -O2 -o "$dir/faultdisk.so" host/tests/faultdisk/faultdisk.c -ldl
 for n in 1 2 3 4 5; do
   LD_PRELOAD="$dir/faultdisk.so" FAULTDISK_PATH=/wal/ FAULTDISK_MODE="stall-while:$dir/stall-$n" \
-    ./target/release/waxosd 21081 $((21080 + n)) --data-dir "$dir/data/$n" --chaos off 2>"$dir/$n.log" &
+    ./target/release/waxosd 21081 $((21080 + n)) --data-dir "$dir/data/$n" --chaos off \
+    --trusted-keys .cluster/trusted-keys 2>"$dir/$n.log" &
   pids+=($!)
   sleep 0.2
 done

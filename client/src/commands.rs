@@ -127,7 +127,23 @@ async fn swap(session: &Session, path: &std::path::Path, json: bool) -> i32 {
             return EXIT_FAILURE;
         }
     };
-    match session.swap(wasm).await {
+    let signature_path = waxos_proto::signature::signature_path(path);
+    let signature = match std::fs::read(&signature_path) {
+        Ok(signature) => signature,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            tracing::warn!(
+                "no {}: sending the build unsigned (sign it with `waxos sign --key KEY {}`)",
+                signature_path.display(),
+                path.display()
+            );
+            Vec::new()
+        }
+        Err(e) => {
+            eprintln!("waxos: cannot read {}: {e}", signature_path.display());
+            return EXIT_FAILURE;
+        }
+    };
+    match session.swap(wasm, signature).await {
         Ok(r) => {
             let pause_ms = r.pause_us as f64 / 1e3;
             if json {
@@ -145,7 +161,8 @@ async fn swap(session: &Session, path: &std::path::Path, json: bool) -> i32 {
             EXIT_OK
         }
         Err(status) => {
-            eprintln!("waxos: swap on {server} failed: {}", status.message());
+            let code = if status.code() == tonic::Code::PermissionDenied { " (permission denied)" } else { "" };
+            eprintln!("waxos: swap on {server} failed{code}: {}", status.message());
             EXIT_FAILURE
         }
     }

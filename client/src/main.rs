@@ -5,18 +5,25 @@
 //!   members it can fail over to) and the request/timeout/retry logic.
 //! - `commands`: what each command does and prints.
 //! - `shell`: the interactive shell; `bench`: the load generator.
+//! - `signing`: `waxos keygen` and `waxos sign` (offline: no host, so no HOST PORT before them).
 //! - this file: argument parsing and exit codes (0 ok, 2 key not found, 1 any failure).
 
 mod bench;
 mod commands;
 mod session;
 mod shell;
+mod signing;
 
 use clap::{Parser, Subcommand};
 
 /// Talks to a waxos cluster: PUT/GET/DELETE, a demo run, and cluster status.
 #[derive(Parser, Debug)]
-#[command(name = "waxos", version, about)]
+#[command(
+    name = "waxos",
+    version,
+    about,
+    after_help = "Guest-build signing, offline (no HOST PORT): `waxos keygen --out DIR`, `waxos sign --key KEY BUILD.wasm`."
+)]
 pub struct Args {
     /// Host name or IP address of any cluster member.
     pub host: String,
@@ -64,10 +71,42 @@ pub enum Cmd {
     Status,
     /// Load the cluster for a while and print ops/s and latency percentiles.
     Bench(bench::BenchArgs),
-    /// Hot-swap this host's guest for the build at PATH, without restarting it.
+    /// Hot-swap this host's guest for the build at PATH, without restarting it. Sends PATH.sig
+    /// (from `waxos sign`) with it: hosts run only builds signed by a key they trust.
     Swap {
         /// A guest component (.wasm).
         path: std::path::PathBuf,
+    },
+}
+
+/// `waxos keygen …` and `waxos sign …`: guest-build signing, which needs no cluster.
+#[derive(Parser, Debug)]
+#[command(name = "waxos", version, about = "Guest-build signing (offline: no host is contacted)")]
+struct OfflineArgs {
+    #[command(subcommand)]
+    command: Offline,
+}
+
+/// Offline commands.
+#[derive(Subcommand, Debug)]
+enum Offline {
+    /// Make a guest-signing key pair: DIR/NAME.key (private, mode 0600) and DIR/NAME.pub (a line
+    /// for a host's --trusted-keys file); prints the public key.
+    Keygen {
+        /// Directory to write the two files into (created if missing).
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// File name of the pair, without extension.
+        #[arg(long, default_value = "signing")]
+        name: String,
+    },
+    /// Sign a guest build: writes BUILD.sig, the detached ed25519 signature of its exact bytes.
+    Sign {
+        /// A private key file from `waxos keygen`.
+        #[arg(long)]
+        key: std::path::PathBuf,
+        /// The guest component (.wasm).
+        build: std::path::PathBuf,
     },
 }
 
@@ -79,6 +118,13 @@ fn main() {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     waxos_proto::logging::init("info");
+    if matches!(std::env::args_os().nth(1).as_deref().and_then(|a| a.to_str()), Some("keygen" | "sign")) {
+        let code = match OfflineArgs::parse().command {
+            Offline::Keygen { out, name } => signing::keygen(&out, &name),
+            Offline::Sign { key, build } => signing::sign(&key, &build),
+        };
+        std::process::exit(code);
+    }
     let args = Args::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

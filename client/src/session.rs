@@ -135,7 +135,7 @@ impl Session {
 
     /// `Admin.SwapGuest` on the current server (compiling a build takes a while: the deadline
     /// is at least 60 s).
-    pub async fn swap(&self, wasm: Vec<u8>) -> Result<waxos_proto::SwapGuestResponse, Status> {
+    pub async fn swap(&self, wasm: Vec<u8>, signature: Vec<u8>) -> Result<waxos_proto::SwapGuestResponse, Status> {
         let address = self.server().to_string();
         let timeout = self.timeout.max(Duration::from_secs(60));
         let endpoint = self.endpoint(&address)?.timeout(timeout);
@@ -143,7 +143,7 @@ impl Session {
             .await
             .map_err(|_| Status::deadline_exceeded("connect timed out"))?
             .map_err(|e| Status::unavailable(format!("cannot connect: {e}")))?;
-        let mut request = tonic::Request::new(waxos_proto::SwapGuestRequest { wasm });
+        let mut request = tonic::Request::new(waxos_proto::SwapGuestRequest { wasm, signature });
         request.set_timeout(timeout);
         let mut client = AdminClient::new(channel).max_encoding_message_size(128 << 20);
         Ok(client.swap_guest(request).await?.into_inner())

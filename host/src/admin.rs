@@ -5,6 +5,11 @@
 //! are written durably next to the data dir. Only then is it handed to the step loop, which
 //! swaps it in between two steps. `--watch` uses the same path when the guest file changes.
 //!
+//! Every build is checked against the host's signing policy (`signing`) before anything
+//! compiles it: a swap whose signature is missing or does not verify gets `PERMISSION_DENIED`
+//! with the reason, and the old guest keeps serving. The signature is kept as `next.wasm.sig`
+//! with the build and installed with it as `current.wasm.sig`.
+//!
 //! One swap at a time per host (`SWAP_IN_PROGRESS`): every swap writes the same `next.wasm`,
 //! and the step loop renames it to `current.wasm` on success or deletes it on refusal, so two
 //! concurrent swaps could install the refused build, or delete the other's file (issue 17, 4).
@@ -21,6 +26,7 @@ use waxos_proto::{StatusRequest, StatusResponse, SwapGuestRequest, SwapGuestResp
 
 use crate::bootstrap::Roster;
 use crate::runtime::Runtime;
+use crate::signing::{signature_path, Policy};
 use crate::step_loop::{Input, StepLoopHandle, SwapReport};
 
 /// Largest build accepted by `SwapGuest`.
@@ -29,44 +35,70 @@ pub const GUEST_BYTES_MAX: usize = 64 << 20;
 /// Held for the whole of a swap, from writing `next.wasm` to the step loop's answer.
 static SWAP_IN_PROGRESS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Compiles `bytes`, keeps them durably as the next build, and swaps them in. The error says
-/// why the build was refused; the old guest then keeps running.
+/// Why a swap did not happen; either way the old guest keeps running.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SwapError {
+    /// The build's signature is missing or does not verify (`PERMISSION_DENIED`).
+    Unverified(String),
+    /// The build, or the host's state, refused it (`FAILED_PRECONDITION`).
+    Refused(String),
+}
+
+impl std::fmt::Display for SwapError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SwapError::Unverified(reason) => write!(f, "the build is not trusted: {reason}"),
+            SwapError::Refused(reason) => f.write_str(reason),
+        }
+    }
+}
+
+/// Checks the signature of `bytes`, compiles them, keeps them (and the signature) durably as
+/// the next build, and swaps them in. The error says why the build was refused; the old guest
+/// then keeps running.
 pub async fn swap_in(
     runtime: Arc<Runtime>,
+    policy: Arc<Policy>,
     guest_dir: PathBuf,
     step_loop: &StepLoopHandle,
     bytes: Vec<u8>,
+    signature: Option<Vec<u8>>,
     source: String,
-) -> Result<SwapReport, String> {
+) -> Result<SwapReport, SwapError> {
     if !step_loop.ready.load(Ordering::Acquire) {
-        return Err("the replica is still starting; retry the swap".into());
+        return Err(SwapError::Refused("the replica is still starting; retry the swap".into()));
     }
+    // First of all, before waiting for another swap or parsing a byte of the build.
+    let checked_source = source.clone();
+    let (bytes, signature) = tokio::task::spawn_blocking(move || {
+        policy.verify(&bytes, signature.as_deref(), &checked_source).map(|_| (bytes, signature))
+    })
+    .await
+    .map_err(|e| SwapError::Refused(format!("checking the signature failed: {e}")))?
+    .map_err(|refusal| SwapError::Unverified(refusal.to_string()))?;
     let _one_at_a_time = SWAP_IN_PROGRESS.lock().await;
     let build = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let build = runtime.compile(&bytes, &source)?;
-        crate::storage::write_atomically(&guest_dir.join("next.wasm"), &bytes)?;
+        let next = guest_dir.join("next.wasm");
+        match &signature {
+            Some(signature) => crate::storage::write_atomically(&signature_path(&next), signature)?,
+            None => match std::fs::remove_file(signature_path(&next)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+                _ => {}
+            },
+        }
+        crate::storage::write_atomically(&next, &bytes)?;
         Ok(build)
     })
     .await
-    .map_err(|e| format!("compiling the build failed: {e}"))?
-    .map_err(|e| format!("{e:#}"))?;
+    .map_err(|e| SwapError::Refused(format!("compiling the build failed: {e}")))?
+    .map_err(|e| SwapError::Refused(format!("{e:#}")))?;
     let (reply, answer) = oneshot::channel();
     step_loop.offer(Input::Swap { build, reply });
-    answer.await.map_err(|_| "the step loop dropped the swap".to_string())?
-}
-
-/// The guest build a host starts with: the one a swap installed, if any, else `default`.
-pub fn installed_build(guest_dir: &Path, default: PathBuf) -> PathBuf {
-    let current = guest_dir.join("current.wasm");
-    if current.exists() {
-        tracing::info!(
-            "running the guest build installed by a hot swap ({}); swap again to change it",
-            current.display()
-        );
-        current
-    } else {
-        default
-    }
+    answer
+        .await
+        .map_err(|_| SwapError::Refused("the step loop dropped the swap".to_string()))?
+        .map_err(SwapError::Refused)
 }
 
 /// The `Admin` service.
@@ -79,6 +111,8 @@ pub struct AdminService {
     pub runtime: Arc<Runtime>,
     /// Where swapped-in builds are kept.
     pub guest_dir: PathBuf,
+    /// Which builds may be swapped in.
+    pub signing: Arc<Policy>,
 }
 
 #[tonic::async_trait]
@@ -114,15 +148,29 @@ impl Admin for AdminService {
 
     async fn swap_guest(&self, request: Request<SwapGuestRequest>) -> Result<Response<SwapGuestResponse>, Status> {
         let started = Instant::now();
-        let bytes = request.into_inner().wasm;
-        tracing::info!("request received op=swap bytes={}", bytes.len());
+        let request = request.into_inner();
+        let (bytes, signature) = (request.wasm, Some(request.signature).filter(|s| !s.is_empty()));
+        tracing::info!(
+            "request received op=swap bytes={} signature_bytes={}",
+            bytes.len(),
+            signature.as_ref().map_or(0, Vec::len)
+        );
         if bytes.len() > GUEST_BYTES_MAX {
             let status =
                 Status::invalid_argument(format!("build is {} bytes; the limit is {GUEST_BYTES_MAX}", bytes.len()));
             tracing::info!("response sent op=swap error={:?}", status.message());
             return Err(status);
         }
-        let result = swap_in(self.runtime.clone(), self.guest_dir.clone(), &self.step_loop, bytes, "swap".into()).await;
+        let result = swap_in(
+            self.runtime.clone(),
+            self.signing.clone(),
+            self.guest_dir.clone(),
+            &self.step_loop,
+            bytes,
+            signature,
+            "swap".into(),
+        )
+        .await;
         let latency_ms = started.elapsed().as_secs_f64() * 1e3;
         match result {
             Ok(r) => {
@@ -139,7 +187,13 @@ impl Admin for AdminService {
                     pause_us: r.pause.as_micros() as u64,
                 }))
             }
-            Err(reason) => {
+            Err(SwapError::Unverified(reason)) => {
+                tracing::warn!("response sent op=swap error=PERMISSION_DENIED {reason:?} latency_ms={latency_ms:.2}");
+                Err(Status::permission_denied(format!(
+                    "swap refused, the old guest keeps running: the build is not trusted: {reason}"
+                )))
+            }
+            Err(SwapError::Refused(reason)) => {
                 tracing::info!("response sent op=swap error={reason:?} latency_ms={latency_ms:.2}");
                 Err(Status::failed_precondition(format!("swap refused, the old guest keeps running: {reason}")))
             }
@@ -147,20 +201,30 @@ impl Admin for AdminService {
     }
 }
 
-/// `--watch`: swaps the guest in again whenever the file at `path` changes.
-pub async fn watch(path: PathBuf, runtime: Arc<Runtime>, guest_dir: PathBuf, step_loop: StepLoopHandle) {
-    let stamp = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.modified().ok(), m.len()));
-    let mut last = stamp(&path);
-    tracing::info!("watching {} for new builds", path.display());
+/// `--watch`: swaps the guest in again whenever the file at `path` (or its signature,
+/// `<path>.sig`) changes. A build whose signature does not verify is refused and logged; the
+/// next change of either file tries again.
+pub async fn watch(
+    path: PathBuf,
+    runtime: Arc<Runtime>,
+    policy: Arc<Policy>,
+    guest_dir: PathBuf,
+    step_loop: StepLoopHandle,
+) {
+    let signature = signature_path(&path);
+    let stamp_of = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.modified().ok(), m.len()));
+    let stamp = || (stamp_of(&path), stamp_of(&signature));
+    let mut last = stamp();
+    tracing::info!("watching {} (and {}) for new builds", path.display(), signature.display());
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let now = stamp(&path);
-        if now == last || now.is_none() {
+        let now = stamp();
+        if now == last || now.0.is_none() {
             continue;
         }
-        // Let the writer finish: the file must be stable for one more interval.
+        // Let the writer finish: the files must be stable for one more interval.
         tokio::time::sleep(Duration::from_millis(300)).await;
-        if stamp(&path) != now {
+        if stamp() != now {
             continue;
         }
         last = now;
@@ -171,8 +235,16 @@ pub async fn watch(path: PathBuf, runtime: Arc<Runtime>, guest_dir: PathBuf, ste
                 continue;
             }
         };
+        let sig = match crate::signing::read_signature(&path) {
+            Ok(sig) => sig,
+            Err(e) => {
+                tracing::warn!("watch: {e:#}");
+                continue;
+            }
+        };
         tracing::info!("watch: {} changed; swapping it in", path.display());
-        match swap_in(runtime.clone(), guest_dir.clone(), &step_loop, bytes, path.display().to_string()).await {
+        let source = path.display().to_string();
+        match swap_in(runtime.clone(), policy.clone(), guest_dir.clone(), &step_loop, bytes, sig, source).await {
             Ok(r) => tracing::info!("watch: now running {} (build {})", r.new_version, r.build_hash),
             Err(reason) => tracing::warn!("watch: swap refused, the old guest keeps running: {reason}"),
         }

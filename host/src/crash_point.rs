@@ -37,6 +37,7 @@ pub const ALL: &[&str] = &[
     // Swap persistence: the new build written, then installed as current.
     "next.after_tmp_fsync",
     "next.after_rename",
+    "swap.after_signature_install",
     "swap.after_install",
     // Recovery itself: after cutting an unsynced WAL tail on open.
     "wal.open.after_cut",

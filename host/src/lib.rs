@@ -10,6 +10,7 @@
 //! - `peer`: host-to-host envelope streams and the `Peer` gRPC service.
 //! - `service`: the client-facing `KeyValue` gRPC service.
 //! - `admin`: the `Admin` gRPC service (status, hot swap) and `--watch`.
+//! - `signing`: which guest builds may run: signature checks at start, swap and `--watch`.
 //! - `bootstrap`: the roster, via the coordinator at start-up, persisted afterwards.
 //! - `crash_point`: named points between storage actions where a test build can be made to die.
 //! - `identity`: whose data dir this is (cluster id, member, incarnation); foreign ones refused.
@@ -23,6 +24,7 @@ pub mod net;
 pub mod peer;
 pub mod runtime;
 pub mod service;
+pub mod signing;
 pub mod step_loop;
 pub mod storage;
 pub mod sync_pipeline;

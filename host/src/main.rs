@@ -10,7 +10,7 @@ use std::sync::{Arc, OnceLock};
 use anyhow::{bail, Context};
 use clap::Parser;
 use rand::RngExt;
-use waxos_host::{admin, bootstrap, chaos, identity, net, peer, runtime, service, step_loop, storage};
+use waxos_host::{admin, bootstrap, chaos, identity, net, peer, runtime, service, signing, step_loop, storage};
 use waxos_proto::admin_server::AdminServer;
 use waxos_proto::key_value_server::KeyValueServer;
 use waxos_proto::peer_server::PeerServer;
@@ -65,6 +65,15 @@ struct Args {
     /// Swap the guest in again whenever its file changes (same path as `waxos … swap`).
     #[arg(long)]
     watch: bool,
+    /// The public keys whose signatures this host accepts on guest builds: one ed25519 key in
+    /// hex per line, `#` comments (`waxos keygen` makes a pair; `just build` makes the dev one
+    /// and .cluster/trusted-keys). Every build — at start, by swap, by --watch — must carry a
+    /// `<build>.sig` by one of them.
+    #[arg(long, value_name = "FILE")]
+    trusted_keys: Option<PathBuf>,
+    /// Development only: run guest builds without checking signatures (logs a warning).
+    #[arg(long, conflicts_with = "trusted_keys")]
+    allow_unsigned: bool,
     /// Benchmarks only: one fdatasync per WAL record instead of one per step (no group commit).
     #[arg(long, hide = true)]
     sync_every_record: bool,
@@ -126,6 +135,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if args.replicas == 0 || args.replicas > 64 {
         bail!("--replicas must be between 1 and 64");
     }
+    // Which guest builds may run: decided first, a host without a policy does not start.
+    let signing = Arc::new(signing::Policy::from_args(args.trusted_keys.as_deref(), args.allow_unsigned)?);
     let chaos_seed = args.chaos_seed.unwrap_or_else(|| rand::rng().random());
     let mut chaos = chaos::ChaosConfig::preset(&args.chaos, chaos_seed).map_err(anyhow::Error::msg)?;
     if let Some(ms) = args.chaos_outage_every_ms {
@@ -145,7 +156,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let data_dir = args.data_dir.clone().unwrap_or_else(|| Path::new("waxos-data").join(args.listen_port.to_string()));
     let guest_dir = data_dir.join("guest");
     let watched_path = args.guest.clone().unwrap_or_else(default_guest);
-    let guest_path = admin::installed_build(&guest_dir, watched_path.clone());
     let listen = resolve(&args.host, args.listen_port).await?;
     // An IPv6 literal needs brackets in host:port form.
     let bracket = |h: &str| if h.contains(':') && !h.starts_with('[') { format!("[{h}]") } else { h.to_string() };
@@ -156,7 +166,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     // Load the guest first: a missing or broken build should fail fast, before registering.
     let runtime = Arc::new(runtime::Runtime::new(&data_dir.join("guest-cache"))?);
-    let build = runtime.load(&guest_path)?;
+    let (guest_path, build) = signing::startup_build(&runtime, &signing, &guest_dir, &watched_path)?;
     tracing::info!("guest {} loaded", guest_path.display());
 
     let (handle, inputs) = step_loop::channel();
@@ -176,6 +186,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         roster: roster_cell.clone(),
         runtime: runtime.clone(),
         guest_dir: guest_dir.clone(),
+        signing: signing.clone(),
     };
 
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
@@ -282,7 +293,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .context("starting the step loop thread")?;
     step_loop::mark_ready(&handle);
     if args.watch {
-        tokio::spawn(admin::watch(watched_path, runtime.clone(), guest_dir.clone(), handle.clone()));
+        tokio::spawn(admin::watch(watched_path, runtime.clone(), signing.clone(), guest_dir.clone(), handle.clone()));
     }
     tracing::info!("node {} serving as one of {} replicas", roster.me, roster.members.len());
 

@@ -540,6 +540,7 @@ impl StepLoop {
         let next = self.guest_dir.join("next.wasm");
         let refuse = |reason: String| {
             let _ = std::fs::remove_file(&next);
+            let _ = std::fs::remove_file(crate::signing::signature_path(&next));
             tracing::warn!("swap to {} refused: {reason}", build.hash);
             Err(reason)
         };
@@ -574,8 +575,8 @@ impl StepLoop {
         };
         let pause = started.elapsed();
         // Persist the choice: a restarted host runs this build.
-        let current = self.guest_dir.join("current.wasm");
-        if let Err(e) = std::fs::rename(&next, &current).map_err(anyhow::Error::from).and_then(|_| {
+        // The build and its signature (`signing::install_next`).
+        if let Err(e) = crate::signing::install_next(&self.guest_dir).and_then(|_| {
             crate::crash_point::reach("swap.after_install");
             crate::storage::sync_dir(&self.guest_dir)
         }) {

@@ -250,11 +250,15 @@ fn junk_from_a_server_is_logged_and_never_crashes_the_client() {
 fn ipv6_literal_hosts_work() {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = common::free_port();
+    let (key, trusted_keys) = common::keygen(dir.path(), "test");
+    let guest = common::signed_copy(&common::guest_path(), &dir.path().join("guest"), &key);
     let mut host = Command::new(common::waxosd_path())
         .args([&port.to_string(), &port.to_string(), "--host", "::1", "--replicas", "1", "--data-dir"])
-        .arg(dir.path())
+        .arg(dir.path().join("data"))
         .arg("--guest")
-        .arg(common::guest_path())
+        .arg(guest)
+        .arg("--trusted-keys")
+        .arg(trusted_keys)
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn");

@@ -76,9 +76,9 @@ fn every_crash_point_keeps_acknowledged_writes_promises_and_a_valid_start() {
         if how == Trigger::Swap {
             // Until the host takes the swap (it refuses one while starting) or dies at the point.
             let deadline = Instant::now() + Duration::from_secs(30);
-            let build = common::guest_path().display().to_string();
+            let signed = cluster.sign(&common::guest_path()).display().to_string();
             while cluster.alive(target) && Instant::now() < deadline {
-                if cluster.client(target, &["--timeout-ms", "20000", "swap", &build]).status.success() {
+                if cluster.client(target, &["--timeout-ms", "20000", "swap", &signed]).status.success() {
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(200));

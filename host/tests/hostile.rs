@@ -17,12 +17,16 @@ fn a_newline_in_a_registration_address_cannot_forge_a_log_line() {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
     let log = dir.path().join("coordinator.log");
+    let (key, trusted_keys) = common::keygen(dir.path(), "test");
+    let guest = common::signed_copy(&guest_path(), &dir.path().join("guest"), &key);
     let mut coordinator = Command::new(waxosd_path())
         .args([port.to_string(), port.to_string()])
         .arg("--data-dir")
         .arg(dir.path().join("data"))
         .arg("--guest")
-        .arg(guest_path())
+        .arg(guest)
+        .arg("--trusted-keys")
+        .arg(trusted_keys)
         .args(["--replicas", "3"])
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())

@@ -31,8 +31,11 @@ fn versions(cluster: &Cluster) -> Vec<String> {
         .collect()
 }
 
+/// Swaps `build` in at `host`, signed with the cluster's trusted key (a copy is signed: these
+/// tests are about the builds, `signing.rs` about their signatures).
 fn swap(cluster: &Cluster, host: usize, build: &Path) -> std::process::Output {
-    cluster.client(host, &["swap", build.to_str().expect("utf-8 path")])
+    let signed = cluster.sign(build);
+    cluster.client(host, &["swap", signed.to_str().expect("utf-8 path")])
 }
 
 /// Acknowledged writes: key and value.

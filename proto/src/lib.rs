@@ -4,6 +4,8 @@
 
 tonic::include_proto!("waxos.v1");
 
+pub mod signature;
+
 /// Logging shared by both binaries: every line timestamped to the millisecond, local time.
 ///
 /// The client writes each line to stderr as it is logged. The host logs every request and

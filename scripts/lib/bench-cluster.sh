@@ -1,15 +1,19 @@
 # Sourced by the benchmark scripts: a fresh five-host waxos cluster on 127.0.0.1:50061-50065
 # (chaos off, data under $dir/data), stopped on exit. The caller sets `dir` (a temp dir) and may
-# set WAXOSD (default ./target/release/waxosd) to measure another build of the host.
+# set WAXOSD (default ./target/release/waxosd) to measure another build of the host. The hosts
+# trust .cluster/trusted-keys: the guest build signed by `just build` with the dev key
+# (WAXOSD_TRUST="" for a host build from before signed builds, which has no --trusted-keys).
 waxos=./target/release/waxos
 waxosd="${WAXOSD:-./target/release/waxosd}"
+read -r -a trust <<< "${WAXOSD_TRUST---trusted-keys .cluster/trusted-keys}"
 pids=()
 stop_cluster() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait "${pids[@]}" 2>/dev/null || true; pids=(); }
 
 start_cluster() { # extra waxosd args (may be none)...
   stop_cluster; rm -rf "$dir/data"
   for n in 1 2 3 4 5; do
-    "$waxosd" 50061 $((50060 + n)) --data-dir "$dir/data/$n" --chaos off --snapshot-every 1000000 "$@" \
+    "$waxosd" 50061 $((50060 + n)) --data-dir "$dir/data/$n" --chaos off --snapshot-every 1000000 \
+      ${trust[@]+"${trust[@]}"} "$@" \
       2>"$dir/$n.log" &
     pids+=($!)
     sleep 0.2

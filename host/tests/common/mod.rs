@@ -1,5 +1,10 @@
 //! Real-process test clusters: `waxosd` hosts on 127.0.0.1 with ephemeral ports and temporary
 //! data dirs, and the `waxos` client binary. Built by `just test` (release) before running.
+//!
+//! Every cluster signs for real: it makes its own key pair with `waxos keygen` in its temp dir,
+//! runs a copy of the guest build signed with `waxos sign`, and starts its hosts with
+//! `--trusted-keys` (the key's `.pub` file). Builds a test swaps in are signed the same way
+//! (`Cluster::sign`), so a swap test is refused only for what it is about.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -60,6 +65,34 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     coordinator_port: u16,
     extra_args: Vec<String>,
+    /// The signed copy of the guest build the hosts start with.
+    pub guest: PathBuf,
+    /// This cluster's private signing key, and the trusted-keys file holding its public key.
+    pub signing_key: PathBuf,
+    pub trusted_keys: PathBuf,
+}
+
+/// A guest-signing key pair made by `waxos keygen` in `dir`: (private key file, public key file
+/// — itself a valid `--trusted-keys` file).
+pub fn keygen(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let out =
+        Command::new(waxos_path()).arg("keygen").arg("--out").arg(dir).args(["--name", name]).output().expect("run");
+    assert!(out.status.success(), "waxos keygen: {}", stderr(&out));
+    (dir.join(format!("{name}.key")), dir.join(format!("{name}.pub")))
+}
+
+/// Copies `build` into `dir` (same file name) and signs the copy with `key` (`waxos sign`,
+/// which writes `<copy>.sig`); the copy's path.
+pub fn signed_copy(build: &Path, dir: &Path, key: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).expect("mkdir");
+    let copy = dir.join(build.file_name().expect("a file name"));
+    // Copying a file onto itself would empty it: a build already there is only signed again.
+    if std::fs::canonicalize(build).ok() != std::fs::canonicalize(&copy).ok() {
+        std::fs::copy(build, &copy).expect("copy the build");
+    }
+    let out = Command::new(waxos_path()).arg("sign").arg("--key").arg(key).arg(&copy).output().expect("run");
+    assert!(out.status.success(), "waxos sign: {}", stderr(&out));
+    copy
 }
 
 impl Cluster {
@@ -74,11 +107,16 @@ impl Cluster {
     pub fn start_on(ports: &[u16], extra_args: &[&str]) -> Cluster {
         let n = ports.len();
         let dir = tempfile::tempdir().expect("tempdir");
+        let (signing_key, trusted_keys) = keygen(&dir.path().join("keys"), "test");
+        let guest = signed_copy(&guest_path(), &dir.path().join("guest"), &signing_key);
         let mut cluster = Cluster {
             hosts: Vec::new(),
             coordinator_port: ports[0],
             dir,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            guest,
+            signing_key,
+            trusted_keys,
         };
         for (i, port) in ports.iter().enumerate() {
             let data_dir = cluster.dir.path().join(format!("data{}", i + 1));
@@ -102,7 +140,9 @@ impl Cluster {
             .arg("--data-dir")
             .arg(&host.data_dir)
             .arg("--guest")
-            .arg(guest_path())
+            .arg(&self.guest)
+            .arg("--trusted-keys")
+            .arg(&self.trusted_keys)
             .arg("--replicas")
             .arg(replicas.to_string())
             .args(&self.extra_args)
@@ -113,6 +153,11 @@ impl Cluster {
             .spawn()
             .expect("spawn waxosd");
         self.hosts[i].child = Some(child);
+    }
+
+    /// A copy of `build` signed with this cluster's trusted key, for a swap.
+    pub fn sign(&self, build: &Path) -> PathBuf {
+        signed_copy(build, &self.dir.path().join("signed"), &self.signing_key)
     }
 
     fn hosts_len(&self) -> usize {
