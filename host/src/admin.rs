@@ -10,7 +10,8 @@
 //! with the reason, and the old guest keeps serving. The signature is kept as `next.wasm.sig`
 //! with the build and installed with it as `current.wasm.sig`.
 //!
-//! One swap at a time per host (`SWAP_IN_PROGRESS`): every swap writes the same `next.wasm`,
+//! One swap at a time per host (`SWAP_IN_PROGRESS`, held until the step loop is done with it,
+//! even when the caller gave up): every swap writes the same `next.wasm`,
 //! and the step loop renames it to `current.wasm` on success or deletes it on refusal, so two
 //! concurrent swaps could install the refused build, or delete the other's file (issue 17, 4).
 
@@ -32,8 +33,12 @@ use crate::step_loop::{Input, StepLoopHandle, SwapReport};
 /// Largest build accepted by `SwapGuest`.
 pub const GUEST_BYTES_MAX: usize = 64 << 20;
 
-/// Held for the whole of a swap, from writing `next.wasm` to the step loop's answer.
-static SWAP_IN_PROGRESS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// Held for the whole of a swap, from writing `next.wasm` until the step loop has carried it
+/// out or refused it. The guard travels with the swap (into the blocking write, then inside
+/// `Input::Swap`), so a caller that gives up (a deadline, Ctrl-C) does not release it while
+/// its swap is still being written or waits at the step loop.
+static SWAP_IN_PROGRESS: std::sync::LazyLock<Arc<tokio::sync::Mutex<()>>> =
+    std::sync::LazyLock::new(|| Arc::new(tokio::sync::Mutex::new(())));
 
 /// Why a swap did not happen; either way the old guest keeps running.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,8 +81,8 @@ pub async fn swap_in(
     .await
     .map_err(|e| SwapError::Refused(format!("checking the signature failed: {e}")))?
     .map_err(|refusal| SwapError::Unverified(refusal.to_string()))?;
-    let _one_at_a_time = SWAP_IN_PROGRESS.lock().await;
-    let build = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+    let one_at_a_time = SWAP_IN_PROGRESS.clone().lock_owned().await;
+    let (build, one_at_a_time) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let build = runtime.compile(&bytes, &source)?;
         let next = guest_dir.join("next.wasm");
         match &signature {
@@ -88,13 +93,13 @@ pub async fn swap_in(
             },
         }
         crate::storage::write_atomically(&next, &bytes)?;
-        Ok(build)
+        Ok((build, one_at_a_time))
     })
     .await
     .map_err(|e| SwapError::Refused(format!("compiling the build failed: {e}")))?
     .map_err(|e| SwapError::Refused(format!("{e:#}")))?;
     let (reply, answer) = oneshot::channel();
-    step_loop.offer(Input::Swap { build, reply });
+    step_loop.offer(Input::Swap { build, reply, one_at_a_time });
     answer
         .await
         .map_err(|_| SwapError::Refused("the step loop dropped the swap".to_string()))?

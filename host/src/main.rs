@@ -165,7 +165,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         (!is_coordinator).then(|| format!("{}:{}", bracket(&args.coordinator_host), args.coordinator_port));
 
     // Load the guest first: a missing or broken build should fail fast, before registering.
-    let runtime = Arc::new(runtime::Runtime::new(&data_dir.join("guest-cache"))?);
+    let mut runtime = runtime::Runtime::new(&data_dir.join("guest-cache"))?;
+    if matches!(*signing, signing::Policy::Trusted(_)) {
+        // Only what a signature covers runs: no compiled code is taken from disk.
+        runtime = runtime.without_disk_cache();
+    }
+    let runtime = Arc::new(runtime);
     let (guest_path, build) = signing::startup_build(&runtime, &signing, &guest_dir, &watched_path)?;
     tracing::info!("guest {} loaded", guest_path.display());
 

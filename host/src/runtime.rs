@@ -56,7 +56,8 @@ impl WasiView for HostState {
 pub struct Runtime {
     engine: Engine,
     linker: Linker<HostState>,
-    cache_dir: PathBuf,
+    /// Where compiled builds are kept between starts; None: compile every build that enters.
+    cache_dir: Option<PathBuf>,
 }
 
 /// One compiled, linked guest build, ready to instantiate.
@@ -96,7 +97,16 @@ impl Runtime {
             .context("starting the epoch ticker thread")?;
         let mut linker = Linker::<HostState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(anyhow::Error::from)?;
-        Ok(Runtime { engine, linker, cache_dir: cache_dir.to_path_buf() })
+        Ok(Runtime { engine, linker, cache_dir: Some(cache_dir.to_path_buf()) })
+    }
+
+    /// A runtime that never loads compiled code from disk. A host that runs only signed builds
+    /// uses it: a compiled artifact is native code that no signature covers, and whoever can
+    /// write the cache could make the host run code of their choosing under a verified build's
+    /// name. It costs a compile per start (well under a second for the guest).
+    pub fn without_disk_cache(mut self) -> Runtime {
+        self.cache_dir = None;
+        self
     }
 
     /// Reads and compiles the build at `path`.
@@ -110,7 +120,12 @@ impl Runtime {
     /// Compiles (or loads from the cache) and links a build; refuses anything that is not a
     /// component exporting the `replica-node` world.
     pub fn compile(&self, bytes: &[u8], source: &str) -> anyhow::Result<GuestBuild> {
-        let component = load_component(&self.engine, bytes, source, &self.cache_dir)?;
+        let component = match &self.cache_dir {
+            Some(cache_dir) => load_component(&self.engine, bytes, source, cache_dir)?,
+            None => Component::new(&self.engine, bytes)
+                .map_err(anyhow::Error::from)
+                .with_context(|| format!("{source} is not a valid wasm component"))?,
+        };
         let pre = self
             .linker
             .instantiate_pre(&component)

@@ -68,6 +68,9 @@ pub enum Input {
         build: GuestBuild,
         /// Where the outcome goes.
         reply: oneshot::Sender<Result<SwapReport, String>>,
+        /// The host's one-swap-at-a-time lock, released once this swap is carried out or
+        /// refused (see `admin`).
+        one_at_a_time: tokio::sync::OwnedMutexGuard<()>,
     },
 }
 
@@ -350,7 +353,7 @@ impl StepLoop {
                     }
                 }
                 Input::Status(reply) => statuses.push(reply),
-                Input::Swap { build, reply } => swaps.push((build, reply)),
+                Input::Swap { build, reply, one_at_a_time } => swaps.push((build, reply, one_at_a_time)),
                 Input::Synced => {}
             }
         }
@@ -380,8 +383,9 @@ impl StepLoop {
                 Err(crash) => self.on_crash(crash),
             }
         }
-        for (build, reply) in swaps {
+        for (build, reply, one_at_a_time) in swaps {
             let _ = reply.send(self.swap(build));
+            drop(one_at_a_time);
         }
         for reply in statuses {
             let hash = self.build.hash.clone();
@@ -580,7 +584,12 @@ impl StepLoop {
             crate::crash_point::reach("swap.after_install");
             crate::storage::sync_dir(&self.guest_dir)
         }) {
-            return refuse(format!("cannot persist the new build: {e:#}"));
+            // Not `refuse`: the signature may be installed already, and deleting `next.wasm`
+            // would leave the old build with the new signature. As after a crash at the same
+            // point, the next start finishes the install (`signing`); until then the old build
+            // runs.
+            tracing::error!("swap to {} not persisted (the old build keeps running): {e:#}", build.hash);
+            return Err(format!("cannot persist the new build: {e:#}"));
         }
         self.guest = Some(new);
         let report = SwapReport { old_version, new_version, build_hash: build.hash.clone(), pause };
