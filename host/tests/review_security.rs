@@ -120,8 +120,8 @@ fn a_cancelled_swap_followed_by_another_leaves_a_host_that_starts() {
     fn read(p: impl AsRef<Path>) -> Vec<u8> {
         std::fs::read(p).expect("read")
     }
-    let (guest_wasm, guest_sig) = (read(&cluster.guest), read(&waxos_proto::signature::signature_path(&cluster.guest)));
-    let (r_wasm, r_sig) = (read(&relabeled), read(&waxos_proto::signature::signature_path(&relabeled)));
+    let (guest_wasm, guest_sig) = (read(&cluster.guest), read(waxos_proto::signature::signature_path(&cluster.guest)));
+    let (r_wasm, r_sig) = (read(&relabeled), read(waxos_proto::signature::signature_path(&relabeled)));
 
     let port = cluster.hosts[0].port;
     let looper = std::thread::spawn(move || {
