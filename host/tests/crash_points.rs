@@ -124,13 +124,7 @@ fn every_crash_point_keeps_acknowledged_writes_promises_and_a_valid_start() {
 
 /// A zero-filled page after the last record: what a crash leaves where a write never landed.
 fn append_unsynced_tail(data_dir: &std::path::Path) {
-    let mut segments: Vec<_> = std::fs::read_dir(data_dir.join("wal"))
-        .expect("wal dir")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "wal"))
-        .collect();
-    segments.sort();
-    let last = segments.pop().expect("a segment");
+    let last = common::last_wal_segment(data_dir);
     let mut file = std::fs::OpenOptions::new().append(true).open(&last).expect("open segment");
     std::io::Write::write_all(&mut file, &[0u8; 4096]).expect("append zeros");
 }

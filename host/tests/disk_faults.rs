@@ -38,13 +38,7 @@ fn wait_for_log(cluster: &Cluster, host: usize, needle: &str, patience: Duration
 }
 
 fn last_segment(data_dir: &Path) -> PathBuf {
-    let mut segments: Vec<PathBuf> = std::fs::read_dir(data_dir.join("wal"))
-        .expect("wal dir")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "wal"))
-        .collect();
-    segments.sort();
-    segments.pop().expect("a WAL segment")
+    common::last_wal_segment(data_dir)
 }
 
 /// Proven bug 3: a WAL whose tail is zeros (preallocated space, or a group commit whose first

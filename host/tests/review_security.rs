@@ -14,11 +14,7 @@ use waxos_proto::peer_client::PeerClient;
 use waxos_proto::{EnvelopeBatch, SwapGuestRequest};
 
 fn variant(name: &str) -> PathBuf {
-    let guest = common::guest_path();
-    let target = guest.parent().and_then(|p| p.parent()).and_then(|p| p.parent()).expect("target dir");
-    let path = target.join("guest-variants").join(format!("{name}.wasm"));
-    assert!(path.exists(), "{} is missing: run scripts/guest-variants.sh", path.display());
-    path
+    common::guest_variant(name)
 }
 
 fn version_of(cluster: &Cluster, i: usize) -> String {

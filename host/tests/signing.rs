@@ -15,11 +15,7 @@ use waxos_proto::signature::signature_path;
 use waxos_proto::SwapGuestRequest;
 
 fn variant(name: &str) -> PathBuf {
-    let guest = common::guest_path();
-    let target = guest.parent().and_then(|p| p.parent()).and_then(|p| p.parent()).expect("target dir");
-    let path = target.join("guest-variants").join(format!("{name}.wasm"));
-    assert!(path.exists(), "{} is missing: run scripts/guest-variants.sh (just test does)", path.display());
-    path
+    common::guest_variant(name)
 }
 
 /// Flips one byte in the middle of the file (after it was signed).

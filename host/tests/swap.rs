@@ -13,11 +13,7 @@ use waxos_proto::key_value_client::KeyValueClient;
 use waxos_proto::{GetRequest, PutRequest};
 
 fn variant(name: &str) -> PathBuf {
-    let guest = common::guest_path();
-    let target = guest.parent().and_then(|p| p.parent()).and_then(|p| p.parent()).expect("target dir");
-    let path = target.join("guest-variants").join(format!("{name}.wasm"));
-    assert!(path.exists(), "{} is missing: run scripts/guest-variants.sh (just test does)", path.display());
-    path
+    common::guest_variant(name)
 }
 
 fn versions(cluster: &Cluster) -> Vec<String> {

@@ -414,3 +414,23 @@ pub fn rss_mib(pid: u32) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? / 1024)
 }
+
+/// A guest variant the hot-swap tests swap in (`scripts/guest-variants.sh`, run by `just test`).
+pub fn guest_variant(name: &str) -> PathBuf {
+    let guest = guest_path();
+    let target = guest.parent().and_then(|p| p.parent()).and_then(|p| p.parent()).expect("target dir");
+    let path = target.join("guest-variants").join(format!("{name}.wasm"));
+    assert!(path.exists(), "{} is missing: run scripts/guest-variants.sh (just test does)", path.display());
+    path
+}
+
+/// The last WAL segment of a host's data dir.
+pub fn last_wal_segment(data_dir: &Path) -> PathBuf {
+    let mut segments: Vec<PathBuf> = std::fs::read_dir(data_dir.join("wal"))
+        .expect("wal dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "wal"))
+        .collect();
+    segments.sort();
+    segments.pop().expect("a WAL segment")
+}
