@@ -56,23 +56,29 @@ fn every_crash_point_keeps_acknowledged_writes_promises_and_a_valid_start() {
         }
         cluster.hosts[target].env = vec![("WAXOS_CRASH_AT".into(), format!("{point}@{nth}"))];
         cluster.restart(target);
-        // Load for every round: the point is reached under it (or, for start-up points, the
-        // rest of the cluster keeps working meanwhile).
-        let keys: Vec<(String, Vec<u8>)> = (0..150)
-            .map(|i| (format!("cp{round}-k{i}"), format!("{point} value {i} {}", "x".repeat(2000)).into_bytes()))
-            .collect();
-        let writers: Vec<_> = keys
-            .chunks(50)
-            .enumerate()
-            .map(|(w, chunk)| {
-                runtime.spawn(write_with_retries(
-                    addrs.clone(),
-                    1000 + 10 * round as u64 + w as u64,
-                    chunk.to_vec(),
-                    Duration::from_millis(2),
-                ))
-            })
-            .collect();
+        // Load for every round, in batches until the host dies: the point is reached under it
+        // however the writes are grouped into syncs (or, for start-up points, the rest of the
+        // cluster keeps working meanwhile).
+        let load = |batch: usize| -> Vec<_> {
+            let keys: Vec<(String, Vec<u8>)> = (0..150)
+                .map(|i| {
+                    (format!("cp{round}-b{batch}-k{i}"), format!("{point} value {i} {}", "x".repeat(2000)).into_bytes())
+                })
+                .collect();
+            keys.chunks(50)
+                .enumerate()
+                .map(|(w, chunk)| {
+                    runtime.spawn(write_with_retries(
+                        addrs.clone(),
+                        1000 + 100 * round as u64 + 10 * batch as u64 + w as u64,
+                        chunk.to_vec(),
+                        Duration::from_millis(2),
+                    ))
+                })
+                .collect()
+        };
+        let mut batches = 1;
+        let mut writers = load(0);
         if how == Trigger::Swap {
             // Until the host takes the swap (it refuses one while starting) or dies at the point.
             let deadline = Instant::now() + Duration::from_secs(30);
@@ -92,6 +98,10 @@ fn every_crash_point_keeps_acknowledged_writes_promises_and_a_valid_start() {
             }
             if started.elapsed() > Duration::from_secs(60) {
                 break None;
+            }
+            if how == Trigger::Load && writers.iter().all(|w| w.is_finished()) {
+                writers.extend(load(batches));
+                batches += 1;
             }
             if how == Trigger::Load {
                 if let Some(p) = cluster.guest_status(target).and_then(|g| parse_ballot(g["promised"].as_str()?)) {
