@@ -8,8 +8,11 @@
 //! reports arrive. Meanwhile the step loop keeps stepping and buffering, so the next hand-off
 //! carries every step that ran during this one's fsync (group commit across steps).
 //!
-//! It also keeps what a stalled disk costs bounded: `backlog_bytes` counts what is buffered,
-//! being written and held; above `BACKLOG_BYTES_MAX` the step loop stops taking work in
+//! It also keeps what a stalled disk costs bounded: `disk_behind` says when the WAL bytes not
+//! yet durable (buffered, being written) pass `BACKLOG_BYTES_MAX`, or the effects held for them
+//! pass `HELD_BYTES_MAX` (a leader's held accepts fan out to every follower, so they are
+//! bounded apart and higher: counting them against the WAL's bound made a leader under 256 KiB
+//! writes shed its followers' answers and collapse); then the step loop stops taking work in
 //! (requests are answered "overloaded", peer messages dropped — Paxos tolerates loss) instead
 //! of growing without end, and it never waits on the disk itself: a compaction that comes due
 //! while a sync is in flight waits for its report (`compaction_due`) rather than for the disk.
@@ -20,8 +23,10 @@ use crate::runtime::Effect;
 use crate::storage::syncer::{Synced, Syncer};
 use crate::storage::Wal;
 
-/// Bytes buffered, being synced and held above which the step loop takes no new work.
+/// WAL bytes buffered and being synced above which the step loop takes no new work.
 pub const BACKLOG_BYTES_MAX: usize = 64 << 20;
+/// Bytes of effects held for the disk above which the step loop takes no new work.
+pub const HELD_BYTES_MAX: usize = 512 << 20;
 
 /// Effects of one step waiting for a sync, with the ticket that must be durable first.
 struct Held {
@@ -70,9 +75,14 @@ impl SyncPipeline {
         self.issued > self.durable
     }
 
-    /// What a stalled disk is costing in memory now: buffered, being written, held.
+    /// WAL bytes not yet durable: buffered, being written.
     pub fn backlog_bytes(&self, wal: &Wal) -> usize {
-        wal.buffered_bytes() + self.in_flight_bytes + self.held_bytes
+        wal.buffered_bytes() + self.in_flight_bytes
+    }
+
+    /// Whether the disk is so far behind that no new work may be taken in (see the module doc).
+    pub fn disk_behind(&self, wal: &Wal) -> bool {
+        self.backlog_bytes(wal) > BACKLOG_BYTES_MAX || self.held_bytes > HELD_BYTES_MAX
     }
 
     /// Takes a step's effects (its records already appended to `wal`): returns them when they
