@@ -164,12 +164,15 @@ impl Cluster {
         self.hosts.len()
     }
 
-    /// Waits until a write through host `i` succeeds (a leader is elected, the host serves).
+    /// Waits until a write through host `i` succeeds and its own guest runs (a leader is
+    /// elected, the host serves).
     pub fn wait_ready(&self, i: usize) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let out = self.client(i, &["--timeout-ms", "1000", "put", "__ready__", "yes"]);
-            if out.status.code() == Some(0) {
+            // The client fails over, so a write through host `i` may have been served by
+            // another: host `i`'s own guest must be up too.
+            if out.status.code() == Some(0) && self.guest_status(i).is_some_and(|g| g["role"].is_string()) {
                 return;
             }
             for (n, host) in self.hosts.iter().enumerate() {
