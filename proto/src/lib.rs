@@ -97,8 +97,10 @@ pub mod logging {
         std::borrow::Cow::Owned(out)
     }
 
+    /// Asked once: every log line needs it, and it is a system call.
     fn stderr_is_terminal() -> bool {
-        std::io::IsTerminal::is_terminal(&std::io::stderr())
+        static IS_TERMINAL: OnceLock<bool> = OnceLock::new();
+        *IS_TERMINAL.get_or_init(|| std::io::IsTerminal::is_terminal(&std::io::stderr()))
     }
 
     /// Unbatched logging's writer: each event straight to stderr, as one line.
