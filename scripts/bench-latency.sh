@@ -4,6 +4,8 @@
 # from proto/waxos.proto; `pip install grpcio grpcio-tools` when missing) and `waxos bench
 # --clients 1`. A latency cliff at some size (the 44 ms Nagle/delayed-ACK stall at 300 B-8 KB
 # was one) shows as a row far above the 100-byte one. WAXOSD=path measures another host build.
+# Both clients speak TLS to the hosts (the dev PKI; the probe with the plain client certificate),
+# or plaintext with BENCH_INSECURE=1.
 #   LATENCY_OPS  requests per size and op for the probe (default 50)
 #   LATENCY_SECONDS  seconds per size and op for `waxos bench` (default 2)
 set -euo pipefail
@@ -20,10 +22,12 @@ if ! python3 -c 'import grpc, grpc_tools' 2>/dev/null; then
 fi
 start_cluster
 leader=$(leader_address)
-python3 scripts/probe-grpcio.py "$leader" --sizes "$sizes" --ops "$ops" --json "$dir/probe.jsonl" >&2
+tls=(--cacert .cluster/pki/ca.pem --cert .cluster/pki/client.pem --key .cluster/pki/client.key)
+[ "${BENCH_INSECURE:-0}" = 1 ] && tls=()
+python3 scripts/probe-grpcio.py "$leader" ${tls[@]+"${tls[@]}"} --sizes "$sizes" --ops "$ops" --json "$dir/probe.jsonl" >&2
 for size in ${sizes//,/ }; do
   for op in put get; do
-    RUST_LOG=off "$waxos" "${leader%:*}" "${leader##*:}" --timeout-ms 10000 bench --clients 1 --duration "$secs" \
+    RUST_LOG=off "$waxos" ${waxos_flags[@]+"${waxos_flags[@]}"} "${leader%:*}" "${leader##*:}" --timeout-ms 10000 bench --clients 1 --duration "$secs" \
       --keys 1 --value-size "$size" --mix "$op=100" --prefill --json \
       | python3 -c 'import json, sys; j = json.load(sys.stdin); print(json.dumps({"client": "waxos", "op": sys.argv[1], "value_bytes": int(sys.argv[2]), "p50_ms": j["p50_ms"], "p90_ms": j["p90_ms"], "max_ms": j["max_ms"]}))' "$op" "$size" \
       >> "$dir/probe.jsonl"

@@ -9,12 +9,14 @@ minutes="${1:-10}"
 keys="${2:-1000000}"
 waxos=./target/release/waxos
 dir=$(mktemp -d /tmp/waxos-memory.XXXXXX)
+source scripts/dev-pki.sh
+dev_pki 21071 21072 21073 21074 21075
 pids=()
 stop() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap 'stop; rm -rf "$dir"' EXIT
 for n in 1 2 3 4 5; do
   ./target/release/waxosd 21071 $((21070 + n)) --data-dir "$dir/data/$n" --chaos off \
-    --trusted-keys .cluster/trusted-keys 2>"$dir/$n.log" &
+    --trusted-keys .cluster/trusted-keys $(member_tls $((21070 + n))) 2>"$dir/$n.log" &
   pids+=($!)
   sleep 0.2
 done

@@ -11,6 +11,8 @@ cd "$(dirname "$0")/.."
 seconds="${1:-60}"
 waxos=./target/release/waxos
 dir=$(mktemp -d /tmp/waxos-stall.XXXXXX)
+source scripts/dev-pki.sh
+dev_pki 21081 21082 21083 21084 21085
 pids=()
 stop() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap 'stop; rm -rf "$dir"' EXIT
@@ -18,7 +20,7 @@ cc -shared -fPIC -O2 -o "$dir/faultdisk.so" host/tests/faultdisk/faultdisk.c -ld
 for n in 1 2 3 4 5; do
   LD_PRELOAD="$dir/faultdisk.so" FAULTDISK_PATH=/wal/ FAULTDISK_MODE="stall-while:$dir/stall-$n" \
     ./target/release/waxosd 21081 $((21080 + n)) --data-dir "$dir/data/$n" --chaos off \
-    --trusted-keys .cluster/trusted-keys 2>"$dir/$n.log" &
+    --trusted-keys .cluster/trusted-keys $(member_tls $((21080 + n))) 2>"$dir/$n.log" &
   pids+=($!)
   sleep 0.2
 done

@@ -26,7 +26,7 @@ scenario() { # name, value size, then waxos bench args
   local name="$1" size="$2"; shift 2
   start_cluster "${host_args[@]}"
   local json
-  json=$(RUST_LOG=off timeout $((secs + warmup + 180)) "$waxos" 127.0.0.1 50061 --timeout-ms 10000 bench \
+  json=$(RUST_LOG=off timeout $((secs + warmup + 180)) "$waxos" ${waxos_flags[@]+"${waxos_flags[@]}"} 127.0.0.1 50061 --timeout-ms 10000 bench \
     --duration "$secs" --warmup "$warmup" --keys "$keys" --value-size "$size" --json "$@")
   python3 - "$name" "$size" "$json" "$(rss_mb)" "$results" <<'PY'
 import json, sys

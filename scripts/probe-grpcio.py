@@ -49,12 +49,20 @@ def main():
     ap.add_argument("--ops", type=int, default=50, help="requests per size and operation")
     ap.add_argument("--timeout", type=float, default=10.0, help="seconds per request")
     ap.add_argument("--json", help="append one JSON line per (size, op) to this file")
+    ap.add_argument("--cacert", help="CA certificate (PEM): TLS, verifying the server (default: plaintext)")
+    ap.add_argument("--cert", help="client certificate (PEM), with --key")
+    ap.add_argument("--key", help="private key of --cert (PEM)")
     args = ap.parse_args()
     import grpc
 
     pb2, pb2_grpc = stubs()
     opts = [("grpc.max_send_message_length", 16 << 20), ("grpc.max_receive_message_length", 16 << 20)]
-    channel = grpc.insecure_channel(args.target, options=opts)
+    if args.cacert:
+        read = lambda path: open(path, "rb").read() if path else None
+        creds = grpc.ssl_channel_credentials(read(args.cacert), read(args.key), read(args.cert))
+        channel = grpc.secure_channel(args.target, creds, options=opts)
+    else:
+        channel = grpc.insecure_channel(args.target, options=opts)
     grpc.channel_ready_future(channel).result(timeout=args.timeout)
     kv = pb2_grpc.KeyValueStub(channel)
     client_id = random.getrandbits(63) | 1

@@ -4,7 +4,8 @@
 # host's swap pause. With no PATH, builds the guest first and swaps that in. The hosts run only
 # signed builds (`--trusted-keys .cluster/trusted-keys`): the build is signed with the dev key
 # (scripts/dev-signing.sh) first — always when built here, and when PATH has no PATH.sig yet (a
-# build signed already, e.g. with another key, keeps its signature).
+# build signed already, e.g. with another key, keeps its signature). A swap is an operator
+# action: the waxos client shows the dev PKI's operator certificate (.cluster/pki) by default.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 path="${1:-}"

@@ -9,8 +9,8 @@
 use std::time::{Duration, Instant};
 
 use rand::{RngExt, SeedableRng};
-use tonic::transport::Endpoint;
 use waxos_proto::key_value_client::KeyValueClient;
+use waxos_proto::tls::Dialer;
 use waxos_proto::{DeleteRequest, GetRequest, PutRequest};
 
 use crate::session::Session;
@@ -134,7 +134,7 @@ pub async fn run(session: &mut Session, args: &BenchArgs, json: bool, timeout: D
     }
     let value = vec![b'x'; args.value_size];
     if args.prefill {
-        if let Err(e) = prefill(&targets, args.clients, args.keys, &value, timeout).await {
+        if let Err(e) = prefill(session.dialer(), &targets, args.clients, args.keys, &value, timeout).await {
             eprintln!("waxos: prefill failed: {e}");
             return 1;
         }
@@ -148,7 +148,10 @@ pub async fn run(session: &mut Session, args: &BenchArgs, json: bool, timeout: D
         let value = value.clone();
         let keys = args.keys;
         let window = (measured_from, deadline);
-        tasks.push(tokio::spawn(async move { client_loop(address, mix, value, keys, window, timeout, stale).await }));
+        let dialer = session.dialer().clone();
+        tasks.push(tokio::spawn(async move {
+            client_loop(&dialer, address, mix, value, keys, window, timeout, stale).await
+        }));
     }
     let mut tally = Tally::default();
     for t in tasks {
@@ -165,7 +168,9 @@ pub async fn run(session: &mut Session, args: &BenchArgs, json: bool, timeout: D
     0
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn client_loop(
+    dialer: &Dialer,
     address: String,
     mix: Vec<(Kind, u32)>,
     value: Vec<u8>,
@@ -175,7 +180,7 @@ async fn client_loop(
     stale: bool,
 ) -> Tally {
     let mut tally = Tally::default();
-    let channel = match Endpoint::from_shared(format!("http://{address}")) {
+    let channel = match dialer.endpoint(&address) {
         Ok(e) => e.connect_timeout(timeout).tcp_nodelay(true).connect_lazy(),
         Err(e) => {
             tally.errors += 1;
@@ -232,14 +237,22 @@ async fn client_loop(
 }
 
 /// Writes `bench:0 .. bench:(keys-1)` once, `clients` at a time.
-async fn prefill(targets: &[String], clients: usize, keys: u64, value: &[u8], timeout: Duration) -> Result<(), String> {
+async fn prefill(
+    dialer: &Dialer,
+    targets: &[String],
+    clients: usize,
+    keys: u64,
+    value: &[u8],
+    timeout: Duration,
+) -> Result<(), String> {
     let mut tasks = Vec::new();
     for c in 0..clients as u64 {
         let address = targets[c as usize % targets.len()].clone();
         let value = value.to_vec();
         let stride = clients as u64;
+        let dialer = dialer.clone();
         tasks.push(tokio::spawn(async move {
-            let endpoint = Endpoint::from_shared(format!("http://{address}")).map_err(|e| e.to_string())?;
+            let endpoint = dialer.endpoint(&address).map_err(|e| e.to_string())?;
             let mut client = KeyValueClient::new(endpoint.connect_timeout(timeout).tcp_nodelay(true).connect_lazy());
             let client_id: u64 = rand::rng().random::<u64>() | 1;
             for (n, k) in (c..keys).step_by(stride as usize).enumerate() {

@@ -14,7 +14,14 @@ pub const EXIT_NOT_FOUND: i32 = 2;
 
 /// Runs the command of `args` and returns the exit status.
 pub async fn run(args: Args) -> i32 {
-    let mut session = Session::new(&args.host, args.port, args.timeout_ms);
+    let dialer = match crate::security::dialer(&args.tls) {
+        Ok(dialer) => dialer,
+        Err(e) => {
+            eprintln!("waxos: {e}");
+            return EXIT_FAILURE;
+        }
+    };
+    let mut session = Session::new(&args.host, args.port, args.timeout_ms, dialer);
     session.stale_reads = args.stale;
     match args.command.clone() {
         Some(Cmd::Put { key, value }) => single(&mut session, Op::Put(key, value.into_bytes())).await,

@@ -6,10 +6,13 @@
 //! - `commands`: what each command does and prints.
 //! - `shell`: the interactive shell; `bench`: the load generator.
 //! - `signing`: `waxos keygen` and `waxos sign` (offline: no host, so no HOST PORT before them).
+//! - `security`: TLS to the hosts (`--cacert`, `--cert`, `--key`, `--insecure`, `WAXOS_PKI`) and
+//!   `waxos dev-pki` (offline).
 //! - this file: argument parsing and exit codes (0 ok, 2 key not found, 1 any failure).
 
 mod bench;
 mod commands;
+mod security;
 mod session;
 mod shell;
 mod signing;
@@ -22,7 +25,8 @@ use clap::{Parser, Subcommand};
     name = "waxos",
     version,
     about,
-    after_help = "Guest-build signing, offline (no HOST PORT): `waxos keygen --out DIR`, `waxos sign --key KEY BUILD.wasm`."
+    after_help = "Offline (no HOST PORT): `waxos keygen --out DIR`, `waxos sign --key KEY BUILD.wasm` (guest-build signing), \
+                  `waxos dev-pki DIR --member HOST:PORT …` (a development CA and certificates)."
 )]
 pub struct Args {
     /// Host name or IP address of any cluster member.
@@ -40,6 +44,9 @@ pub struct Args {
     /// a quorum check — faster, but possibly behind the latest writes. Default: linearizable.
     #[arg(long, global = true)]
     pub stale: bool,
+    /// TLS to the hosts.
+    #[command(flatten)]
+    pub tls: security::TlsArgs,
     /// What to do; none opens an interactive shell.
     #[command(subcommand)]
     pub command: Option<Cmd>,
@@ -81,7 +88,7 @@ pub enum Cmd {
 
 /// `waxos keygen …` and `waxos sign …`: guest-build signing, which needs no cluster.
 #[derive(Parser, Debug)]
-#[command(name = "waxos", version, about = "Guest-build signing (offline: no host is contacted)")]
+#[command(name = "waxos", version, about = "Guest-build signing and the dev PKI (offline: no host is contacted)")]
 struct OfflineArgs {
     #[command(subcommand)]
     command: Offline,
@@ -108,6 +115,22 @@ enum Offline {
         /// The guest component (.wasm).
         build: std::path::PathBuf,
     },
+    /// Make what is missing of a development PKI in DIR: a CA (ca.pem), an operator's and a plain
+    /// client's certificates, and one per --member address (member-HOST_PORT.pem); prints the
+    /// certificate files. Existing files are kept.
+    DevPki {
+        /// Directory of the PKI (created if missing).
+        dir: std::path::PathBuf,
+        /// A member's address (host:port, as its waxosd serves it): a certificate naming it.
+        #[arg(long = "member", value_name = "HOST:PORT")]
+        members: Vec<String>,
+        /// Also make a client certificate NAME.pem/NAME.key (replacing one of that name).
+        #[arg(long, value_name = "NAME")]
+        client: Option<String>,
+        /// With --client: give it the operator role.
+        #[arg(long, requires = "client")]
+        operator: bool,
+    },
 }
 
 fn main() {
@@ -118,10 +141,13 @@ fn main() {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     waxos_proto::logging::init("info");
-    if matches!(std::env::args_os().nth(1).as_deref().and_then(|a| a.to_str()), Some("keygen" | "sign")) {
+    if matches!(std::env::args_os().nth(1).as_deref().and_then(|a| a.to_str()), Some("keygen" | "sign" | "dev-pki")) {
         let code = match OfflineArgs::parse().command {
             Offline::Keygen { out, name } => signing::keygen(&out, &name),
             Offline::Sign { key, build } => signing::sign(&key, &build),
+            Offline::DevPki { dir, members, client, operator } => {
+                security::dev_pki(&dir, &members, client.as_deref(), operator)
+            }
         };
         std::process::exit(code);
     }

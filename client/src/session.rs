@@ -13,6 +13,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 use waxos_proto::admin_client::AdminClient;
 use waxos_proto::key_value_client::KeyValueClient;
+use waxos_proto::tls::Dialer;
 use waxos_proto::{DeleteRequest, GetRequest, PutRequest, StatusRequest, StatusResponse};
 
 /// What a request did.
@@ -78,11 +79,13 @@ pub struct Session {
     learned_members: bool,
     /// GETs are serializable (`--stale`) instead of linearizable.
     pub stale_reads: bool,
+    /// TLS (or `--insecure`) to every server.
+    dialer: Dialer,
 }
 
 impl Session {
     /// A session that talks to `host:port` first.
-    pub fn new(host: &str, port: u16, timeout_ms: u64) -> Self {
+    pub fn new(host: &str, port: u16, timeout_ms: u64, dialer: Dialer) -> Self {
         let host = if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host.to_string() };
         Session {
             servers: vec![format!("{host}:{port}")],
@@ -93,6 +96,7 @@ impl Session {
             timeout: Duration::from_millis(timeout_ms.max(1)),
             learned_members: false,
             stale_reads: false,
+            dialer,
         }
     }
 
@@ -101,8 +105,14 @@ impl Session {
         &self.servers[self.current]
     }
 
+    /// How this session dials servers.
+    pub fn dialer(&self) -> &Dialer {
+        &self.dialer
+    }
+
     fn endpoint(&self, address: &str) -> Result<Endpoint, Status> {
-        Endpoint::from_shared(format!("http://{address}"))
+        self.dialer
+            .endpoint(address)
             .map(|e| e.connect_timeout(self.timeout).timeout(self.timeout).tcp_nodelay(true))
             .map_err(|e| Status::invalid_argument(format!("bad server address {address}: {e}")))
     }

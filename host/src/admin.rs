@@ -1,5 +1,9 @@
 //! The `Admin` gRPC service: status, and hot swap of the guest.
 //!
+//! `SwapGuest` is an operator action (a client certificate with the operator role, see `tls`);
+//! `Status` needs any certificate of the cluster's CA. Refusals are `PERMISSION_DENIED` and
+//! logged with the caller; every call is logged with who made it.
+//!
 //! A swap is prepared here, off the step loop: the build is compiled (or fetched from the
 //! compiled-build cache), linked, and checked to export the `replica-node` world, and its bytes
 //! are written durably next to the data dir. Only then is it handed to the step loop, which
@@ -122,9 +126,10 @@ pub struct AdminService {
 
 #[tonic::async_trait]
 impl Admin for AdminService {
-    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+    async fn status(&self, request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         let started = Instant::now();
-        tracing::info!("request received op=status");
+        let caller = crate::tls::require_certificate(&request, "status")?;
+        tracing::info!("request received op=status caller=\"{caller}\"");
         let roster = self.roster.get();
         let (guest_status_json, guest_build, guest_down) = if self.step_loop.ready.load(Ordering::Acquire) {
             let (reply, answer) = oneshot::channel();
@@ -153,10 +158,13 @@ impl Admin for AdminService {
 
     async fn swap_guest(&self, request: Request<SwapGuestRequest>) -> Result<Response<SwapGuestResponse>, Status> {
         let started = Instant::now();
+        // Replacing the consensus core is the most powerful call there is: operators only, and
+        // before a byte of the build is looked at.
+        let caller = crate::tls::require_operator(&request, "swap")?;
         let request = request.into_inner();
         let (bytes, signature) = (request.wasm, Some(request.signature).filter(|s| !s.is_empty()));
         tracing::info!(
-            "request received op=swap bytes={} signature_bytes={}",
+            "request received op=swap bytes={} signature_bytes={} caller=\"{caller}\"",
             bytes.len(),
             signature.as_ref().map_or(0, Vec::len)
         );

@@ -295,6 +295,7 @@ pub async fn roster(
     coordinator_address: Option<&str>,
     replicas: u32,
     registry: &SharedRegistry,
+    dialer: &waxos_proto::tls::Dialer,
 ) -> anyhow::Result<(Roster, RosterSource)> {
     if let Some(mut roster) = Roster::load(data_dir)? {
         tracing::info!("roster from {}: node {} of {:?}", data_dir.display(), roster.me, roster.ids());
@@ -366,7 +367,7 @@ pub async fn roster(
             if let Ok(mut reg) = registry.lock() {
                 reg.settled = true;
             }
-            register_with(coordinator, my_address, replicas, incarnation).await?
+            register_with(dialer, coordinator, my_address, replicas, incarnation).await?
         }
     };
     roster.incarnation = incarnation;
@@ -377,7 +378,13 @@ pub async fn roster(
 
 /// Announces `roster` to the coordinator at `address`, which refused our peer stream for want
 /// of a roster (it lost its data dir). Best effort: the stream's next refusal tries again.
-pub async fn announce_roster(address: &str, roster: &Roster, my_address: &str, cluster_id: Option<&str>) {
+pub async fn announce_roster(
+    dialer: &waxos_proto::tls::Dialer,
+    address: &str,
+    roster: &Roster,
+    my_address: &str,
+    cluster_id: Option<&str>,
+) {
     let request = RegisterRequest {
         address: my_address.to_string(),
         replicas: roster.members.len() as u32,
@@ -387,7 +394,7 @@ pub async fn announce_roster(address: &str, roster: &Roster, my_address: &str, c
         cluster_id: cluster_id.unwrap_or_default().to_string(),
     };
     let answer = async {
-        let channel = crate::net::endpoint(address, Duration::from_secs(2))?.connect().await?;
+        let channel = crate::net::endpoint(dialer, address, Duration::from_secs(2))?.connect().await?;
         anyhow::Ok(PeerClient::new(channel).register(request).await?.into_inner())
     }
     .await;
@@ -397,11 +404,17 @@ pub async fn announce_roster(address: &str, roster: &Roster, my_address: &str, c
     }
 }
 
-async fn register_with(coordinator: &str, my_address: &str, replicas: u32, incarnation: u64) -> anyhow::Result<Roster> {
+async fn register_with(
+    dialer: &waxos_proto::tls::Dialer,
+    coordinator: &str,
+    my_address: &str,
+    replicas: u32,
+    incarnation: u64,
+) -> anyhow::Result<Roster> {
     let mut logged_wait = false;
     loop {
         let answer = async {
-            let channel = crate::net::endpoint(coordinator, Duration::from_secs(2))?.connect().await?;
+            let channel = crate::net::endpoint(dialer, coordinator, Duration::from_secs(2))?.connect().await?;
             let mut client = PeerClient::new(channel);
             let request = RegisterRequest {
                 address: my_address.to_string(),
@@ -438,7 +451,8 @@ async fn register_with(coordinator: &str, my_address: &str, replicas: u32, incar
             }
             Err(e) => {
                 if let Some(status) = e.downcast_ref::<tonic::Status>() {
-                    if status.code() == tonic::Code::FailedPrecondition {
+                    // Neither a refusal nor a certificate the coordinator does not accept mends itself.
+                    if matches!(status.code(), tonic::Code::FailedPrecondition | tonic::Code::PermissionDenied) {
                         bail!("coordinator {coordinator} refused registration: {}", status.message());
                     }
                 }
@@ -538,22 +552,32 @@ mod tests {
         write_old_roster(dir.path());
         let registry = SharedRegistry::default();
         let (member, source) =
-            roster(dir.path(), "127.0.0.1:2", Some("127.0.0.1:1"), 2, &registry).await.expect("starts");
+            roster(dir.path(), "127.0.0.1:2", Some("127.0.0.1:1"), 2, &registry, &waxos_proto::tls::Dialer::Insecure)
+                .await
+                .expect("starts");
         assert_eq!(source, RosterSource::Persisted);
         assert_eq!(member.cluster_id, None, "a member learns the id from its peers");
         assert_ne!(member.incarnation, 0);
         assert_eq!(Roster::load(dir.path()).expect("load"), Some(member.clone()), "persisted");
-        let (again, _) = roster(dir.path(), "127.0.0.1:2", Some("127.0.0.1:1"), 2, &registry).await.expect("starts");
+        let (again, _) =
+            roster(dir.path(), "127.0.0.1:2", Some("127.0.0.1:1"), 2, &registry, &waxos_proto::tls::Dialer::Insecure)
+                .await
+                .expect("starts");
         assert_eq!(again.incarnation, member.incarnation, "made once per data dir");
 
         // At the coordinator, a roster this build wrote without an id (adopted from a member
         // that knew none) waits to learn the cluster's: a new one would split the cluster.
-        let (adopted, _) = roster(dir.path(), "127.0.0.1:2", None, 2, &registry).await.expect("starts");
+        let (adopted, _) = roster(dir.path(), "127.0.0.1:2", None, 2, &registry, &waxos_proto::tls::Dialer::Insecure)
+            .await
+            .expect("starts");
         assert_eq!(adopted.cluster_id, None);
 
         // An old roster at the coordinator (port = coordinator port): it names the cluster.
         write_old_roster(dir.path());
-        let (coordinator, _) = roster(dir.path(), "127.0.0.1:2", None, 2, &registry).await.expect("starts");
+        let (coordinator, _) =
+            roster(dir.path(), "127.0.0.1:2", None, 2, &registry, &waxos_proto::tls::Dialer::Insecure)
+                .await
+                .expect("starts");
         let id = coordinator.cluster_id.clone().expect("named");
         assert!(crate::identity::valid_cluster_id(&id));
         assert_eq!(Roster::load(dir.path()).expect("load").and_then(|r| r.cluster_id), Some(id.clone()));
@@ -567,12 +591,22 @@ mod tests {
             .save(dir.path())
             .expect("save");
         let registry = SharedRegistry::default();
-        let error = roster(dir.path(), "127.0.0.1:9", Some("127.0.0.1:1"), 3, &registry)
-            .await
-            .expect_err("a data dir copied to another port");
+        let error =
+            roster(dir.path(), "127.0.0.1:9", Some("127.0.0.1:1"), 3, &registry, &waxos_proto::tls::Dialer::Insecure)
+                .await
+                .expect_err("a data dir copied to another port");
         let foreign = error.downcast_ref::<crate::identity::Foreign>().expect("an identity refusal (exit 78)");
         let message = foreign.to_string();
         assert!(message.contains("node 2 at 127.0.0.1:2") && message.contains("127.0.0.1:9"), "{message}");
-        assert!(roster(dir.path(), "127.0.0.1:2", Some("127.0.0.1:1"), 3, &registry).await.is_ok());
+        assert!(roster(
+            dir.path(),
+            "127.0.0.1:2",
+            Some("127.0.0.1:1"),
+            3,
+            &registry,
+            &waxos_proto::tls::Dialer::Insecure
+        )
+        .await
+        .is_ok());
     }
 }

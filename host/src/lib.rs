@@ -28,3 +28,4 @@ pub mod signing;
 pub mod step_loop;
 pub mod storage;
 pub mod sync_pipeline;
+pub mod tls;

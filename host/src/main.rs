@@ -10,7 +10,7 @@ use std::sync::{Arc, OnceLock};
 use anyhow::{bail, Context};
 use clap::Parser;
 use rand::RngExt;
-use waxos_host::{admin, bootstrap, chaos, identity, net, peer, runtime, service, signing, step_loop, storage};
+use waxos_host::{admin, bootstrap, chaos, identity, net, peer, runtime, service, signing, step_loop, storage, tls};
 use waxos_proto::admin_server::AdminServer;
 use waxos_proto::key_value_server::KeyValueServer;
 use waxos_proto::peer_server::PeerServer;
@@ -71,6 +71,26 @@ struct Args {
     /// `<build>.sig` by one of them.
     #[arg(long, value_name = "FILE")]
     trusted_keys: Option<PathBuf>,
+    /// The CA certificate (PEM) that every member's, client's and operator's certificate chains
+    /// to. With --cert and --key: TLS on every service (`just cluster` makes a dev set under
+    /// .cluster/pki).
+    #[arg(long, value_name = "FILE", requires_all = ["cert", "key"])]
+    cacert: Option<PathBuf>,
+    /// This host's certificate (PEM): issued by the CA, naming the member address
+    /// `waxos://member/<host>:<listen-port>` and the host's DNS name or IP.
+    #[arg(long, value_name = "FILE", requires = "cacert")]
+    cert: Option<PathBuf>,
+    /// The private key of --cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "cacert")]
+    key: Option<PathBuf>,
+    /// KeyValue calls need a client certificate of the CA too (by default any TLS client may
+    /// read and write; Admin always needs one).
+    #[arg(long, requires = "cacert")]
+    client_cert_auth: bool,
+    /// Development only: plaintext on every service, nobody authenticated, every call allowed
+    /// (logs a warning). Guest builds must still be signed unless --allow-unsigned.
+    #[arg(long, conflicts_with_all = ["cacert", "cert", "key"])]
+    insecure: bool,
     /// Development only: run guest builds without checking signatures (logs a warning).
     #[arg(long, conflicts_with = "trusted_keys")]
     allow_unsigned: bool,
@@ -161,6 +181,31 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let bracket = |h: &str| if h.contains(':') && !h.starts_with('[') { format!("[{h}]") } else { h.to_string() };
     let my_address = format!("{}:{}", bracket(&args.host), args.listen_port);
     let is_coordinator = args.coordinator_port == args.listen_port;
+    // Who may call what: decided before anything listens.
+    let security = match (&args.cacert, &args.cert, &args.key) {
+        (Some(ca), Some(cert), Some(key)) => {
+            let mut security = tls::Security::from_files(ca, cert, key, &my_address)?;
+            security.client_cert_auth = args.client_cert_auth;
+            tracing::info!(
+                "TLS on every service (CA {}, certificate of member {my_address}); peers and admin calls need certificates{}",
+                ca.display(),
+                if args.client_cert_auth { ", and so do KeyValue calls" } else { "" }
+            );
+            security
+        }
+        _ if args.insecure => {
+            tracing::warn!(
+                "--insecure: plaintext on every service, nobody authenticated: anyone who reaches {my_address} \
+                 can act as a member or an operator. Development only."
+            );
+            tls::Security::insecure()
+        }
+        _ => bail!(
+            "waxosd needs TLS material: --cacert FILE --cert FILE --key FILE (`just cluster` makes a dev CA and \
+             certificates under .cluster/pki; `waxos dev-pki DIR --member {my_address}` makes them by hand), or \
+             --insecure for plaintext (development only)"
+        ),
+    };
     let coordinator =
         (!is_coordinator).then(|| format!("{}:{}", bracket(&args.coordinator_host), args.coordinator_port));
 
@@ -185,7 +230,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         members: members.clone(),
         identity: identity.clone(),
     };
-    let kv_service = service::KeyValueService { step_loop: handle.clone(), replicas: args.replicas };
+    let kv_service = service::KeyValueService {
+        step_loop: handle.clone(),
+        replicas: args.replicas,
+        client_cert_auth: security.client_cert_auth,
+    };
     let admin_service = admin::AdminService {
         step_loop: handle.clone(),
         roster: roster_cell.clone(),
@@ -212,13 +261,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .max_decoding_message_size(admin::GUEST_BYTES_MAX + 1024)
                 .max_encoding_message_size(admin::GUEST_BYTES_MAX + 1024),
         )
-        .serve_with_incoming(net::incoming(listener));
+        .serve_with_incoming(net::incoming(listener, security.server.clone()));
     // No graceful drain on shutdown: peer streams never end by themselves, and nothing needs
     // draining — every step's records are durable before anything of it was sent or answered.
     let mut server = tokio::spawn(server);
 
     let (mut roster, source) = tokio::select! {
-        roster = bootstrap::roster(&data_dir, &my_address, coordinator.as_deref(), args.replicas, &registry) => roster?,
+        roster = bootstrap::roster(&data_dir, &my_address, coordinator.as_deref(), args.replicas, &registry, &security.dialer) => roster?,
         _ = shutdown_signal() => {
             tracing::info!("waxosd stopping (signal) before the roster was complete");
             return Ok(());
@@ -226,7 +275,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     // Identity first: a batch accepted from a member may make it adopt a cluster id.
     identity.start(&roster);
-    let _ = members.set((roster.me, roster.ids()));
+    let _ = members.set((roster.me, roster.members.clone()));
     let _ = roster_cell.set(roster.clone());
 
     if let Some(why) = storage::lost::marked(&data_dir) {
@@ -267,7 +316,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     } else if rejoining {
         tracing::info!("rejoining (continued after a restart): the log says when this replica votes again");
     }
-    let peers = peer::Peers::start(&roster, identity.clone());
+    let peers = peer::Peers::start(&roster, identity.clone(), security.dialer.clone());
     let config = runtime::GuestConfig {
         me: roster.me,
         members: roster.ids(),

@@ -4,8 +4,11 @@
 //! by a bounded queue; it batches what is queued into one gRPC message, and reconnects with
 //! exponential back-off when the stream breaks. A full queue drops envelopes: Paxos tolerates
 //! loss (the proposer re-sends), memory does not tolerate unbounded growth.
-//! Inbound: envelopes from a stream are checked (sender in the roster, addressed to us) and
-//! handed to the step loop; anything else is logged and dropped. A host that has no roster yet
+//! Inbound: a stream is served only to a connection whose certificate names a member (`tls`);
+//! every batch must come from the member that certificate names (its `src` has that address in
+//! the roster), else the whole stream is refused with `PERMISSION_DENIED`, as is a registration
+//! of an address other than the certificate's. Envelopes are then checked (sender in the roster,
+//! addressed to us) and handed to the step loop; anything else is logged and dropped. A host that has no roster yet
 //! refuses streams with `NO_ROSTER`; a member that meets that refusal at another member (a
 //! coordinator that lost its data dir) announces the roster to it (see `bootstrap`).
 //! Every batch carries the sender's cluster id; a batch from another cluster is refused with
@@ -27,6 +30,8 @@ use crate::bootstrap::{RegisterError, Roster, SharedRegistry};
 use crate::identity::{Identity, FOREIGN_CLUSTER};
 use crate::runtime::{Envelope, Role};
 use crate::step_loop::{Input, StepLoopHandle};
+use crate::tls::{refuse_impersonation, require_member};
+use waxos_proto::tls::Dialer;
 
 /// Envelopes queued per peer before new ones are dropped.
 pub const PEER_QUEUE_ENVELOPES_MAX: usize = 8_192;
@@ -62,14 +67,14 @@ pub struct Peers {
 
 impl Peers {
     /// Starts one sender task per other member of the roster.
-    pub fn start(roster: &Roster, identity: std::sync::Arc<Identity>) -> Peers {
+    pub fn start(roster: &Roster, identity: std::sync::Arc<Identity>, dialer: Dialer) -> Peers {
         let mut queues = HashMap::new();
         for (id, address) in &roster.members {
             if *id == roster.me {
                 continue;
             }
             let (tx, rx) = mpsc::channel(PEER_QUEUE_ENVELOPES_MAX);
-            tokio::spawn(sender(roster.clone(), identity.clone(), *id, address.clone(), rx));
+            tokio::spawn(sender(roster.clone(), identity.clone(), dialer.clone(), *id, address.clone(), rx));
             queues.insert(*id, tx);
         }
         Peers { queues }
@@ -93,6 +98,7 @@ impl Peers {
 async fn sender(
     roster: Roster,
     identity: std::sync::Arc<Identity>,
+    dialer: Dialer,
     peer: u32,
     address: String,
     mut queue: mpsc::Receiver<Envelope>,
@@ -103,7 +109,7 @@ async fn sender(
     // The last stream was refused as another cluster's: its reconnections are not news.
     let mut refused_as_foreign = false;
     loop {
-        let endpoint = match crate::net::endpoint(&address, Duration::from_millis(500)) {
+        let endpoint = match crate::net::endpoint(&dialer, &address, Duration::from_millis(500)) {
             Ok(e) => e,
             Err(e) => {
                 tracing::error!("peer {peer}: bad address {address}: {e}");
@@ -170,7 +176,7 @@ async fn sender(
                     if refused_for_want_of_a_roster {
                         tracing::warn!("peer {peer} at {address} has no roster (it lost its state): announcing ours");
                         if let Some((_, my_address)) = roster.members.iter().find(|(id, _)| *id == me) {
-                            crate::bootstrap::announce_roster(&address, &roster, my_address, identity.cluster_id()).await;
+                            crate::bootstrap::announce_roster(&dialer, &address, &roster, my_address, identity.cluster_id()).await;
                         }
                     } else if let Some(refusal) = foreign_refusal {
                         identity.peer_refused(peer, &address, &refusal);
@@ -213,8 +219,9 @@ pub struct PeerService {
     pub step_loop: StepLoopHandle,
     /// The coordinator's registration book.
     pub registry: SharedRegistry,
-    /// Members allowed to send (filled once the roster is known).
-    pub members: std::sync::Arc<std::sync::OnceLock<(u32, Vec<u32>)>>,
+    /// This host's id and the members allowed to send, with the address each one's certificate
+    /// must name (filled once the roster is known).
+    pub members: std::sync::Arc<std::sync::OnceLock<(u32, Vec<(u32, String)>)>>,
     /// Whose data dir this is: batches from another cluster are refused.
     pub identity: std::sync::Arc<Identity>,
 }
@@ -222,7 +229,9 @@ pub struct PeerService {
 #[tonic::async_trait]
 impl Peer for PeerService {
     async fn exchange(&self, request: Request<Streaming<EnvelopeBatch>>) -> Result<Response<ExchangeClosed>, Status> {
-        let remote = request.remote_addr();
+        // Who the connection proved to be, before reading a byte of what it sends.
+        let proven = require_member(&request, "peer exchange")?;
+        let (_, remote) = crate::tls::caller(&request);
         if self.members.get().is_none() {
             return Err(Status::failed_precondition(NO_ROSTER));
         }
@@ -232,26 +241,41 @@ impl Peer for PeerService {
             let batch = match batch {
                 Ok(b) => b,
                 Err(e) => {
-                    tracing::debug!("peer stream from {remote:?} ended: {e}");
+                    tracing::debug!("peer stream from {remote} ended: {e}");
                     break;
                 }
             };
             let Some((me, members)) = self.members.get() else {
                 continue;
             };
-            let member = members.contains(&batch.src) && batch.src != *me;
+            let claimed = members.iter().find(|(id, _)| *id == batch.src && batch.src != *me);
+            // A member whose certificate is the claimed sender's (with `--insecure`, whoever
+            // claims a member id): only such a batch may teach this host its cluster id.
+            let authenticated =
+                claimed.is_some_and(|(_, address)| proven.as_ref().is_none_or(|proven| proven == address));
             // Before the sender check: another cluster's ids need not match ours, and its host
             // must hear why it is refused (a majority of refusals stops it).
-            if let Err(refusal) = self.identity.check_batch(batch.src, &batch.cluster_id, member) {
+            if let Err(refusal) = self.identity.check_batch(batch.src, &batch.cluster_id, authenticated) {
                 // The whole stream: nothing of another cluster reaches the guest.
                 return Err(Status::failed_precondition(refusal));
             }
-            if !member {
+            let Some((_, claimed_address)) = claimed else {
                 if !refused_logged {
-                    tracing::warn!("refused envelopes from unknown node {} at {remote:?}", batch.src);
+                    tracing::warn!("refused envelopes from unknown node {} at {remote}", batch.src);
                     refused_logged = true;
                 }
                 continue;
+            };
+            if let Some(proven) = &proven {
+                if proven != claimed_address {
+                    // A member speaking for another: the whole stream is refused.
+                    return Err(refuse_impersonation(
+                        "peer exchange",
+                        proven,
+                        &format!("node {} ({claimed_address})", batch.src),
+                        &remote,
+                    ));
+                }
             }
             for envelope in batch.envelopes {
                 if envelope.src != batch.src || envelope.dst != *me {
@@ -273,13 +297,32 @@ impl Peer for PeerService {
     }
 
     async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
+        let (caller, remote) = crate::tls::caller(&request);
+        tracing::info!(
+            "request received op=register address={:?} member_id={} roster_members={} caller=\"{caller}\" from {remote}",
+            request.get_ref().address,
+            request.get_ref().member_id,
+            request.get_ref().members.len()
+        );
+        // Only members register or announce rosters (an outsider took a roster slot before).
+        let proven = require_member(&request, "registration")?;
         let request = request.into_inner();
         let address = request.address;
-        tracing::info!(
-            "request received op=register address={address:?} member_id={} roster_members={}",
-            request.member_id,
-            request.members.len()
-        );
+        if let Some(proven) = &proven {
+            // A registration registers the address its certificate names; an announcement comes
+            // from the member of the roster it announces whose address that is.
+            let claimed = if request.members.is_empty() {
+                Some(address.clone())
+            } else {
+                request.members.iter().find(|m| m.id == request.member_id).map(|m| m.address.clone())
+            };
+            if claimed.as_deref() != Some(proven.as_str()) {
+                let claimed = claimed.unwrap_or_else(|| format!("node {}, absent from its roster", request.member_id));
+                let status = refuse_impersonation("registration", proven, &claimed, &remote);
+                tracing::info!("response sent op=register address={address:?} ok=false");
+                return Err(status);
+            }
+        }
         let mut registry = self.registry.lock().map_err(|_| Status::internal("registry lock poisoned"))?;
         let answer = if request.members.is_empty() {
             registry.register(&address, request.incarnation)

@@ -30,6 +30,19 @@ pub struct KeyValueService {
     pub step_loop: StepLoopHandle,
     /// Replica count (for messages).
     pub replicas: u32,
+    /// Callers need a client certificate (`--client-cert-auth`); otherwise anyone who completes
+    /// the TLS handshake may read and write.
+    pub client_cert_auth: bool,
+}
+
+impl KeyValueService {
+    /// Refuses a caller without a certificate when `--client-cert-auth` asks for one.
+    fn authorize<T>(&self, request: &Request<T>, op: &str) -> Result<(), Status> {
+        if self.client_cert_auth {
+            crate::tls::require_certificate(request, op)?;
+        }
+        Ok(())
+    }
 }
 
 /// How a request is shown in the log: the key escaped and cut to 64 characters.
@@ -127,6 +140,7 @@ fn log_response<T: std::fmt::Debug>(op: &str, key: &str, started: Instant, resul
 #[tonic::async_trait]
 impl KeyValue for KeyValueService {
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        self.authorize(&request, "put")?;
         let started = Instant::now();
         let deadline = deadline_of(&request);
         let r = request.into_inner();
@@ -156,6 +170,7 @@ impl KeyValue for KeyValueService {
     }
 
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        self.authorize(&request, "get")?;
         let started = Instant::now();
         let deadline = deadline_of(&request);
         let r = request.into_inner();
@@ -185,6 +200,7 @@ impl KeyValue for KeyValueService {
     }
 
     async fn delete(&self, request: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
+        self.authorize(&request, "delete")?;
         let started = Instant::now();
         let deadline = deadline_of(&request);
         let r = request.into_inner();

@@ -8,14 +8,14 @@ use std::net::{TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{stderr, stdout, waxos_path, Cluster};
+use common::{stderr, stdout, Cluster};
 
 #[test]
 fn cli_commands_against_a_real_cluster() {
     let cluster = Cluster::start(5, &[]);
     let port = cluster.hosts[1].port.to_string();
     // Host by name, options before, between and after the positionals.
-    let out = Command::new(waxos_path())
+    let out = common::waxos_command()
         .args(["--timeout-ms", "3000", "localhost", &port, "put", "greeting", "hello world"])
         .output()
         .expect("run");
@@ -79,7 +79,7 @@ fn regex_like_timestamp(log: &str) -> usize {
 #[test]
 fn interactive_shell_fails_over_when_its_host_is_killed() {
     let mut cluster = Cluster::start(5, &[]);
-    let mut shell = Command::new(waxos_path())
+    let mut shell = common::waxos_command()
         .args(["127.0.0.1", &cluster.hosts[0].port.to_string(), "--timeout-ms", "1500"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -155,7 +155,7 @@ fn a_write_retried_after_a_timeout_applies_exactly_once() {
     // The delete reaches host 0 through the proxy and is applied; its answer is held back, so
     // the client times out and retries the same (client, seq) on another member. Applied twice,
     // the retry would find the key gone and exit 2.
-    let out = Command::new(waxos_path())
+    let out = common::waxos_command()
         .args(["127.0.0.1", &proxy.to_string(), "--timeout-ms", "1000", "delete", "once"])
         .output()
         .expect("run");
@@ -204,8 +204,10 @@ fn h2_answering(stream: TcpStream, body: &'static [u8]) {
 
 fn run_against(port: u16, args: &[&str]) -> (std::process::Output, Duration) {
     let started = Instant::now();
-    let out = Command::new(waxos_path())
-        .args(["127.0.0.1", &port.to_string(), "--timeout-ms", "1000"])
+    // Plaintext: these servers speak (broken) HTTP/2 and gRPC, not TLS; that the client also
+    // fails cleanly against a plaintext server when it expects TLS is the junk case with TLS.
+    let out = common::waxos_command()
+        .args(["--insecure", "127.0.0.1", &port.to_string(), "--timeout-ms", "1000"])
         .args(args)
         .output()
         .expect("run");
@@ -244,6 +246,13 @@ fn junk_from_a_server_is_logged_and_never_crashes_the_client() {
     }
     let (out, _) = run_against(silent, &["get", "k"]);
     assert!(stderr(&out).contains("unresponsive after"), "{}", stderr(&out));
+    // With TLS (the default), junk where a handshake should be fails as cleanly.
+    let out = common::waxos_command()
+        .args(["127.0.0.1", &junk.to_string(), "--timeout-ms", "1000", "get", "k"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1), "TLS against junk: {}", stderr(&out));
+    assert!(stderr(&out).contains(&format!("server 127.0.0.1:{junk}")), "{}", stderr(&out));
 }
 
 #[test]
@@ -259,18 +268,18 @@ fn ipv6_literal_hosts_work() {
         .arg(guest)
         .arg("--trusted-keys")
         .arg(trusted_keys)
+        .args(common::member_tls_args_for(&format!("[::1]:{port}")))
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn");
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut ok = false;
     while Instant::now() < deadline && !ok {
-        let out =
-            Command::new(waxos_path()).args(["::1", &port.to_string(), "put", "v6", "yes"]).output().expect("run");
+        let out = common::waxos_command().args(["::1", &port.to_string(), "put", "v6", "yes"]).output().expect("run");
         ok = out.status.code() == Some(0);
         std::thread::sleep(Duration::from_millis(100));
     }
-    let out = Command::new(waxos_path()).args(["::1", &port.to_string(), "get", "v6"]).output().expect("run");
+    let out = common::waxos_command().args(["::1", &port.to_string(), "get", "v6"]).output().expect("run");
     let _ = host.kill();
     let _ = host.wait();
     assert!(ok, "no write over IPv6");

@@ -27,6 +27,7 @@ fn a_newline_in_a_registration_address_cannot_forge_a_log_line() {
         .arg(guest)
         .arg("--trusted-keys")
         .arg(trusted_keys)
+        .args(common::member_tls_args(port))
         .args(["--replicas", "3"])
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
@@ -38,20 +39,27 @@ fn a_newline_in_a_registration_address_cannot_forge_a_log_line() {
     let deadline = Instant::now() + Duration::from_secs(20);
     let answered = runtime.block_on(async {
         loop {
+            // A plain client's certificate: logged, then refused (only members register).
             let attempt = async {
-                let mut peer =
-                    PeerClient::connect(format!("http://127.0.0.1:{port}")).await.map_err(|e| e.to_string())?;
-                peer.register(RegisterRequest {
-                    address: format!("10.0.0.9:1\n{forged}\r\n"),
-                    replicas: 3,
-                    incarnation: 1,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| e.to_string())
+                let dialer = common::dialer_as(Some(&waxos_proto::pki::client(&common::pki_dir())));
+                let endpoint = dialer.endpoint(&format!("127.0.0.1:{port}")).map_err(|e| e.to_string())?;
+                let mut peer = PeerClient::new(endpoint.connect().await.map_err(|e| e.to_string())?);
+                Ok::<_, String>(
+                    peer.register(RegisterRequest {
+                        address: format!("10.0.0.9:1\n{forged}\r\n"),
+                        replicas: 3,
+                        incarnation: 1,
+                        ..Default::default()
+                    })
+                    .await,
+                )
             };
             match attempt.await {
-                Ok(_) => return true,
+                Ok(answer) => {
+                    let refused = answer.expect_err("an outsider's registration");
+                    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+                    return true;
+                }
                 Err(e) if Instant::now() > deadline => panic!("the coordinator never answered: {e}"),
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }

@@ -36,6 +36,7 @@ fn start_alone(dir: &Path, guest: &Path, args: &[&str]) -> (Child, PathBuf, u16)
         .arg(dir.join("data"))
         .arg("--guest")
         .arg(guest)
+        .args(common::member_tls_args(port))
         .args(args)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
@@ -63,7 +64,7 @@ fn exit_code(child: &mut Child, log: &Path) -> Option<i32> {
 
 /// Runs the `waxos` client against a port.
 fn client(port: u16, args: &[&str]) -> std::process::Output {
-    Command::new(common::waxos_path()).arg("127.0.0.1").arg(port.to_string()).args(args).output().expect("run waxos")
+    common::waxos_command().arg("127.0.0.1").arg(port.to_string()).args(args).output().expect("run waxos")
 }
 
 fn wait_serving(port: u16, log: &Path) {
@@ -184,7 +185,7 @@ fn swaps_of_unsigned_tampered_or_unknown_key_builds_are_denied_and_the_old_guest
     for (name, wasm, signature, reason) in cases {
         let status = runtime
             .block_on(async {
-                let mut admin = AdminClient::connect(cluster.addr(1)).await.expect("connect");
+                let mut admin = AdminClient::new(cluster.channel(1).await);
                 admin.swap_guest(SwapGuestRequest { wasm, signature }).await
             })
             .expect_err(name);
@@ -250,8 +251,7 @@ fn watch_swaps_in_only_signed_builds() {
     assert_eq!(client(port, &["put", "during-watch", "ok"]).status.code(), Some(0));
     // A new build, then its signature: swapped in once both are there.
     std::fs::copy(variant("relabeled"), &watched).expect("copy");
-    let out =
-        Command::new(common::waxos_path()).arg("sign").arg("--key").arg(&key).arg(&watched).output().expect("run");
+    let out = common::waxos_command().arg("sign").arg("--key").arg(&key).arg(&watched).output().expect("run");
     assert!(out.status.success(), "{}", stderr(&out));
     wait_for("watch: now running 0.1.0+swap-test");
     let _ = child.kill();

@@ -52,7 +52,7 @@ fn start_load(cluster: &Cluster, runtime: &tokio::runtime::Runtime, clients: u64
             let addr = cluster.addr(c as usize % cluster.hosts.len());
             let (stop, failures) = (stop.clone(), failures.clone());
             runtime.spawn(async move {
-                let mut client = KeyValueClient::connect(addr.clone()).await.expect("connect");
+                let mut client = KeyValueClient::new(common::channel(&addr).await);
                 let mut acked = Vec::new();
                 let mut seq = 0;
                 while !stop.load(Ordering::Relaxed) {

@@ -4,7 +4,9 @@
 
 tonic::include_proto!("waxos.v1");
 
+pub mod pki;
 pub mod signature;
+pub mod tls;
 
 /// Logging shared by both binaries: every line timestamped to the millisecond, local time.
 ///

@@ -3,9 +3,19 @@
 # set WAXOSD (default ./target/release/waxosd) to measure another build of the host. The hosts
 # trust .cluster/trusted-keys: the guest build signed by `just build` with the dev key
 # (WAXOSD_TRUST="" for a host build from before signed builds, which has no --trusted-keys).
+# They speak TLS with the dev PKI (.cluster/pki, scripts/dev-pki.sh), which the waxos client
+# finds by itself; BENCH_INSECURE=1 starts them with --insecure instead (and the client with it:
+# use `$waxos_flags`), to measure what TLS costs. WAXOSD_TLS="" for a host build from before TLS.
 waxos=./target/release/waxos
 waxosd="${WAXOSD:-./target/release/waxosd}"
 read -r -a trust <<< "${WAXOSD_TRUST---trusted-keys .cluster/trusted-keys}"
+source scripts/dev-pki.sh
+dev_pki 50061 50062 50063 50064 50065
+waxos_flags=()
+[ "${BENCH_INSECURE:-0}" = 1 ] && waxos_flags=(--insecure)
+host_tls() { # PORT -> this cluster's TLS flags of the host on PORT
+  if [ "${BENCH_INSECURE:-0}" = 1 ]; then echo --insecure; else echo "${WAXOSD_TLS-$(member_tls "$1")}"; fi
+}
 pids=()
 stop_cluster() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait "${pids[@]}" 2>/dev/null || true; pids=(); }
 
@@ -13,20 +23,20 @@ start_cluster() { # extra waxosd args (may be none)...
   stop_cluster; rm -rf "$dir/data"
   for n in 1 2 3 4 5; do
     "$waxosd" 50061 $((50060 + n)) --data-dir "$dir/data/$n" --chaos off --snapshot-every 1000000 \
-      ${trust[@]+"${trust[@]}"} "$@" \
+      ${trust[@]+"${trust[@]}"} $(host_tls $((50060 + n))) "$@" \
       2>"$dir/$n.log" &
     pids+=($!)
     sleep 0.2
   done
   for _ in $(seq 1 100); do
-    RUST_LOG=off "$waxos" 127.0.0.1 50061 --timeout-ms 1000 put __bench_ready__ 1 2>/dev/null && return 0
+    RUST_LOG=off "$waxos" ${waxos_flags[@]+"${waxos_flags[@]}"} 127.0.0.1 50061 --timeout-ms 1000 put __bench_ready__ 1 2>/dev/null && return 0
     sleep 0.1
   done
   echo "bench: cluster did not come up; logs in $dir" >&2; exit 1
 }
 
 leader_address() { # host:port of the current leader (the status row whose role is leader)
-  RUST_LOG=off "$waxos" 127.0.0.1 50061 status 2>/dev/null | awk '$4 == "leader" {print $2; exit}'
+  RUST_LOG=off "$waxos" ${waxos_flags[@]+"${waxos_flags[@]}"} 127.0.0.1 50061 status 2>/dev/null | awk '$4 == "leader" {print $2; exit}'
 }
 
 rss_mb() { # largest resident size among the hosts, MiB

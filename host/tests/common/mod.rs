@@ -5,6 +5,11 @@
 //! runs a copy of the guest build signed with `waxos sign`, and starts its hosts with
 //! `--trusted-keys` (the key's `.pub` file). Builds a test swaps in are signed the same way
 //! (`Cluster::sign`), so a swap test is refused only for what it is about.
+//!
+//! Every cluster speaks TLS, as a real one does: one test PKI (`waxos_proto::pki`, in
+//! target/test-pki) issues each host a member certificate for its address, and the `waxos`
+//! client and the gRPC clients here show its operator certificate. A cluster started with
+//! `--insecure` among its extra args is plaintext end to end (`Cluster::insecure`).
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -12,6 +17,88 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use waxos_proto::key_value_client::KeyValueClient;
+use waxos_proto::tls::Dialer;
+
+/// The test PKI's directory (target/test-pki), its CA, operator and client made on first use.
+pub fn pki_dir() -> PathBuf {
+    static MADE: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+    let dir = bin_dir().parent().expect("target/").join("test-pki");
+    let mut made = MADE.lock().unwrap_or_else(|e| e.into_inner());
+    if !*made {
+        waxos_proto::pki::ensure(&dir).expect("the test PKI");
+        *made = true;
+    }
+    dir
+}
+
+/// The member certificate of `127.0.0.1:port` (made where missing).
+pub fn member_cert(port: u16) -> waxos_proto::pki::Holder {
+    member_tls_args(port);
+    waxos_proto::pki::member(&pki_dir(), &format!("127.0.0.1:{port}"))
+}
+
+/// A `waxos` client command that finds the test PKI by itself (`WAXOS_PKI`), as a user's finds
+/// `.cluster/pki`: it verifies hosts with the test CA and shows the operator's certificate.
+pub fn waxos_command() -> Command {
+    let mut command = Command::new(waxos_path());
+    command.env("WAXOS_PKI", pki_dir());
+    command
+}
+
+/// The waxosd TLS flags of the host serving `127.0.0.1:port`.
+pub fn member_tls_args(port: u16) -> Vec<String> {
+    member_tls_args_for(&format!("127.0.0.1:{port}"))
+}
+
+/// The waxosd TLS flags of the host serving `address` (`host:port`).
+pub fn member_tls_args_for(address: &str) -> Vec<String> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let dir = pki_dir();
+    let member = {
+        let _one_at_a_time = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        waxos_proto::pki::ensure_member(&dir, address).expect("a member certificate")
+    };
+    let ca = waxos_proto::pki::ca_cert(&pki_dir());
+    [("--cacert", ca), ("--cert", member.cert), ("--key", member.key)]
+        .into_iter()
+        .flat_map(|(flag, path)| [flag.to_string(), path.display().to_string()])
+        .collect()
+}
+
+/// The waxos client's TLS flags: the test CA and `holder`'s certificate.
+pub fn client_tls_args(holder: &waxos_proto::pki::Holder) -> Vec<String> {
+    let ca = waxos_proto::pki::ca_cert(&pki_dir());
+    [("--cacert", ca), ("--cert", holder.cert.clone()), ("--key", holder.key.clone())]
+        .into_iter()
+        .flat_map(|(flag, path)| [flag.to_string(), path.display().to_string()])
+        .collect()
+}
+
+/// A dialer with the test CA, showing `holder`'s certificate (None: no client certificate).
+pub fn dialer_as(holder: Option<&waxos_proto::pki::Holder>) -> Dialer {
+    let ca = waxos_proto::pki::ca_cert(&pki_dir());
+    Dialer::from_files(&ca, holder.map(|h| h.cert.as_path()), holder.map(|h| h.key.as_path())).expect("TLS files")
+}
+
+/// The operator's dialer, what the helpers here use.
+pub fn dialer() -> Dialer {
+    dialer_as(Some(&waxos_proto::pki::operator(&pki_dir())))
+}
+
+/// An endpoint of `address` (`127.0.0.1:PORT`) dialled as the operator; plaintext when the
+/// address is written `http://…` (an `--insecure` cluster's `addr`).
+pub fn endpoint(address: &str) -> tonic::transport::Endpoint {
+    match address.strip_prefix("http://") {
+        Some(plain) => Dialer::Insecure.endpoint(plain),
+        None => dialer().endpoint(address),
+    }
+    .expect("an endpoint")
+}
+
+/// A connected channel to `address` (see `endpoint`).
+pub async fn channel(address: &str) -> tonic::transport::Channel {
+    endpoint(address).connect().await.expect("connect")
+}
 
 /// target/<profile>/ — where the binaries of this build are.
 pub fn bin_dir() -> PathBuf {
@@ -70,6 +157,8 @@ pub struct Cluster {
     /// This cluster's private signing key, and the trusted-keys file holding its public key.
     pub signing_key: PathBuf,
     pub trusted_keys: PathBuf,
+    /// Started with `--insecure`: plaintext, nobody authenticated.
+    pub insecure: bool,
 }
 
 /// A guest-signing key pair made by `waxos keygen` in `dir`: (private key file, public key file
@@ -105,7 +194,15 @@ impl Cluster {
     /// Starts one host per port (the first coordinates), with fresh data dirs, and waits until
     /// a write succeeds through the first: e.g. a second cluster on the ports of a stopped one.
     pub fn start_on(ports: &[u16], extra_args: &[&str]) -> Cluster {
-        let n = ports.len();
+        let all: Vec<usize> = (0..ports.len()).collect();
+        let cluster = Cluster::start_without_waiting(ports, extra_args, &all);
+        cluster.wait_ready(0);
+        cluster
+    }
+
+    /// A cluster of one host per port of which only those in `started` are spawned now (the
+    /// rest with `spawn_host`), without waiting for anything.
+    pub fn start_without_waiting(ports: &[u16], extra_args: &[&str], started: &[usize]) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let (signing_key, trusted_keys) = keygen(&dir.path().join("keys"), "test");
         let guest = signed_copy(&guest_path(), &dir.path().join("guest"), &signing_key);
@@ -117,23 +214,29 @@ impl Cluster {
             guest,
             signing_key,
             trusted_keys,
+            insecure: extra_args.contains(&"--insecure"),
         };
         for (i, port) in ports.iter().enumerate() {
             let data_dir = cluster.dir.path().join(format!("data{}", i + 1));
             let log = cluster.dir.path().join(format!("{}.log", i + 1));
             cluster.hosts.push(Host { port: *port, data_dir, log, child: None, env: Vec::new() });
         }
-        for i in 0..n {
+        for &i in started {
             cluster.spawn(i);
         }
-        cluster.wait_ready(0);
         cluster
+    }
+
+    /// Spawns host `i` (not running).
+    pub fn spawn_host(&mut self, i: usize) {
+        self.spawn(i);
     }
 
     fn spawn(&mut self, i: usize) {
         let replicas = self.hosts_len();
         let host = &self.hosts[i];
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&host.log).expect("log file");
+        let tls = if self.insecure { Vec::new() } else { member_tls_args(host.port) };
         let child = Command::new(waxosd_path())
             .arg(self.coordinator_port.to_string())
             .arg(host.port.to_string())
@@ -145,6 +248,7 @@ impl Cluster {
             .arg(&self.trusted_keys)
             .arg("--replicas")
             .arg(replicas.to_string())
+            .args(&tls)
             .args(&self.extra_args)
             .env("RUST_LOG", "info")
             .envs(host.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -195,9 +299,20 @@ impl Cluster {
         }
     }
 
-    /// Runs the `waxos` client against host `i`.
+    /// Runs the `waxos` client against host `i`, as the operator.
     pub fn client(&self, i: usize, args: &[&str]) -> Output {
+        self.client_as(Some(&waxos_proto::pki::operator(&pki_dir())), i, args)
+    }
+
+    /// Runs the `waxos` client against host `i`, showing `holder`'s certificate (None: none).
+    pub fn client_as(&self, holder: Option<&waxos_proto::pki::Holder>, i: usize, args: &[&str]) -> Output {
+        let tls = match holder {
+            _ if self.insecure => vec!["--insecure".to_string()],
+            Some(holder) => client_tls_args(holder),
+            None => vec!["--cacert".to_string(), waxos_proto::pki::ca_cert(&pki_dir()).display().to_string()],
+        };
         Command::new(waxos_path())
+            .args(&tls)
             .arg("127.0.0.1")
             .arg(self.hosts[i].port.to_string())
             .args(args)
@@ -265,13 +380,21 @@ impl Cluster {
         std::fs::read_to_string(&self.hosts[i].log).unwrap_or_default()
     }
 
+    /// Host `i`'s address for `endpoint`/`channel`: `127.0.0.1:PORT` (TLS), or
+    /// `http://127.0.0.1:PORT` for an `--insecure` cluster.
     pub fn addr(&self, i: usize) -> String {
-        format!("http://127.0.0.1:{}", self.hosts[i].port)
+        let scheme = if self.insecure { "http://" } else { "" };
+        format!("{scheme}127.0.0.1:{}", self.hosts[i].port)
+    }
+
+    /// A connected channel to host `i`, as the operator.
+    pub async fn channel(&self, i: usize) -> tonic::transport::Channel {
+        channel(&self.addr(i)).await
     }
 
     /// A gRPC KeyValue client of host `i`.
     pub async fn grpc(&self, i: usize) -> KeyValueClient<tonic::transport::Channel> {
-        KeyValueClient::connect(self.addr(i)).await.expect("connect")
+        KeyValueClient::new(self.channel(i).await)
     }
 }
 
@@ -289,6 +412,19 @@ pub fn stdout(out: &Output) -> String {
 
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+/// Host `i`'s node id, from its own status.
+pub fn node_id(cluster: &Cluster, i: usize) -> u32 {
+    let out = cluster.client(i, &["--json", "status"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    let port = format!(":{}", cluster.hosts[i].port);
+    let me = status["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .find(|m| m["address"].as_str().is_some_and(|a| a.ends_with(&port)));
+    me.and_then(|m| m["id"].as_u64()).expect("host in its status") as u32
 }
 
 /// Index of the host whose guest leads, from `waxos status --json` through host `via`.
@@ -314,8 +450,7 @@ pub async fn write_with_retries(
         let request = waxos_proto::PutRequest { key: key.clone(), value: value.clone(), client_id, seq: i as u64 + 1 };
         for _attempt in 0..40 {
             let result = async {
-                let channel = tonic::transport::Endpoint::from_shared(addrs[host].clone())
-                    .map_err(|e| tonic::Status::internal(e.to_string()))?
+                let channel = endpoint(&addrs[host])
                     .connect_timeout(Duration::from_millis(500))
                     .connect()
                     .await
@@ -347,7 +482,7 @@ pub async fn read_eventually(addr: &str, key: &str, patience: Duration) -> Resul
     let mut last = String::new();
     while Instant::now() < deadline {
         let result = async {
-            let mut client = KeyValueClient::connect(addr.to_string()).await.map_err(|e| e.to_string())?;
+            let mut client = KeyValueClient::new(endpoint(addr).connect().await.map_err(|e| e.to_string())?);
             let mut r = tonic::Request::new(waxos_proto::GetRequest {
                 key: key.to_string(),
                 client_id: 0,
