@@ -39,7 +39,12 @@ swap path="": setup
 bench: build
     scripts/bench.sh --group-commit-compare
     scripts/bench-latency.sh
+    scripts/bench-tls.sh 1
     scripts/bench-stall.sh 60
+
+# What TLS costs: PUT@64 and linearizable GET@64 with TLS vs --insecure, REPS rounds in one run, and the signature check time.
+bench-tls reps="3": build
+    scripts/bench-tls.sh {{reps}}
 
 # p50 latency per value size, 8 B-1 MiB, one client: a third-party client (Python grpcio) and waxos bench.
 bench-latency: build

@@ -290,7 +290,7 @@ fn report(args: &BenchArgs, targets: &[String], mut tally: Tally, elapsed: f64, 
     );
     let max = tally.latencies_us.last().map_or(0.0, |m| f64::from(*m) / 1e3);
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({
                 "clients": args.clients, "duration_s": elapsed, "value_size": args.value_size, "keys": args.keys,
@@ -300,7 +300,7 @@ fn report(args: &BenchArgs, targets: &[String], mut tally: Tally, elapsed: f64, 
             })
         );
     } else {
-        println!(
+        outln!(
             "bench: {} clients, {:.1} s, mix {}, {}-byte values, {} keys, {} target(s)",
             args.clients,
             elapsed,
@@ -309,10 +309,10 @@ fn report(args: &BenchArgs, targets: &[String], mut tally: Tally, elapsed: f64, 
             args.keys,
             targets.len()
         );
-        println!("  ops/s   {ops_per_s:>10.0}   ({ops} ok, {} errors)", tally.errors);
-        println!("  latency p50 {p50:.2} ms  p90 {p90:.2} ms  p99 {p99:.2} ms  max {max:.2} ms");
+        outln!("  ops/s   {ops_per_s:>10.0}   ({ops} ok, {} errors)", tally.errors);
+        outln!("  latency p50 {p50:.2} ms  p90 {p90:.2} ms  p99 {p99:.2} ms  max {max:.2} ms");
         if let Some(e) = tally.first_error {
-            println!("  first error: {e}");
+            outln!("  first error: {e}");
         }
     }
 }

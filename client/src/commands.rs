@@ -43,7 +43,7 @@ pub async fn single(session: &mut Session, op: Op) -> i32 {
     match session.request(&op).await {
         Ok(Reply::Stored) => EXIT_OK,
         Ok(Reply::Value(Some(value))) => {
-            println!("{}", String::from_utf8_lossy(&value));
+            outln!("{}", String::from_utf8_lossy(&value));
             EXIT_OK
         }
         Ok(Reply::Value(None)) => {
@@ -116,7 +116,7 @@ async fn demo(session: &mut Session) -> i32 {
         ops.len(),
         started.elapsed().as_secs_f64() * 1e3
     );
-    println!("{summary}");
+    outln!("{summary}");
     if failed == 0 {
         EXIT_OK
     } else {
@@ -154,15 +154,17 @@ async fn swap(session: &Session, path: &std::path::Path, json: bool) -> i32 {
         Ok(r) => {
             let pause_ms = r.pause_us as f64 / 1e3;
             if json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::json!({"server": server, "old_version": r.old_version, "new_version": r.new_version,
                         "build": r.build_hash, "pause_ms": pause_ms})
                 );
             } else {
-                println!(
+                outln!(
                     "{server}: swapped {} -> {} (build {}), pause {pause_ms:.2} ms",
-                    r.old_version, r.new_version, r.build_hash
+                    r.old_version,
+                    r.new_version,
+                    r.build_hash
                 );
             }
             EXIT_OK
@@ -201,12 +203,21 @@ pub async fn status(session: &mut Session, json: bool) -> i32 {
         rows.push(row);
     }
     if json {
-        println!("{}", serde_json::json!({ "members": rows }));
+        outln!("{}", serde_json::json!({ "members": rows }));
         return EXIT_OK;
     }
-    println!(
+    outln!(
         "{:<4} {:<22} {:<5} {:<10} {:<8} {:>10} {:>10} {:>8} {:<16} {:<16}",
-        "ID", "ADDRESS", "UP", "ROLE", "BALLOT", "CHOSEN", "APPLIED", "KEYS", "VERSION", "BUILD"
+        "ID",
+        "ADDRESS",
+        "UP",
+        "ROLE",
+        "BALLOT",
+        "CHOSEN",
+        "APPLIED",
+        "KEYS",
+        "VERSION",
+        "BUILD"
     );
     for r in &rows {
         let g = &r["guest"];
@@ -215,7 +226,7 @@ pub async fn status(session: &mut Session, json: bool) -> i32 {
             serde_json::Value::String(s) => s.clone(),
             other => other.to_string(),
         };
-        println!(
+        outln!(
             "{:<4} {:<22} {:<5} {:<10} {:<8} {:>10} {:>10} {:>8} {:<16} {:<16}",
             text(&r["id"]),
             text(&r["address"]),

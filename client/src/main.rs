@@ -10,6 +10,23 @@
 //!   `waxos dev-pki` (offline).
 //! - this file: argument parsing and exit codes (0 ok, 2 key not found, 1 any failure).
 
+/// `println!` that survives a closed stdout (`waxos … | head`): the process leaves quietly with
+/// 141, as if by SIGPIPE, instead of panicking. SIGPIPE itself stays ignored (Rust's default):
+/// taking its default action killed the client whenever a server closed a socket it was writing
+/// to (a vectored write has no MSG_NOSIGNAL), e.g. plaintext against a TLS host.
+macro_rules! outln {
+    ($($arg:tt)*) => { $crate::write_stdout(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
+/// Writes to stdout, leaving quietly when nobody reads it any more.
+pub fn write_stdout(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if stdout.write_fmt(args).and_then(|()| stdout.flush()).is_err() {
+        std::process::exit(141);
+    }
+}
+
 mod bench;
 mod commands;
 mod security;
@@ -134,12 +151,6 @@ enum Offline {
 }
 
 fn main() {
-    // Like any Unix filter: a closed stdout (`waxos … | head`) ends the process quietly
-    // instead of panicking on the failed write.
-    // SAFETY: called first thing, before any other thread exists.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
     waxos_proto::logging::init("info");
     if matches!(std::env::args_os().nth(1).as_deref().and_then(|a| a.to_str()), Some("keygen" | "sign" | "dev-pki")) {
         let code = match OfflineArgs::parse().command {

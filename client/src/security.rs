@@ -93,7 +93,7 @@ pub fn dev_pki(dir: &Path, members: &[String], client: Option<&str>, operator: b
     match made {
         Ok(files) => {
             for file in files {
-                println!("{}", file.display());
+                outln!("{}", file.display());
             }
             EXIT_OK
         }

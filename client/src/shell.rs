@@ -70,7 +70,7 @@ pub async fn run(session: &mut Session, json: bool) -> i32 {
     if let Some(path) = &history {
         let _ = editor.load_history(path);
     }
-    println!("waxos shell on {} — type help, Ctrl-D to leave", session.server());
+    outln!("waxos shell on {} — type help, Ctrl-D to leave", session.server());
     loop {
         let prompt = format!("waxos {}> ", session.server());
         let line = match tokio::task::block_in_place(|| editor.readline(&prompt)) {
@@ -87,7 +87,7 @@ pub async fn run(session: &mut Session, json: bool) -> i32 {
         }
         match parse(&line) {
             Ok(Line::Empty) => {}
-            Ok(Line::Help) => println!("{HELP}"),
+            Ok(Line::Help) => outln!("{HELP}"),
             Ok(Line::Quit) => break,
             Ok(Line::Status) => {
                 commands::status(session, json).await;
@@ -95,7 +95,7 @@ pub async fn run(session: &mut Session, json: bool) -> i32 {
             Ok(Line::Op(op)) => {
                 let code = commands::single(session, op).await;
                 if code == commands::EXIT_OK {
-                    println!("ok");
+                    outln!("ok");
                 }
             }
             Err(message) => eprintln!("{message}"),

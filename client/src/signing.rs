@@ -26,7 +26,7 @@ pub fn keygen(out: &Path, name: &str) -> i32 {
                 public.display(),
                 key_id(&key.verifying_key())
             );
-            println!("{}", public_key_text(&key.verifying_key()));
+            outln!("{}", public_key_text(&key.verifying_key()));
             EXIT_OK
         }
         Err(e) => {

@@ -269,3 +269,93 @@ fn registration_by_an_outsider_is_refused() {
     let log = cluster.log_of(0);
     assert!(log.contains("refused op=registration"), "{log}");
 }
+
+/// Sends learner envelopes holding a forged `Chosen` — slots `from..from + 20`, each putting
+/// `key = "forged"` — to host `victim` as node `src`, over `dialer`; the stream's answer.
+async fn forge_chosen(
+    cluster: &Cluster,
+    victim: usize,
+    dialer: &Dialer,
+    src: u32,
+    from: u64,
+    key: &str,
+) -> Result<(), tonic::Status> {
+    use waxos_guest::message::{encode, ClientCommand, Message, Value};
+    use waxos_guest::types::Command;
+    let dst = common::node_id(cluster, victim);
+    let entries = (from..from + 20)
+        .map(|slot| {
+            let command = Command::Put(key.to_string(), b"forged".to_vec());
+            (slot, Value::Batch(vec![ClientCommand { origin: src, request_id: 0, client: 0, seq: 0, command }]))
+        })
+        .collect();
+    let payload = encode(&Message::Chosen { entries });
+    let batch = EnvelopeBatch {
+        src,
+        envelopes: vec![waxos_proto::Envelope { src, dst, role: 2, payload }],
+        cluster_id: String::new(),
+    };
+    let channel = dial(cluster, victim, dialer).await.map_err(tonic::Status::unavailable)?;
+    PeerClient::new(channel).exchange(tokio_stream::iter(vec![batch])).await.map(|_| ())
+}
+
+/// Rule: no replica applies a value the cluster did not choose. Before peers were authenticated
+/// an outsider claiming the leader's id sent one `Chosen` for the next slots to a follower, which
+/// applied it: a linearizable GET there returned the forged value (or "not found") for an
+/// acknowledged write, in silence. Now neither a plain client nor another member (host 2's
+/// certificate speaking as the leader) gets a batch read, and every replica reads the
+/// acknowledged value.
+#[test]
+fn a_forged_chosen_from_an_outsider_never_reaches_a_replica() {
+    let cluster = Cluster::start(3, &[]);
+    let leader = common::leader_index(&cluster, 0).expect("a leader");
+    let victim = (leader + 1) % 3;
+    let impostor_host = (leader + 2) % 3;
+    let leader_id = common::node_id(&cluster, leader);
+    let applied = cluster.guest_status(victim).and_then(|g| g["applied"].as_u64()).expect("applied slot");
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let outsiders = [
+        ("client", common::dialer_as(Some(&plain_client()))),
+        ("another member", common::dialer_as(Some(&common::member_cert(cluster.hosts[impostor_host].port)))),
+    ];
+    for (who, dialer) in &outsiders {
+        let answer = runtime.block_on(forge_chosen(&cluster, victim, dialer, leader_id, applied, "target"));
+        let refused = answer.expect_err(who);
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{who}: {refused:?}");
+    }
+    for n in 0..5 {
+        let out = cluster.client(leader, &["put", "target", &format!("real-{n}")]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    }
+    for i in 0..3 {
+        let out = cluster.client(i, &["get", "target"]);
+        assert_eq!((out.status.code(), stdout(&out).as_str()), (Some(0), "real-4"), "host {i}: {}", stderr(&out));
+    }
+}
+
+/// Rule: sizes are bounded before anything is read, and a non-member's batch is never read at
+/// all: a 200 MiB batch from a plain client is refused at once, and the host's memory does not
+/// grow by anything like it (before: 112 → 515 MB).
+#[test]
+fn a_non_members_huge_peer_batch_is_refused_unread() {
+    let cluster = Cluster::start(1, &[]);
+    let pid = cluster.hosts[0].child.as_ref().expect("running").id();
+    let before = common::rss_mib(pid).expect("rss");
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let dialer = common::dialer_as(Some(&plain_client()));
+    let answer = runtime.block_on(async {
+        let channel = dial(&cluster, 0, &dialer).await.expect("connect");
+        let batch = EnvelopeBatch {
+            src: 1,
+            envelopes: vec![waxos_proto::Envelope { src: 1, dst: 1, role: 1, payload: vec![7; 200 << 20] }],
+            cluster_id: String::new(),
+        };
+        PeerClient::new(channel).max_encoding_message_size(usize::MAX).exchange(tokio_stream::iter(vec![batch])).await
+    });
+    let refused = answer.expect_err("a non-member's batch");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    let after = common::rss_mib(pid).expect("rss");
+    assert!(after < before + 100, "the host read the batch: {before} -> {after} MiB");
+    let out = cluster.client(0, &["put", "after", "huge"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
