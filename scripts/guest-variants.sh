@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the guest variants the hot-swap tests swap in, into target/guest-variants/:
 #   relabeled.wasm      the same code with version "0.1.0+swap-test"
-#   snapshot-v2.wasm    writes snapshot format 2 (an older build must refuse it), "+snapshot-v2"
+#   snapshot-v3.wasm    writes snapshot format 3 (an older build must refuse it), "+snapshot-v3"
 #   trap-on-start.wasm  traps in start (a broken build)
 #   not-a-world.wasm    a valid, empty component that exports nothing
 #   not-wasm.wasm       not wasm at all
@@ -22,7 +22,7 @@ else
     cp target/variants/wasm32-wasip2/release/waxos_guest.wasm "$out/$1.wasm"
   }
   build relabeled swap-test ""
-  build snapshot-v2 snapshot-v2 test-snapshot-v2
+  build snapshot-v3 snapshot-v3 test-snapshot-v3
   build bug-forget-promise bug-forget-promise bug-forget-promise
   build bug-skip-phase1 bug-skip-phase1 bug-skip-phase1
   build bug-apply-out-of-order bug-apply-out-of-order bug-apply-out-of-order

@@ -3,8 +3,8 @@
 //! Every request carries `(client_id, seq)`. A request that times out (or finds its server
 //! unreachable or unavailable) is logged — `server HOST:PORT unresponsive after N ms` — and sent
 //! again, with the same pair, to the next member learned from `Admin.Status`; the cluster applies
-//! a write once however many times it arrives. Errors that retrying cannot fix (invalid input)
-//! are returned at once.
+//! a write once however many times it arrives. Errors that retrying cannot fix (invalid input,
+//! `FAILED_PRECONDITION`: a pair already used for another request) are returned at once.
 
 use std::time::{Duration, Instant};
 
@@ -195,7 +195,9 @@ impl Session {
                     self.learn_members().await;
                     return Ok(reply);
                 }
-                Err(status) if status.code() == Code::InvalidArgument => {
+                // Invalid input, or a (client, seq) already used for another request (this
+                // client never reuses one; a retry of the same request is answered, not refused).
+                Err(status) if matches!(status.code(), Code::InvalidArgument | Code::FailedPrecondition) => {
                     return Err(RequestError::Invalid(status.message().to_string()));
                 }
                 Err(status) => {

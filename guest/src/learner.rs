@@ -11,17 +11,67 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::kv::Kv;
-use crate::message::{ClientCommand, Value};
+use crate::kv::{Kv, KvV1, KvV1Out};
+use crate::message::{self, ClientCommand, DecodeError, Value};
 use crate::types::Outcome;
 
-/// The state machine as a snapshot transfer carries it.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// The format version of an encoded `AppState` (`AppState::encode`): still 1.
+pub const APP_STATE_VERSION: u8 = 1;
+/// The version of the trailer after an encoded `AppState` (`AppState::encode`).
+pub const APP_STATE_TRAILER_VERSION: u8 = 1;
+
+/// The state machine as a snapshot transfer carries it (encoded by `AppState::encode` only).
+#[derive(Clone, Debug)]
 pub struct AppState {
     /// Every slot below this is applied in `kv`.
     pub next_apply: u64,
     /// The state machine.
     pub kv: Kv,
+}
+
+/// `AppState` in format 1's layout, as every build reads it (sessions without fingerprints).
+#[derive(Deserialize)]
+struct AppStateV1 {
+    next_apply: u64,
+    kv: KvV1,
+}
+
+/// `AppState` written in format 1's layout, borrowed.
+#[derive(Serialize)]
+struct AppStateV1Out<'a> {
+    next_apply: u64,
+    kv: KvV1Out<'a>,
+}
+
+impl AppState {
+    /// Encodes for a snapshot transfer or an `Installed` record: format 1 (the bytes a build
+    /// before session fingerprints writes for the same state, so that such a build, in a
+    /// cluster in the middle of a rolling upgrade, can still install it), then a trailer that
+    /// such builds ignore (postcard stops reading at the end of the value): its own version
+    /// byte, then the sessions' fingerprints. Unlike a snapshot, whose version went up to 2,
+    /// a transfer must stay readable by a lagging replica of the older build, or it could
+    /// never catch up until it is swapped too (the simulator found exactly that).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut bytes =
+            message::encode_as(APP_STATE_VERSION, &AppStateV1Out { next_apply: self.next_apply, kv: self.kv.as_v1() });
+        bytes.extend(message::encode_as(APP_STATE_TRAILER_VERSION, &self.kv.fingerprints()));
+        bytes
+    }
+
+    /// Decodes what `encode` wrote, or what a build before fingerprints wrote (no trailer:
+    /// its sessions' fingerprints are unknown, as are those of a newer trailer's).
+    pub fn decode(bytes: &[u8]) -> Result<AppState, DecodeError> {
+        let (old, trailer): (AppStateV1, &[u8]) = message::decode_with_rest(APP_STATE_VERSION, bytes)?;
+        let mut kv = Kv::from(old.kv);
+        if !trailer.is_empty() {
+            match message::decode_up_to::<Vec<(u64, u64)>>(APP_STATE_TRAILER_VERSION, trailer) {
+                Ok(fingerprints) => kv.restore_fingerprints(&fingerprints),
+                Err(DecodeError::NewerVersion { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(AppState { next_apply: old.next_apply, kv })
+    }
 }
 
 /// Bytes a chosen value holds (keys, values, identities): what retaining it costs.

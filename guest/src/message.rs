@@ -309,13 +309,15 @@ impl std::fmt::Display for DecodeError {
     }
 }
 
-/// The snapshot format version this build writes (a test-only feature writes a newer one, to
-/// check that an older build refuses it).
-#[cfg(not(feature = "test-snapshot-v2"))]
-pub const SNAPSHOT_VERSION: u8 = 1;
-/// The snapshot format version this build writes.
-#[cfg(feature = "test-snapshot-v2")]
+/// The snapshot format version this build writes, and the newest it reads (a test-only feature
+/// writes a newer one, to check that an older build refuses it). Version 2: client sessions
+/// carry a fingerprint of their command (`kv::Session`); version 1 is read and migrated.
+#[cfg(not(feature = "test-snapshot-v3"))]
 pub const SNAPSHOT_VERSION: u8 = 2;
+/// The snapshot format version this build writes (test-only: the layout of version 2 under
+/// the number 3, which the normal build refuses as newer).
+#[cfg(feature = "test-snapshot-v3")]
+pub const SNAPSHOT_VERSION: u8 = 3;
 
 /// Encodes a value behind the format version byte.
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {

@@ -8,7 +8,8 @@
 //! Requests from this host's clients are kept in `pending` until the command is applied: the
 //! leader proposes them, a follower forwards them to the leader it knows (and again, whenever
 //! the leader changes or a resend interval passes). Retries are harmless because the state
-//! machine deduplicates by `(client, seq)`.
+//! machine deduplicates by `(client, seq)`, and a pair reused for another command is refused
+//! (`kv`), never answered with the first command's outcome.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, VecDeque};
@@ -17,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::acceptor::Acceptor;
 use crate::follower_reads::{FollowerRead, FollowerReads};
-use crate::kv::Kv;
+use crate::kv::{Kv, KvV1};
 use crate::learner::AppState;
 use crate::learner::Learner;
 use crate::message::{self, Ballot, ClientCommand, DecodeError, Message, Record, Value};
@@ -76,20 +77,43 @@ struct Pending {
     sent_ms: u64,
 }
 
-/// Everything a snapshot holds (format version 1). Borrowed when written (no copy of the
-/// state on the way out), owned when read.
+/// Everything a snapshot holds. Borrowed when written (no copy of the state on the way out),
+/// owned when read. `K` is the state machine's layout: `Kv` in format 2 (what this build
+/// writes), `KvV1` in format 1 (sessions without fingerprints; read to migrate). Nothing else
+/// differs between the two formats.
 #[derive(Serialize, Deserialize)]
-struct SnapshotState<'a> {
+struct SnapshotState<'a, K: Clone> {
     promised: Ballot,
     accepted: Cow<'a, BTreeMap<u64, (Ballot, Value)>>,
     acceptor_log_start: u64,
     chosen: Cow<'a, BTreeMap<u64, Value>>,
     learner_log_start: u64,
     next_apply: u64,
-    kv: Cow<'a, Kv>,
+    kv: Cow<'a, K>,
     voting: bool,
     /// Present only in a hand-over snapshot (hot swap): the state that is not durable.
     volatile: Option<Volatile<'a>>,
+}
+
+/// Decodes a snapshot of format 1 (migrated: its sessions keep everything but a fingerprint,
+/// which they never had) or 2, with the bytes after it (a hand-over's trailer).
+fn decode_snapshot(bytes: &[u8]) -> Result<(SnapshotState<'static, Kv>, &[u8]), DecodeError> {
+    if bytes.first().is_some_and(|&version| version <= 1) {
+        let (old, rest): (SnapshotState<'static, KvV1>, &[u8]) = message::decode_with_rest(1, bytes)?;
+        let state = SnapshotState {
+            promised: old.promised,
+            accepted: old.accepted,
+            acceptor_log_start: old.acceptor_log_start,
+            chosen: old.chosen,
+            learner_log_start: old.learner_log_start,
+            next_apply: old.next_apply,
+            kv: Cow::Owned(Kv::from(old.kv.into_owned())),
+            voting: old.voting,
+            volatile: old.volatile,
+        };
+        return Ok((state, rest));
+    }
+    message::decode_with_rest(message::SNAPSHOT_VERSION, bytes)
 }
 
 /// What a hot swap hands over beyond the durable state, so that the new build continues exactly
@@ -243,8 +267,7 @@ impl Replica {
         // said "not voting" at some point.
         let mut rejoined_before = false;
         if let Some(bytes) = snapshot {
-            let (state, trailer): (SnapshotState, &[u8]) = message::decode_with_rest(message::SNAPSHOT_VERSION, bytes)
-                .map_err(|e| format!("snapshot refused: {e}"))?;
+            let (state, trailer) = decode_snapshot(bytes).map_err(|e| format!("snapshot refused: {e}"))?;
             replica.acceptor.promised = state.promised;
             replica.acceptor.accepted = state.accepted.into_owned();
             replica.acceptor.log_start = state.acceptor_log_start;
@@ -290,7 +313,7 @@ impl Replica {
                 }
                 Record::Installed(bytes) => {
                     replica.learner.apply_ready();
-                    let state: AppState = message::decode(&bytes)
+                    let state = AppState::decode(&bytes)
                         .map_err(|e| format!("WAL record {i} (installed snapshot) refused: {e}"))?;
                     replica.learner.install(state);
                 }
@@ -345,7 +368,7 @@ impl Replica {
     /// build needs to continue without a pause.
     pub fn snapshot(&self, handover: bool) -> Vec<u8> {
         // Reads waiting for their confirmation are handed over as log commands, due at once:
-        // the new build's read state starts empty (and the format stays that of version 1).
+        // the new build's read state starts empty (and the hand-over format need not carry it).
         // Followers' asks waiting here are dropped: the followers ask again or use the log.
         let pending = if self.reads.is_empty() && self.follower_reads.is_empty() {
             Cow::Borrowed(&self.pending)
@@ -497,8 +520,8 @@ impl Replica {
             }
         }
         for read in self.follower_reads.ready(self.learner.next_apply) {
-            let value = self.learner.kv.data.get(&read.key).cloned();
-            self.effects.push(Effect::Reply(read.request_id, Outcome::Value(value)));
+            let outcome = self.learner.kv.read(read.client, read.seq, &read.key);
+            self.effects.push(Effect::Reply(read.request_id, outcome));
         }
     }
 
@@ -731,8 +754,8 @@ impl Replica {
                     self.send(node, Role::Proposer, Message::ReadIndexed { nonce, ask, index: read.index })
                 }
                 None => {
-                    let value = self.learner.kv.data.get(&read.key).cloned();
-                    self.effects.push(Effect::Reply(read.request_id, Outcome::Value(value)));
+                    let outcome = self.learner.kv.read(read.client, read.seq, &read.key);
+                    self.effects.push(Effect::Reply(read.request_id, outcome));
                 }
             }
         }
@@ -860,8 +883,8 @@ impl Replica {
             }
         }
         if let Command::GetStale(key) = &request.command {
-            let value = self.learner.kv.data.get(key).cloned();
-            self.effects.push(Effect::Reply(request.id, Outcome::Value(value)));
+            let outcome = self.learner.kv.read(request.client, request.seq, key);
+            self.effects.push(Effect::Reply(request.id, outcome));
             return;
         }
         if self.pending.len() + self.reads.len() + self.follower_reads.len() >= PENDING_MAX {
@@ -1241,10 +1264,11 @@ impl Replica {
             if cmd.origin != self.config.me {
                 continue;
             }
-            let ours = self
-                .pending
-                .get(&cmd.request_id)
-                .is_some_and(|p| p.command.client == cmd.client && p.command.seq == cmd.seq);
+            // The very command pending, not just its (client, seq): after a host restart its
+            // request ids start over, and an earlier life's command with the same id and pair
+            // but another operation may still be applied (the state machine refuses the
+            // second of two commands sharing a pair; each gets its own answer).
+            let ours = self.pending.get(&cmd.request_id).is_some_and(|p| p.command == cmd);
             if ours {
                 self.pending.remove(&cmd.request_id);
                 self.effects.push(Effect::Reply(cmd.request_id, outcome));
@@ -1299,7 +1323,7 @@ impl Replica {
         }
         self.snapshot_sent_ms.insert(dst, self.now_ms);
         let state = self.learner.app_state();
-        let bytes = message::encode(&state);
+        let bytes = state.encode();
         let total = bytes.len() as u64;
         self.log(format!(
             "node {dst} is behind our log (it starts at slot {}): sending a {total}-byte snapshot at slot {}",
@@ -1350,7 +1374,7 @@ impl Replica {
         let Some(done) = self.incoming_snapshot.take() else {
             return;
         };
-        match message::decode::<AppState>(&done.bytes) {
+        match AppState::decode(&done.bytes) {
             Ok(state) => {
                 if self.learner.install(state) {
                     self.persist(&Record::Installed(done.bytes));

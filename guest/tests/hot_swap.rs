@@ -118,3 +118,38 @@ fn a_handover_from_a_build_without_the_read_state_trailer_is_accepted() {
     assert_eq!(sim.call(l, 1, 3, get("k")), Outcome::Value(Some(b"v".to_vec())));
     assert_eq!(sim.leaders(), vec![l], "no leader change");
 }
+
+/// A hand-over written by the build before session fingerprints (snapshot format 1, from a
+/// one-replica cluster with a put in flight: `fixtures/README.md`) is accepted: the write in
+/// flight is answered, and the sessions it carries keep exactly-once.
+#[test]
+fn a_handover_of_format_1_from_a_build_before_session_fingerprints_is_accepted() {
+    let handover: &[u8] = include_bytes!("fixtures/v1-handover.bin");
+    assert_eq!(handover[0], 1, "the fixture is of format 1");
+    let config = waxos_guest::types::Config {
+        me: 1,
+        members: vec![1],
+        seed: 7,
+        test_hooks: false,
+        retain_slots: 1_000,
+        rejoining: false,
+    };
+    let swapped = Replica::start(config, Some(handover), &[]).expect("the old build's hand-over is accepted");
+    assert!(swapped.proposer.is_leader(), "leads on without an election");
+    let mut sim = Sim::new(1, 7);
+    sim.nodes.insert(1, swapped);
+    // The put in flight in the old build was request 5 (client 6, seq 1, p = 1).
+    assert!(sim.run_until(2_000, |s| s.replies.contains_key(&5)), "the waiting request was answered");
+    assert_eq!(sim.replies[&5], Outcome::Done);
+    assert_eq!(sim.value_at(1, "p"), Some(b"1".to_vec()));
+    // Client 1's put of k = a was followed by client 5's k = b: its retry applies nothing.
+    assert_eq!(sim.call(1, 1, 1, put("k", "a")), Outcome::Done);
+    assert_eq!(sim.value_at(1, "k"), Some(b"b".to_vec()));
+    assert!(
+        matches!(sim.call(1, 1, 1, get("k")), Outcome::Rejected(r) if r.starts_with("reused")),
+        "a read with a put's pair is refused"
+    );
+    assert_eq!(sim.call(1, 6, 1, put("p", "1")), Outcome::Done, "the handed-over write's retry");
+    assert!(matches!(sim.call(1, 6, 1, put("p", "2")), Outcome::Rejected(r) if r.starts_with("reused")));
+    assert_eq!(sim.value_at(1, "p"), Some(b"1".to_vec()));
+}

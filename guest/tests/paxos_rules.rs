@@ -348,8 +348,9 @@ fn snapshot_round_trips_and_refuses_newer_format() {
     let restored = Replica::start(config.clone(), Some(&snapshot), &[]).expect("restore");
     assert_eq!(restored.learner.kv.data.get("snap"), Some(&b"shot".to_vec()));
     assert_eq!(restored.acceptor.promised, sim.nodes[&leader].acceptor.promised);
+    assert_eq!(restored.learner.kv.sessions, sim.nodes[&leader].learner.kv.sessions, "fingerprints included");
     let mut newer = snapshot.clone();
-    newer[0] = message::FORMAT_VERSION + 1;
+    newer[0] = message::SNAPSHOT_VERSION + 1;
     let err = Replica::start(config, Some(&newer), &[]).expect_err("must refuse");
     assert!(err.contains("newer"), "{err}");
 }

@@ -108,9 +108,26 @@ impl KeyValueService {
     }
 }
 
-/// Maps outcomes a request cannot expect (or refusals) to a gRPC status.
-fn unexpected(outcome: Outcome) -> Status {
+/// Maps outcomes a request cannot expect (or refusals) to a gRPC status. `expected` says whose
+/// answer the request expects ("a put's"), for the message.
+///
+/// A `(client, seq)` pair that was already used for another request is `FAILED_PRECONDITION`:
+/// the request was not applied, and retrying it cannot help (only a new seq can). Not
+/// `ALREADY_EXISTS`, which says an entity (here it would read as the key) exists, nor
+/// `UNAVAILABLE`/`ABORTED`, which clients retry. That covers this guest's refusal (`reused`),
+/// an older guest build's (`seq N was already used by a read`), and an older build's habit of
+/// answering with the outcome remembered for the pair even when it belongs to another kind of
+/// operation (a `Done` to a GET): an outcome of another operation always means the pair was
+/// used for another request, never an internal error.
+fn unexpected(outcome: Outcome, client: u64, seq: u64, expected: &str) -> Status {
+    let reused = |detail: &str| {
+        Status::failed_precondition(format!(
+            "reused seq: (client {client:#x}, seq {seq}) was already used for another request: use a new seq{detail}"
+        ))
+    };
     match outcome {
+        Outcome::Rejected(reason) if reason.starts_with("reused") => Status::failed_precondition(reason),
+        Outcome::Rejected(reason) if reason.starts_with("seq ") && reason.contains("already used") => reused(""),
         Outcome::Rejected(reason) if reason.starts_with("stale") => Status::aborted(reason),
         Outcome::Rejected(reason) if reason.starts_with("key") || reason.starts_with("value") => {
             Status::invalid_argument(reason)
@@ -120,7 +137,9 @@ fn unexpected(outcome: Outcome) -> Status {
         Outcome::Rejected(reason) => Status::unavailable(reason),
         Outcome::Redirect(Some(leader)) => Status::unavailable(format!("not the leader: try node {leader}")),
         Outcome::Redirect(None) => Status::unavailable("no leader known yet; retry"),
-        other => Status::internal(format!("unexpected outcome {other:?}")),
+        Outcome::Done => reused(&format!(" (the answer remembered for it is a put's, not {expected})")),
+        Outcome::Removed(_) => reused(&format!(" (the answer remembered for it is a delete's, not {expected})")),
+        Outcome::Value(_) => reused(&format!(" (the answer is a get's, not {expected})")),
     }
 }
 
@@ -161,7 +180,7 @@ impl KeyValue for KeyValueService {
             }
             match self.submit(Command::Put((r.key.clone(), r.value)), r.client_id, r.seq, deadline).await? {
                 Outcome::Done => Ok(PutResponse {}),
-                other => Err(unexpected(other)),
+                other => Err(unexpected(other, r.client_id, r.seq, "a put's")),
             }
         }
         .await;
@@ -187,7 +206,7 @@ impl KeyValue for KeyValueService {
             match self.submit(command, r.client_id, r.seq, deadline).await? {
                 Outcome::Value(Some(value)) => Ok(GetResponse { found: true, value }),
                 Outcome::Value(None) => Ok(GetResponse { found: false, value: Vec::new() }),
-                other => Err(unexpected(other)),
+                other => Err(unexpected(other, r.client_id, r.seq, "a get's")),
             }
         }
         .await;
@@ -209,7 +228,7 @@ impl KeyValue for KeyValueService {
             check_key(&r.key)?;
             match self.submit(Command::Delete(r.key.clone()), r.client_id, r.seq, deadline).await? {
                 Outcome::Removed(existed) => Ok(DeleteResponse { existed }),
-                other => Err(unexpected(other)),
+                other => Err(unexpected(other, r.client_id, r.seq, "a delete's")),
             }
         }
         .await;

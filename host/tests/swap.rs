@@ -188,13 +188,13 @@ fn two_swaps_at_once_never_install_the_refused_build() {
 #[test]
 fn an_older_build_refuses_a_newer_snapshot() {
     let cluster = Cluster::start(3, &[]);
-    let out = swap(&cluster, 0, &variant("snapshot-v2"));
+    let out = swap(&cluster, 0, &variant("snapshot-v3"));
     assert_eq!(out.status.code(), Some(0), "upgrade: {}", stderr(&out));
-    // Back to the current build, which reads snapshot format 1 only.
+    // Back to the current build, which reads snapshot formats up to 2 only.
     let out = swap(&cluster, 0, &common::guest_path());
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("newer than this build reads"), "{}", stderr(&out));
-    assert_eq!(versions(&cluster)[0], "0.1.0+snapshot-v2");
+    assert_eq!(versions(&cluster)[0], "0.1.0+snapshot-v3");
     let out = cluster.client(0, &["put", "after", "refusal"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }
