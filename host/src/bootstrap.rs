@@ -193,7 +193,15 @@ impl Registry {
         let mut ids: Vec<u32> = members.iter().map(|(id, _)| *id).collect();
         ids.sort_unstable();
         ids.dedup();
-        let valid = ids.len() == members.len() && members.iter().any(|(id, _)| *id == from);
+        let mut addresses: Vec<&str> = members.iter().map(|(_, address)| address.as_str()).collect();
+        addresses.sort_unstable();
+        addresses.dedup();
+        // One address per member (else one member certificate would speak for two ids), and as
+        // many members as this cluster has (else an announcement could shrink it).
+        let valid = ids.len() == members.len()
+            && addresses.len() == members.len()
+            && members.len() as u32 == self.replicas
+            && members.iter().any(|(id, _)| *id == from);
         let mine = members.iter().find(|(_, address)| *address == self.my_address).map(|(id, _)| *id);
         match mine {
             Some(me) if valid && self.adopted.is_none() && (self.members.len() as u32) < self.replicas => {

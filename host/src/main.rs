@@ -10,6 +10,7 @@ use std::sync::{Arc, OnceLock};
 use anyhow::{bail, Context};
 use clap::Parser;
 use rand::RngExt;
+use tonic::service::interceptor::InterceptedService;
 use waxos_host::{admin, bootstrap, chaos, identity, net, peer, runtime, service, signing, step_loop, storage, tls};
 use waxos_proto::admin_server::AdminServer;
 use waxos_proto::key_value_server::KeyValueServer;
@@ -251,16 +252,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
     let server = net::server()
         .add_service(KeyValueServer::new(kv_service))
-        .add_service(
+        // Who may call is checked before a request's body is read (interceptors run on its
+        // headers and connection): the peer service, whose messages may be 512 MiB, only for
+        // members; admin calls (a build may be 64 MiB) only with a certificate. The handlers
+        // check the rest (which member, the operator role).
+        .add_service(InterceptedService::new(
             PeerServer::new(peer_service)
                 .max_decoding_message_size(peer::PEER_MESSAGE_BYTES_MAX)
                 .max_encoding_message_size(peer::PEER_MESSAGE_BYTES_MAX),
-        )
-        .add_service(
+            |request: tonic::Request<()>| tls::require_member(&request, "peer call").map(|_| request),
+        ))
+        .add_service(InterceptedService::new(
             AdminServer::new(admin_service)
                 .max_decoding_message_size(admin::GUEST_BYTES_MAX + 1024)
                 .max_encoding_message_size(admin::GUEST_BYTES_MAX + 1024),
-        )
+            |request: tonic::Request<()>| tls::require_certificate(&request, "admin call").map(|_| request),
+        ))
         .serve_with_incoming(net::incoming(listener, security.server.clone()));
     // No graceful drain on shutdown: peer streams never end by themselves, and nothing needs
     // draining — every step's records are durable before anything of it was sent or answered.
