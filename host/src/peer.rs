@@ -213,6 +213,9 @@ fn from_proto(e: waxos_proto::Envelope) -> Option<Envelope> {
     Some(Envelope { src: e.src, dst: e.dst, role, payload: e.payload })
 }
 
+/// This host's id, and every member's id with its address (what its certificate must name).
+pub type MemberAddresses = (u32, Vec<(u32, String)>);
+
 /// The `Peer` gRPC service.
 pub struct PeerService {
     /// Where envelopes go.
@@ -221,7 +224,7 @@ pub struct PeerService {
     pub registry: SharedRegistry,
     /// This host's id and the members allowed to send, with the address each one's certificate
     /// must name (filled once the roster is known).
-    pub members: std::sync::Arc<std::sync::OnceLock<(u32, Vec<(u32, String)>)>>,
+    pub members: std::sync::Arc<std::sync::OnceLock<MemberAddresses>>,
     /// Whose data dir this is: batches from another cluster are refused.
     pub identity: std::sync::Arc<Identity>,
 }
