@@ -77,16 +77,7 @@ fn wait_serving(port: u16, log: &Path) {
 
 /// Host `i`'s (version, build hash), from `status`.
 fn build_of(cluster: &Cluster, i: usize) -> (String, String) {
-    let out = cluster.client(i, &["--json", "status"]);
-    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
-    let port = format!(":{}", cluster.hosts[i].port);
-    let me = status["members"]
-        .as_array()
-        .expect("members")
-        .iter()
-        .find(|m| m["address"].as_str().is_some_and(|a| a.ends_with(&port)))
-        .expect("host in status")
-        .clone();
+    let me = cluster.own_status_row(i).expect("host in status");
     (me["guest"]["version"].as_str().unwrap_or("down").to_string(), me["build"].as_str().unwrap_or("").to_string())
 }
 

@@ -366,6 +366,11 @@ impl Cluster {
 
     /// Host `i`'s guest status JSON, through its own Admin service.
     pub fn guest_status(&self, i: usize) -> Option<serde_json::Value> {
+        self.own_status_row(i).map(|m| m["guest"].clone())
+    }
+
+    /// Host `i`'s own row of `waxos status --json` through itself (id, address, guest, build).
+    pub fn own_status_row(&self, i: usize) -> Option<serde_json::Value> {
         let out = self.client(i, &["--timeout-ms", "1000", "--json", "status"]);
         let status: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
         let port = format!(":{}", self.hosts[i].port);
@@ -373,7 +378,7 @@ impl Cluster {
             .as_array()?
             .iter()
             .find(|m| m["address"].as_str().is_some_and(|a| a.ends_with(&port)))
-            .map(|m| m["guest"].clone())
+            .cloned()
     }
 
     pub fn log_of(&self, i: usize) -> String {
@@ -416,15 +421,7 @@ pub fn stderr(out: &Output) -> String {
 
 /// Host `i`'s node id, from its own status.
 pub fn node_id(cluster: &Cluster, i: usize) -> u32 {
-    let out = cluster.client(i, &["--json", "status"]);
-    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
-    let port = format!(":{}", cluster.hosts[i].port);
-    let me = status["members"]
-        .as_array()
-        .expect("members")
-        .iter()
-        .find(|m| m["address"].as_str().is_some_and(|a| a.ends_with(&port)));
-    me.and_then(|m| m["id"].as_u64()).expect("host in its status") as u32
+    cluster.own_status_row(i).and_then(|m| m["id"].as_u64()).expect("host in its status") as u32
 }
 
 /// Index of the host whose guest leads, from `waxos status --json` through host `via`.
