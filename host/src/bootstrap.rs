@@ -402,7 +402,8 @@ pub async fn announce_roster(
         cluster_id: cluster_id.unwrap_or_default().to_string(),
     };
     let answer = async {
-        let channel = crate::net::endpoint(dialer, address, Duration::from_secs(2))?.connect().await?;
+        let expect = crate::member_dial::Expect::Member(address.to_string());
+        let channel = crate::member_dial::connect(dialer, address, expect, Duration::from_secs(2)).await?;
         anyhow::Ok(PeerClient::new(channel).register(request).await?.into_inner())
     }
     .await;
@@ -422,7 +423,8 @@ async fn register_with(
     let mut logged_wait = false;
     loop {
         let answer = async {
-            let channel = crate::net::endpoint(dialer, coordinator, Duration::from_secs(2))?.connect().await?;
+            let expect = crate::member_dial::Expect::AnyMember;
+            let channel = crate::member_dial::connect(dialer, coordinator, expect, Duration::from_secs(2)).await?;
             let mut client = PeerClient::new(channel);
             let request = RegisterRequest {
                 address: my_address.to_string(),

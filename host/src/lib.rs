@@ -16,10 +16,12 @@
 //! - `identity`: whose data dir this is (cluster id, member, incarnation); foreign ones refused.
 
 pub mod admin;
+pub mod admission;
 pub mod bootstrap;
 pub mod chaos;
 pub mod crash_point;
 pub mod identity;
+pub mod member_dial;
 pub mod net;
 pub mod peer;
 pub mod runtime;

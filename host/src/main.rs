@@ -11,7 +11,9 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use rand::RngExt;
 use tonic::service::interceptor::InterceptedService;
-use waxos_host::{admin, bootstrap, chaos, identity, net, peer, runtime, service, signing, step_loop, storage, tls};
+use waxos_host::{
+    admin, admission, bootstrap, chaos, identity, net, peer, runtime, service, signing, step_loop, storage, tls,
+};
 use waxos_proto::admin_server::AdminServer;
 use waxos_proto::key_value_server::KeyValueServer;
 use waxos_proto::peer_server::PeerServer;
@@ -95,6 +97,14 @@ struct Args {
     /// Development only: run guest builds without checking signatures (logs a warning).
     #[arg(long, conflicts_with = "trusted_keys")]
     allow_unsigned: bool,
+    /// The most client connections held at once (members have slots of their own); the
+    /// descriptor limit may lower it (logged at start).
+    #[arg(long, default_value_t = admission::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// Seconds an established connection may stay silent before it is closed (an answered
+    /// HTTP/2 ping counts as traffic).
+    #[arg(long, default_value_t = admission::DEFAULT_IDLE_TIMEOUT.as_secs())]
+    idle_timeout_secs: u64,
     /// Benchmarks only: one fdatasync per WAL record instead of one per step (no group commit).
     #[arg(long, hide = true)]
     sync_every_record: bool,
@@ -244,6 +254,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         signing: signing.clone(),
     };
 
+    let (descriptors, descriptor_note) = admission::raise_descriptor_limit();
+    if let Some(note) = descriptor_note {
+        tracing::warn!("{note}");
+    }
+    let mut limits = admission::Limits::for_descriptors(descriptors, args.max_connections);
+    limits.idle_timeout = std::time::Duration::from_secs(args.idle_timeout_secs.max(1));
+    tracing::info!(
+        "admission: {limits} ({descriptors} file descriptors, {} kept back)",
+        admission::RESERVED_DESCRIPTORS
+    );
+    let admission = admission::Admission::new(limits);
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     tracing::info!(
         "waxosd listening on {listen} (coordinator {}, data {})",
@@ -268,7 +289,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .max_encoding_message_size(admin::GUEST_BYTES_MAX + 1024),
             |request: tonic::Request<()>| tls::require_certificate(&request, "admin call").map(|_| request),
         ))
-        .serve_with_incoming(net::incoming(listener, security.server.clone()));
+        .serve_with_incoming(net::incoming(listener, security.server.clone(), admission));
     // No graceful drain on shutdown: peer streams never end by themselves, and nothing needs
     // draining — every step's records are durable before anything of it was sent or answered.
     let mut server = tokio::spawn(server);

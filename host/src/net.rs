@@ -11,14 +11,18 @@
 //!   finished its TLS handshake and sent the 24 bytes of an HTTP/2 client preface, within
 //!   `HANDSHAKE_TIMEOUT`; one that sends half a preface (or half a handshake) and then nothing
 //!   is closed then (it held a socket and a task for ever).
+//! - Admission (`admission`): a connection needs a handshake slot to be accepted and a
+//!   connection slot once its handshake is done; one that has read nothing for the idle timeout
+//!   is closed (`Accepted::poll_read`), giving its slot back.
 //! - HTTP/2 flow-control windows large enough for the largest value (1 MiB) and a batch of peer
 //!   envelopes to be in flight without waiting for a WINDOW_UPDATE round trip, and frames larger
 //!   than the 16 KB default so a large value is not cut into dozens of frames.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -28,6 +32,7 @@ use tonic::transport::server::Connected;
 use tonic::transport::{Endpoint, Server};
 use waxos_proto::tls::{CertIdentity, Dialer};
 
+use crate::admission::{Admission, ConnectionSlot};
 use crate::tls::{Caller, ConnInfo};
 
 /// Per-stream HTTP/2 window, in bytes: one 1 MiB value plus framing, with room to spare.
@@ -38,6 +43,10 @@ pub const CONNECTION_WINDOW_BYTES: u32 = 16 << 20;
 pub const FRAME_BYTES_MAX: u32 = 256 << 10;
 /// TCP keepalive on accepted sockets: a peer that vanished without a FIN is noticed.
 const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
+
+/// How often the server pings a connection's client, and how long it waits for the answer.
+const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long an accepted connection may take to finish its TLS handshake and send its HTTP/2
 /// client preface.
@@ -53,6 +62,12 @@ pub struct Accepted {
     read_ahead: Vec<u8>,
     read_ahead_pos: usize,
     info: ConnInfo,
+    /// Closed when nothing has been read for this long.
+    idle_timeout: Duration,
+    last_read: Instant,
+    idle: Pin<Box<tokio::time::Sleep>>,
+    /// Held for as long as the connection lives (None until it is established).
+    _slot: Option<ConnectionSlot>,
 }
 
 enum Stream {
@@ -61,6 +76,30 @@ enum Stream {
 }
 
 impl Accepted {
+    fn new(stream: Stream, read_ahead: Vec<u8>, info: ConnInfo) -> Accepted {
+        let idle_timeout = crate::admission::DEFAULT_IDLE_TIMEOUT;
+        Accepted {
+            stream,
+            read_ahead,
+            read_ahead_pos: 0,
+            info,
+            idle_timeout,
+            last_read: Instant::now(),
+            idle: Box::pin(tokio::time::sleep(idle_timeout)),
+            _slot: None,
+        }
+    }
+
+    /// Starts its idle clock with `idle_timeout` and makes it hold `slot`.
+    fn establish(mut self, slot: ConnectionSlot, idle_timeout: Duration) -> Accepted {
+        self.idle_timeout = idle_timeout;
+        self.last_read = Instant::now();
+        let deadline = tokio::time::Instant::from_std(self.last_read + idle_timeout);
+        self.idle.as_mut().reset(deadline);
+        self._slot = Some(slot);
+        self
+    }
+
     /// The TCP socket under it.
     pub fn tcp(&self) -> &TcpStream {
         match &self.stream {
@@ -97,9 +136,34 @@ impl AsyncRead for Accepted {
             }
             return Poll::Ready(Ok(()));
         }
-        match &mut this.stream {
+        let filled = buf.filled().len();
+        let read = match &mut this.stream {
             Stream::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
             Stream::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
+        };
+        match read {
+            Poll::Ready(Ok(())) if buf.filled().len() > filled => {
+                this.last_read = Instant::now();
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => loop {
+                // Nothing to read: the idle clock wakes this task when it runs out. It is
+                // moved on lazily (only when it fires), not at every read.
+                match this.idle.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(()) if this.last_read.elapsed() >= this.idle_timeout => {
+                        return Poll::Ready(Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("nothing received for {} s: idle connection closed", this.idle_timeout.as_secs()),
+                        )));
+                    }
+                    Poll::Ready(()) => {
+                        let deadline = tokio::time::Instant::from_std(this.last_read + this.idle_timeout);
+                        this.idle.as_mut().reset(deadline);
+                    }
+                }
+            },
+            other => other,
         }
     }
 }
@@ -146,19 +210,21 @@ impl AsyncWrite for Accepted {
 }
 
 /// The accepted-connection stream for `serve_with_incoming`: `TCP_NODELAY` and keepalive set on
-/// every accepted socket, each handed on once its TLS handshake (unless `tls` is None:
-/// `--insecure`) and its preface are done (see the module doc).
+/// every accepted socket, each admitted (`admission`), and handed on once its TLS handshake
+/// (unless `tls` is None: `--insecure`) and its preface are done (see the module doc).
 pub fn incoming(
     listener: tokio::net::TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
+    admission: Arc<Admission>,
 ) -> ReceiverStream<std::io::Result<Accepted>> {
-    incoming_with(listener, tls, HANDSHAKE_TIMEOUT)
+    incoming_with(listener, tls, admission, HANDSHAKE_TIMEOUT)
 }
 
 /// `incoming` with another handshake deadline (tests).
 fn incoming_with(
     listener: tokio::net::TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
+    admission: Arc<Admission>,
     handshake_timeout: Duration,
 ) -> ReceiverStream<std::io::Result<Accepted>> {
     let (ready, accepted) = tokio::sync::mpsc::channel(256);
@@ -169,8 +235,16 @@ fn incoming_with(
                 Ok(accepted) => accepted,
                 Err(e) => {
                     // Out of file descriptors and the like: wait, do not spin.
-                    tracing::warn!("accept failed: {e}");
+                    admission.log_refusal(format_args!("accept failed: {e}"));
                     tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let handshake_slot = match admission.begin_handshake(remote.ip()) {
+                Ok(slot) => slot,
+                Err(why) => {
+                    admission.log_refusal(format_args!("connection from {remote} refused: {why}"));
+                    drop(stream);
                     continue;
                 }
             };
@@ -182,17 +256,33 @@ fn incoming_with(
             }
             let ready = ready.clone();
             let acceptor = acceptor.clone();
+            let admission = Arc::clone(&admission);
             tokio::spawn(async move {
-                match tokio::time::timeout(handshake_timeout, handshake(stream, remote, acceptor)).await {
+                let handshake = tokio::time::timeout(handshake_timeout, handshake(stream, remote, acceptor)).await;
+                drop(handshake_slot);
+                match handshake {
                     Ok(Ok(accepted)) => {
-                        let _ = ready.send(Ok(accepted)).await;
+                        let member =
+                            matches!(&accepted.info.caller, Caller::Certified(identity) if identity.member.is_some());
+                        match admission.establish(member) {
+                            Ok(slot) => {
+                                let idle_timeout = admission.limits().idle_timeout;
+                                let _ = ready.send(Ok(accepted.establish(slot, idle_timeout))).await;
+                            }
+                            Err(why) => admission.log_refusal(format_args!(
+                                "connection from {remote} ({}) refused: {why}",
+                                accepted.info.caller
+                            )),
+                        }
                     }
                     Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {} // closed: nothing to serve
-                    Ok(Err(e)) => tracing::warn!("connection from {remote}: handshake failed ({e}): closed"),
-                    Err(_) => tracing::warn!(
+                    Ok(Err(e)) => {
+                        admission.log_refusal(format_args!("connection from {remote}: handshake failed ({e}): closed"))
+                    }
+                    Err(_) => admission.log_refusal(format_args!(
                         "connection from {remote}: no TLS handshake and HTTP/2 preface within {} ms: closed",
                         handshake_timeout.as_millis()
-                    ),
+                    )),
                 }
             });
         }
@@ -209,7 +299,7 @@ async fn handshake(
     let Some(acceptor) = acceptor else {
         preface_arrived(&stream).await?;
         let info = ConnInfo { remote: Some(remote), caller: Caller::Insecure };
-        return Ok(Accepted { stream: Stream::Plain(stream), read_ahead: Vec::new(), read_ahead_pos: 0, info });
+        return Ok(Accepted::new(Stream::Plain(stream), Vec::new(), info));
     };
     let mut tls = acceptor.accept(stream).await?;
     let caller = match tls.get_ref().1.peer_certificates().and_then(|chain| chain.first()) {
@@ -222,7 +312,7 @@ async fn handshake(
     let mut preface = vec![0u8; PREFACE_BYTES];
     tls.read_exact(&mut preface).await?;
     let info = ConnInfo { remote: Some(remote), caller };
-    Ok(Accepted { stream: Stream::Tls(Box::new(tls)), read_ahead: preface, read_ahead_pos: 0, info })
+    Ok(Accepted::new(Stream::Tls(Box::new(tls)), preface, info))
 }
 
 /// Resolves once `stream` has `PREFACE_BYTES` waiting (peeked, not read: the server reads them).
@@ -247,6 +337,9 @@ pub fn server() -> Server {
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .max_frame_size(FRAME_BYTES_MAX)
+        // A peer gone without a FIN or RST is noticed within 40 s and its slot given back.
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
 }
 
 /// An outbound endpoint (to a peer or the coordinator) with the same settings as the server's,
@@ -270,12 +363,129 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio_stream::StreamExt;
 
+    use crate::admission::Limits;
+
+    fn roomy() -> Arc<Admission> {
+        Admission::new(Limits::for_descriptors(4096, 1024))
+    }
+
+    fn tight(clients: usize, handshakes: usize, idle_timeout: Duration) -> Arc<Admission> {
+        Admission::new(Limits { handshakes, handshakes_per_source: handshakes, members: 1, clients, idle_timeout })
+    }
+
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+    /// Reads until end-of-stream or an error (closed by the host), or times out (still open).
+    async fn closed_within(stream: &mut tokio::net::TcpStream, wait: Duration) -> bool {
+        let mut byte = [0u8; 64];
+        loop {
+            match tokio::time::timeout(wait, stream.read(&mut byte)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => continue,
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// Beyond the client cap, an established connection is closed at once; a slot given back
+    /// (its connection dropped) admits the next.
+    #[tokio::test]
+    async fn connections_beyond_the_cap_are_closed_and_a_freed_slot_is_reused() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let mut incoming = incoming(listener, None, tight(2, 8, Duration::from_secs(60)));
+        let mut held = Vec::new();
+        let mut clients = Vec::new();
+        for _ in 0..2 {
+            let mut client = tokio::net::TcpStream::connect(address).await.expect("connect");
+            client.write_all(PREFACE).await.expect("preface");
+            held.push(incoming.next().await.expect("served").expect("accepted"));
+            clients.push(client);
+        }
+        let mut third = tokio::net::TcpStream::connect(address).await.expect("connect");
+        third.write_all(PREFACE).await.expect("preface");
+        assert!(closed_within(&mut third, Duration::from_secs(2)).await, "a third connection must be closed");
+        held.pop();
+        let mut fourth = tokio::net::TcpStream::connect(address).await.expect("connect");
+        fourth.write_all(PREFACE).await.expect("preface");
+        let admitted = tokio::time::timeout(Duration::from_secs(2), incoming.next()).await;
+        assert!(matches!(admitted, Ok(Some(Ok(_)))), "the freed slot admits the next connection");
+    }
+
+    /// Silent connections can hold only the handshake slots: one beyond them is closed at once,
+    /// without waiting for the handshake deadline.
+    #[tokio::test]
+    async fn silent_connections_hold_only_the_handshake_slots() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let _incoming = incoming(listener, None, tight(8, 3, Duration::from_secs(60)));
+        let mut silent = Vec::new();
+        for _ in 0..3 {
+            silent.push(tokio::net::TcpStream::connect(address).await.expect("connect"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut one_more = tokio::net::TcpStream::connect(address).await.expect("connect");
+        assert!(
+            closed_within(&mut one_more, Duration::from_secs(2)).await,
+            "beyond the handshake slots: closed at once"
+        );
+        assert!(
+            !closed_within(&mut silent[0], Duration::from_millis(200)).await,
+            "the first ones wait for the deadline"
+        );
+    }
+
+    /// An established connection on which nothing arrives is closed after the idle timeout;
+    /// one that keeps sending is not.
+    #[tokio::test]
+    async fn an_idle_connection_is_closed_and_a_busy_one_kept() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let idle_timeout = Duration::from_millis(400);
+        let mut incoming = incoming(listener, None, tight(4, 4, idle_timeout));
+        let mut quiet = tokio::net::TcpStream::connect(address).await.expect("connect");
+        quiet.write_all(PREFACE).await.expect("preface");
+        let mut busy = tokio::net::TcpStream::connect(address).await.expect("connect");
+        busy.write_all(PREFACE).await.expect("preface");
+        // Read each server side the way a server does: until it ends, counting what arrived.
+        let mut ends = Vec::new();
+        for _ in 0..2 {
+            let mut accepted = incoming.next().await.expect("served").expect("accepted");
+            ends.push(tokio::spawn(async move {
+                let mut buf = vec![0u8; 256];
+                let started = Instant::now();
+                loop {
+                    match accepted.read(&mut buf).await {
+                        Ok(0) => return (started.elapsed(), "eof".to_string()),
+                        Ok(_) => continue,
+                        Err(e) => return (started.elapsed(), e.kind().to_string()),
+                    }
+                }
+            }));
+        }
+        for _ in 0..8 {
+            tokio::time::sleep(idle_timeout / 4).await;
+            busy.write_all(b"x").await.expect("busy writes");
+        }
+        // After 2 idle timeouts the quiet one has ended with a timeout; the busy one has not.
+        let mut finished = Vec::new();
+        for end in ends {
+            if end.is_finished() {
+                finished.push(end.await.expect("reader"));
+            }
+        }
+        assert_eq!(finished.len(), 1, "exactly the quiet connection ended: {finished:?}");
+        assert_eq!(finished[0].1, std::io::ErrorKind::TimedOut.to_string(), "{finished:?}");
+        assert!(finished[0].0 >= idle_timeout, "not before the idle timeout: {finished:?}");
+        drop(quiet);
+    }
+
     /// The host's own listener path must hand out sockets with Nagle's algorithm off.
     #[tokio::test]
     async fn accepted_sockets_have_nodelay_set() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().expect("address");
-        let mut incoming = incoming(listener, None);
+        let mut incoming = incoming(listener, None, roomy());
         let mut client = tokio::net::TcpStream::connect(address).await.expect("connect");
         client.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.expect("preface");
         let accepted = incoming.next().await.expect("one connection").expect("accepted");
@@ -289,7 +499,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().expect("address");
         let deadline = Duration::from_millis(300);
-        let mut incoming = incoming_with(listener, None, deadline);
+        let mut incoming = incoming_with(listener, None, roomy(), deadline);
         let mut stalled = tokio::net::TcpStream::connect(address).await.expect("connect");
         stalled.write_all(b"PRI * HTTP/2.0").await.expect("half a preface");
         let mut whole = tokio::net::TcpStream::connect(address).await.expect("connect");

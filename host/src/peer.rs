@@ -105,23 +105,20 @@ async fn sender(
 ) {
     let me = roster.me;
     let mut backoff_ms = BACKOFF_MIN_MS;
-    let mut was_connected = true;
+    // Why the last attempt failed (None: it connected): a failure is logged when its reason
+    // changes (unreachable, then a TLS refusal: the second is news), not at every retry.
+    let mut last_failure: Option<String> = None;
     // The last stream was refused as another cluster's: its reconnections are not news.
     let mut refused_as_foreign = false;
     loop {
-        let endpoint = match crate::net::endpoint(&dialer, &address, Duration::from_millis(500)) {
-            Ok(e) => e,
-            Err(e) => {
-                tracing::error!("peer {peer}: bad address {address}: {e}");
-                return;
-            }
-        };
-        let channel = match endpoint.connect().await {
+        let expect = crate::member_dial::Expect::Member(address.clone());
+        let channel = match crate::member_dial::connect(&dialer, &address, expect, Duration::from_millis(500)).await {
             Ok(channel) => channel,
             Err(e) => {
-                if was_connected {
-                    tracing::warn!("peer {peer} at {address} unreachable ({e}); retrying with back-off");
-                    was_connected = false;
+                let why = format!("{e:#}");
+                if last_failure.as_deref() != Some(why.as_str()) {
+                    tracing::warn!("peer {peer} at {address} unreachable ({why}); retrying with back-off");
+                    last_failure = Some(why);
                 }
                 // Drop what queued up meanwhile: stale Paxos messages are useless, and the
                 // proposer re-sends what matters.
@@ -134,7 +131,7 @@ async fn sender(
         if !refused_as_foreign {
             tracing::info!("peer {peer} at {address}: connected");
         }
-        was_connected = true;
+        last_failure = None;
         backoff_ms = BACKOFF_MIN_MS;
         let mut client = PeerClient::new(channel)
             .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)

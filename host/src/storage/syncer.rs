@@ -9,6 +9,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
 
 /// A hand-off made durable (or not).
 #[derive(Debug)]
@@ -21,17 +22,18 @@ pub struct Synced {
 
 /// The writer thread's two ends.
 pub struct Syncer {
-    jobs: Sender<(u64, File, u64, Vec<u8>)>,
+    jobs: Sender<(u64, Arc<File>, u64, Vec<u8>)>,
     done: Receiver<Synced>,
 }
 
 impl Syncer {
     /// Starts the thread; `wake` is called after each hand-off is done (to wake the step loop).
     pub fn start(wake: impl Fn() + Send + 'static) -> anyhow::Result<Syncer> {
-        let (jobs, todo) = channel::<(u64, File, u64, Vec<u8>)>();
+        let (jobs, todo) = channel::<(u64, Arc<File>, u64, Vec<u8>)>();
         let (report, done) = channel();
         std::thread::Builder::new().name("wal-sync".into()).spawn(move || {
-            for (ticket, mut file, start, bytes) in todo {
+            for (ticket, segment, start, bytes) in todo {
+                let mut file: &File = &segment;
                 crate::crash_point::reach("wal.sync.before_write");
                 let result = file
                     .write_all(&bytes)
@@ -62,7 +64,7 @@ impl Syncer {
 
     /// Hands `bytes` over, to be appended to `file` (whose durable length is `start`) and
     /// synced. False when the thread is gone.
-    pub fn submit(&self, ticket: u64, file: File, start: u64, bytes: Vec<u8>) -> bool {
+    pub fn submit(&self, ticket: u64, file: Arc<File>, start: u64, bytes: Vec<u8>) -> bool {
         self.jobs.send((ticket, file, start, bytes)).is_ok()
     }
 

@@ -24,6 +24,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
 
@@ -37,7 +38,9 @@ const SECTOR_BYTES: usize = 512;
 /// An open write-ahead log.
 pub struct Wal {
     dir: PathBuf,
-    file: File,
+    /// The current segment, shared with the writer thread's hand-offs (an `Arc`, not a
+    /// duplicated descriptor: a host short of file descriptors must still be able to sync).
+    file: Arc<File>,
     segment: u64,
     segment_len: u64,
     segment_bytes_max: u64,
@@ -63,6 +66,10 @@ fn segments(dir: &Path) -> anyhow::Result<Vec<u64>> {
     found.sort_unstable();
     Ok(found)
 }
+
+/// What `Wal::take_for_sync` hands the writer thread: the segment (shared, not duplicated: a
+/// dup per hand-off cost a descriptor each), its durable length before the bytes, the bytes.
+pub type HandOff = (Arc<File>, u64, Vec<u8>);
 
 impl Wal {
     /// Opens the log in `dir`, whose segments before `first_segment` are covered by a
@@ -152,7 +159,7 @@ impl Wal {
         super::sync_dir(dir)?;
         let wal = Wal {
             dir: dir.to_path_buf(),
-            file,
+            file: Arc::new(file),
             segment,
             segment_len,
             segment_bytes_max: segment_bytes_max.max(1),
@@ -177,13 +184,14 @@ impl Wal {
         }
         let path = segment_path(&self.dir, self.segment);
         crate::crash_point::reach("wal.sync.before_write");
-        let written = self.file.write_all(&self.buffer).and_then(|()| {
+        let mut file: &File = &self.file;
+        let written = file.write_all(&self.buffer).and_then(|()| {
             crate::crash_point::reach("wal.sync.after_write");
-            self.file.sync_data()
+            file.sync_data()
         });
         if let Err(e) = written {
             // As the writer thread does: what may not be on the disk goes from the file too.
-            let cut = self.file.set_len(self.segment_len).and_then(|()| self.file.sync_all());
+            let cut = file.set_len(self.segment_len).and_then(|()| file.sync_all());
             return Err(anyhow::Error::new(super::DiskFailed(format!(
                 "appending to and syncing {}: {e} (cut back to {} bytes: {cut:?})",
                 path.display(),
@@ -210,10 +218,10 @@ impl Wal {
     }
 
     /// Hands what is buffered to a writer on another thread (`storage::syncer`): the bytes, a
-    /// handle to the segment they belong at the end of, and its durable length before them. Starts a new segment first when this
-    /// one is full; the caller guarantees no earlier hand-off is still being written (one
-    /// writer, in order). None when nothing is buffered.
-    pub fn take_for_sync(&mut self) -> anyhow::Result<Option<(File, u64, Vec<u8>)>> {
+    /// handle to the segment they belong at the end of, and its durable length before them.
+    /// Starts a new segment first when this one is full; the caller guarantees no earlier
+    /// hand-off is still being written (one writer, in order). None when nothing is buffered.
+    pub fn take_for_sync(&mut self) -> anyhow::Result<Option<HandOff>> {
         if self.buffer.is_empty() {
             return Ok(None);
         }
@@ -222,7 +230,7 @@ impl Wal {
             self.roll()?;
             self.buffer = buffer;
         }
-        let file = self.file.try_clone().context("duplicating the WAL segment handle")?;
+        let file = Arc::clone(&self.file);
         let start = self.segment_len;
         self.segment_len += self.buffer.len() as u64;
         Ok(Some((file, start, std::mem::take(&mut self.buffer))))
@@ -243,7 +251,7 @@ impl Wal {
         crate::crash_point::reach("wal.roll.after_create");
         super::sync_dir(&self.dir)?;
         crate::crash_point::reach("wal.roll.after_dir_sync");
-        self.file = file;
+        self.file = Arc::new(file);
         self.segment = next;
         self.segment_len = 0;
         Ok(next)
