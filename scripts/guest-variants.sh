@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the guest variants the hot-swap tests swap in, into target/guest-variants/:
 #   relabeled.wasm      the same code with version "0.1.0+swap-test"
-#   snapshot-v3.wasm    writes snapshot format 3 (an older build must refuse it), "+snapshot-v3"
+#   snapshot-v3.wasm    writes a snapshot format newer than the build's (the build must refuse it), "+snapshot-v3"
 #   trap-on-start.wasm  traps in start (a broken build)
 #   not-a-world.wasm    a valid, empty component that exports nothing
 #   not-wasm.wasm       not wasm at all

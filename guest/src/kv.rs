@@ -136,6 +136,7 @@ enum Kind {
     Put = 1,
     Read = 2,
     Delete = 3,
+    Membership = 4,
 }
 
 /// The fingerprint of a command: FNV-1a 64 over the kind's byte (1 put, 2 read, 3 delete), the
@@ -147,6 +148,9 @@ pub fn fingerprint(command: &Command) -> u64 {
         Command::Put(key, value) => fingerprint_of(Kind::Put, key, Some(value)),
         Command::Get(key) | Command::GetStale(key) => fingerprint_of(Kind::Read, key, None),
         Command::Delete(key) => fingerprint_of(Kind::Delete, key, None),
+        Command::ChangeMembers(change) => {
+            fingerprint_of(Kind::Membership, "", Some(&crate::message::encode_as(0, change)))
+        }
     }
 }
 
@@ -166,6 +170,7 @@ fn kind_of(command: &Command) -> Kind {
         Command::Put(..) => Kind::Put,
         Command::Get(_) | Command::GetStale(_) => Kind::Read,
         Command::Delete(_) => Kind::Delete,
+        Command::ChangeMembers(_) => Kind::Membership,
     }
 }
 
@@ -226,8 +231,22 @@ fn bytes_map_in<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<BTr
 }
 
 impl Kv {
-    /// Applies one command from log slot `slot` for `client`/`seq` and returns its outcome.
+    /// Applies one key-value command from log slot `slot` for `client`/`seq` and returns its
+    /// outcome (a membership change needs the membership: `apply_with`).
     pub fn apply(&mut self, slot: u64, client: u64, seq: u64, command: &Command) -> Outcome {
+        self.apply_with(slot, client, seq, command, None)
+    }
+
+    /// Applies one command; a membership change goes to `membership`, exactly once like a
+    /// write (a retried change gets the first outcome back).
+    pub fn apply_with(
+        &mut self,
+        slot: u64,
+        client: u64,
+        seq: u64,
+        command: &Command,
+        membership: Option<&mut crate::membership::Membership>,
+    ) -> Outcome {
         let fingerprint = if client != 0 { fingerprint(command) } else { 0 };
         if client != 0 {
             if let Some(session) = self.sessions.get_mut(&client) {
@@ -264,6 +283,10 @@ impl Kv {
             }
             Command::Get(key) | Command::GetStale(key) => Outcome::Value(self.data.get(key).cloned()),
             Command::Delete(key) => Outcome::Removed(self.data.remove(key).is_some()),
+            Command::ChangeMembers(change) => match membership {
+                Some(membership) => membership.apply(slot, change),
+                None => Outcome::Rejected("a membership change needs the replica's membership".to_string()),
+            },
         };
         if client != 0 {
             let remembered = (!command.is_read()).then(|| outcome.clone());

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::kv::{Kv, KvV1, KvV1Out};
+use crate::membership::Membership;
 use crate::message::{self, ClientCommand, DecodeError, Value};
 use crate::types::Outcome;
 
@@ -27,6 +28,9 @@ pub struct AppState {
     pub next_apply: u64,
     /// The state machine.
     pub kv: Kv,
+    /// The membership as applied up to `next_apply`; none from a build before membership
+    /// changes (whose membership is still the first start's).
+    pub membership: Option<Membership>,
 }
 
 /// `AppState` in format 1's layout, as every build reads it (sessions without fingerprints).
@@ -48,13 +52,17 @@ impl AppState {
     /// before session fingerprints writes for the same state, so that such a build, in a
     /// cluster in the middle of a rolling upgrade, can still install it), then a trailer that
     /// such builds ignore (postcard stops reading at the end of the value): its own version
-    /// byte, then the sessions' fingerprints. Unlike a snapshot, whose version went up to 2,
+    /// byte, then the sessions' fingerprints, then the membership (behind its own version
+    /// byte; builds before membership changes stop reading before it). Unlike a snapshot, whose version went up to 2,
     /// a transfer must stay readable by a lagging replica of the older build, or it could
     /// never catch up until it is swapped too (the simulator found exactly that).
     pub fn encode(&self) -> Vec<u8> {
         let mut bytes =
             message::encode_as(APP_STATE_VERSION, &AppStateV1Out { next_apply: self.next_apply, kv: self.kv.as_v1() });
         bytes.extend(message::encode_as(APP_STATE_TRAILER_VERSION, &self.kv.fingerprints()));
+        if let Some(membership) = &self.membership {
+            bytes.extend(membership.encode());
+        }
         bytes
     }
 
@@ -63,14 +71,21 @@ impl AppState {
     pub fn decode(bytes: &[u8]) -> Result<AppState, DecodeError> {
         let (old, trailer): (AppStateV1, &[u8]) = message::decode_with_rest(APP_STATE_VERSION, bytes)?;
         let mut kv = Kv::from(old.kv);
+        let mut membership = None;
         if !trailer.is_empty() {
-            match message::decode_up_to::<Vec<(u64, u64)>>(APP_STATE_TRAILER_VERSION, trailer) {
-                Ok(fingerprints) => kv.restore_fingerprints(&fingerprints),
+            match message::decode_with_rest::<Vec<(u64, u64)>>(APP_STATE_TRAILER_VERSION, trailer) {
+                Ok((fingerprints, rest)) => {
+                    kv.restore_fingerprints(&fingerprints);
+                    if !rest.is_empty() {
+                        let (decoded, _) = Membership::decode(rest).map_err(DecodeError::Malformed)?;
+                        membership = Some(decoded);
+                    }
+                }
                 Err(DecodeError::NewerVersion { .. }) => {}
                 Err(e) => return Err(e),
             }
         }
-        Ok(AppState { next_apply: old.next_apply, kv })
+        Ok(AppState { next_apply: old.next_apply, kv, membership })
     }
 }
 
@@ -82,11 +97,17 @@ pub fn value_bytes(value: &Value) -> usize {
     }
 }
 
-/// Applies one slot's commands to the state machine.
-fn apply_value(kv: &mut Kv, slot: u64, value: &Value, applied: &mut Vec<(ClientCommand, Outcome)>) {
+/// Applies one slot's commands to the state machine (and membership changes to the membership).
+fn apply_value(
+    kv: &mut Kv,
+    membership: &mut Membership,
+    slot: u64,
+    value: &Value,
+    applied: &mut Vec<(ClientCommand, Outcome)>,
+) {
     if let Value::Batch(commands) = value {
         for cmd in commands {
-            let outcome = kv.apply(slot, cmd.client, cmd.seq, &cmd.command);
+            let outcome = kv.apply_with(slot, cmd.client, cmd.seq, &cmd.command, Some(membership));
             applied.push((cmd.clone(), outcome));
         }
     }
@@ -103,6 +124,8 @@ pub struct Learner {
     pub log_start: u64,
     /// The state machine.
     pub kv: Kv,
+    /// Who votes on which slot (`membership`): replicated state, applied with the log.
+    pub membership: Membership,
     /// Bytes of the applied values still kept (slots `log_start..next_apply`): the retained log
     /// is bounded by bytes as well as by slots, or large values would fill the guest's memory.
     pub applied_bytes: usize,
@@ -123,17 +146,18 @@ impl Learner {
     pub fn apply_ready(&mut self) -> Vec<(ClientCommand, Outcome)> {
         let mut applied = Vec::new();
         while let Some(value) = self.chosen.get(&self.next_apply) {
-            apply_value(&mut self.kv, self.next_apply, value, &mut applied);
+            apply_value(&mut self.kv, &mut self.membership, self.next_apply, value, &mut applied);
             self.applied_bytes += value_bytes(value);
             self.next_apply += 1;
         }
         if cfg!(feature = "bug-apply-out-of-order") {
             // Planted bug (simulator test builds only): apply whatever is chosen, gaps or not.
             while let Some((&slot, value)) = self.chosen.range(self.next_apply..).next() {
-                apply_value(&mut self.kv, slot, value, &mut applied);
+                apply_value(&mut self.kv, &mut self.membership, slot, value, &mut applied);
                 self.next_apply = slot + 1;
             }
         }
+        self.membership.forget_before(self.next_apply);
         applied
     }
 
@@ -205,7 +229,7 @@ impl Learner {
 
     /// The state machine for a snapshot transfer.
     pub fn app_state(&self) -> AppState {
-        AppState { next_apply: self.next_apply, kv: self.kv.clone() }
+        AppState { next_apply: self.next_apply, kv: self.kv.clone(), membership: Some(self.membership.clone()) }
     }
 
     /// Installs a transferred state machine if it is ahead of ours. Returns whether it was.
@@ -215,6 +239,10 @@ impl Learner {
         }
         self.kv = state.kv;
         self.kv.rebuild_index();
+        if let Some(mut membership) = state.membership {
+            membership.forget_before(state.next_apply);
+            self.membership.replace_with(membership);
+        }
         self.next_apply = state.next_apply;
         self.chosen = self.chosen.split_off(&state.next_apply);
         self.log_start = state.next_apply;
@@ -253,7 +281,7 @@ mod tests {
             copy.applied_bytes
         };
         assert_eq!(recounted, learner.applied_bytes);
-        assert!(learner.install(AppState { next_apply: 100, kv: Kv::default() }));
+        assert!(learner.install(AppState { next_apply: 100, kv: Kv::default(), membership: None }));
         assert_eq!(learner.applied_bytes, 0);
     }
 }

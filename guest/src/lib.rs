@@ -20,6 +20,7 @@ pub mod acceptor;
 pub mod follower_reads;
 pub mod kv;
 pub mod learner;
+pub mod membership;
 pub mod message;
 pub mod prevote;
 pub mod proposer;
@@ -57,7 +58,7 @@ mod component {
         fn start(config: Config, snapshot: Option<Vec<u8>>, wal: Vec<Vec<u8>>) -> Result<Vec<wit::Effect>, String> {
             let config = types::Config {
                 me: config.me,
-                members: config.members,
+                members: config.members.into_iter().map(member_in).collect(),
                 seed: config.seed,
                 test_hooks: config.test_hooks,
                 retain_slots: config.retain_slots,
@@ -115,6 +116,11 @@ mod component {
                     wit::Command::Get(k) => types::Command::Get(k),
                     wit::Command::Delete(k) => types::Command::Delete(k),
                     wit::Command::GetStale(k) => types::Command::GetStale(k),
+                    wit::Command::ChangeMembers(change) => types::Command::ChangeMembers(match change {
+                        wit::MemberChange::Add(address) => types::MemberChange::Add { address },
+                        wit::MemberChange::Promote(id) => types::MemberChange::Promote(id),
+                        wit::MemberChange::Remove(id) => types::MemberChange::Remove(id),
+                    }),
                 },
             }),
             wit::Event::Message(e) => types::Event::Message(types::Envelope {
@@ -140,11 +146,19 @@ mod component {
                     types::Outcome::Removed(b) => wit::Outcome::Removed(b),
                     types::Outcome::Redirect(n) => wit::Outcome::Redirect(n),
                     types::Outcome::Rejected(s) => wit::Outcome::Rejected(s),
+                    types::Outcome::Member(id) => wit::Outcome::Member(id),
                 },
             )),
             types::Effect::Persist(bytes) => wit::Effect::Persist(bytes),
             types::Effect::PersistLazy(bytes) => wit::Effect::PersistLazy(bytes),
             types::Effect::Log(line) => wit::Effect::Log(line),
+            types::Effect::Members(members) => wit::Effect::Members(
+                members.into_iter().map(|m| wit::Member { id: m.id, address: m.address, voter: m.voter }).collect(),
+            ),
         }
+    }
+
+    fn member_in(m: wit::Member) -> types::Member {
+        types::Member { id: m.id, address: m.address, voter: m.voter }
     }
 }

@@ -310,14 +310,17 @@ impl std::fmt::Display for DecodeError {
 }
 
 /// The snapshot format version this build writes, and the newest it reads (a test-only feature
-/// writes a newer one, to check that an older build refuses it). Version 2: client sessions
-/// carry a fingerprint of their command (`kv::Session`); version 1 is read and migrated.
+/// writes a newer one, to check that an older build refuses it). Version 3: version 2's state
+/// followed by the membership (`membership::Membership::encode`). Version 2: client sessions
+/// carry a fingerprint of their command (`kv::Session`); versions 1 and 2 are read and migrated
+/// (their builds never changed members: the start's roster is their membership).
 #[cfg(not(feature = "test-snapshot-v3"))]
-pub const SNAPSHOT_VERSION: u8 = 2;
-/// The snapshot format version this build writes (test-only: the layout of version 2 under
-/// the number 3, which the normal build refuses as newer).
-#[cfg(feature = "test-snapshot-v3")]
 pub const SNAPSHOT_VERSION: u8 = 3;
+/// The snapshot format version this build writes (test-only, feature `test-snapshot-v3`, named
+/// for when 3 was the next number: the layout of the current version under the number 4, which
+/// the normal build refuses as newer).
+#[cfg(feature = "test-snapshot-v3")]
+pub const SNAPSHOT_VERSION: u8 = 4;
 
 /// Encodes a value behind the format version byte.
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {

@@ -8,6 +8,13 @@
 //! hears no heartbeat for a randomized timeout starts phase 1 with a higher round; the random
 //! spread (and a random back-off after losing) keeps duelling proposers from livelocking.
 //!
+//! Every slot has its own configuration (`membership`): accepts for slot `t` go to the voters of
+//! `config(t)` and are counted among them; the leader proposes in `t` only once a majority of
+//! them promised its ballot (`covers`), and no further than `membership::ALPHA` slots past the
+//! first one not applied (so it knows `config(t)`). A replica that promises after the leader won
+//! (a voter just added, or one that was slow) counts from then on, and what it reports accepted
+//! in slots not yet proposed is adopted as in phase 1.
+//!
 //! Ballots carry an epoch (`Ballot::epoch`, see `rejoin`): an election counts rounds up within
 //! the highest epoch known to be *open* (a fence of it completed, or a leader of it was heard),
 //! never into an epoch seen only in a fence that may not have completed. When the highest
@@ -19,6 +26,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use serde::{Deserialize, Serialize};
 
 use crate::learner::Learner;
+use crate::membership::{Membership, ALPHA};
 use crate::message::{Ballot, ClientCommand, Message, Value};
 use crate::rng::Rng;
 use crate::types::{NodeId, Role};
@@ -37,7 +45,8 @@ pub const ELECTION_TIMEOUT_MAX_MS: u64 = 600;
 pub const ACCEPT_RESEND_MS: u64 = 100;
 /// Bytes in flight that add one millisecond to the resend interval (~32 MB/s).
 pub const ACCEPT_RESEND_BYTES_PER_MS: usize = 32 * 1024;
-/// Bound on slots in flight at once (pipelining window).
+/// Bound on slots in flight at once (pipelining window); also `membership::ALPHA`, the window
+/// counted from the first slot not applied.
 pub const WINDOW_SLOTS_MAX: usize = 64;
 /// Bound on commands per slot.
 pub const BATCH_COMMANDS_MAX: usize = 512;
@@ -114,6 +123,8 @@ pub type Outgoing = (NodeId, Role, Message);
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Proposer {
     me: NodeId,
+    /// The first start's roster; read by nothing any more (the membership decides), kept so the
+    /// hand-over format stays the one earlier builds read and write.
     members: Vec<NodeId>,
     /// This proposer's ballot while candidate or leader.
     pub ballot: Ballot,
@@ -138,6 +149,24 @@ pub struct Proposer {
     /// again after a swap (`open_epoch` from the ballots it still holds).
     #[serde(skip)]
     open_epoch: u64,
+    /// What phase 1 of this ballot gathered (handed over in the replica's trailer).
+    #[serde(skip)]
+    pub phase_one: PhaseOneState,
+}
+
+/// What phase 1 of the current ballot gathered, kept while leading: late promises count for
+/// the slots not yet proposed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PhaseOneState {
+    /// The acceptors that promised the ballot.
+    pub promised_by: BTreeSet<NodeId>,
+    /// Per slot not yet proposed, the highest-ballot value a promise reported.
+    pub adopted: BTreeMap<u64, (Ballot, Value)>,
+    /// Slots below this (and from `next_slot`) must be proposed again or filled with no-ops
+    /// before new commands: some acceptor may have accepted something there.
+    pub reproposal_end: u64,
+    /// When prepares last went to voters whose promise is missing.
+    pub prepared_ms: u64,
 }
 
 impl Proposer {
@@ -159,6 +188,7 @@ impl Proposer {
             queue: VecDeque::new(),
             rng,
             open_epoch: 0,
+            phase_one: PhaseOneState::default(),
         }
     }
 
@@ -218,11 +248,6 @@ impl Proposer {
         }
     }
 
-    /// A majority of the roster.
-    pub fn quorum(&self) -> usize {
-        self.members.len() / 2 + 1
-    }
-
     /// True while this proposer leads.
     pub fn is_leader(&self) -> bool {
         self.phase == Phase::Leader
@@ -242,18 +267,31 @@ impl Proposer {
         out.push((EVERY_MEMBER, role, message.clone()));
     }
 
-    /// Timers: start an election when the leader went quiet; as leader, heartbeat and re-send
-    /// accepts that went unanswered. `first_unchosen` is the learner's next slot to apply,
-    /// `chosen_upto` what a heartbeat advertises.
-    pub fn on_time(&mut self, now_ms: u64, first_unchosen: u64, out: &mut Vec<Outgoing>) {
+    /// Timers: start an election when the leader went quiet; as leader, heartbeat every member
+    /// (learners too: they follow the leader and catch up from it), ask voters whose promise is
+    /// missing again, and re-send accepts that went unanswered.
+    pub fn on_time(&mut self, now_ms: u64, learner: &Learner, out: &mut Vec<Outgoing>) {
+        let first_unchosen = learner.next_apply;
+        let membership = &learner.membership;
         match self.phase {
             Phase::Leader => {
                 if now_ms >= self.next_heartbeat_ms {
                     self.next_heartbeat_ms = now_ms + HEARTBEAT_INTERVAL_MS;
                     let hb = Message::Heartbeat { ballot: self.ballot, chosen_upto: first_unchosen };
-                    for &m in &self.members {
+                    for m in membership.everyone() {
                         if m != self.me {
                             out.push((m, Role::Proposer, hb.clone()));
+                        }
+                    }
+                }
+                if now_ms >= self.phase_one.prepared_ms + HEARTBEAT_INTERVAL_MS
+                    && !membership.quorum_in_every(|n| self.phase_one.promised_by.contains(&n))
+                {
+                    self.phase_one.prepared_ms = now_ms;
+                    let prepare = Message::Prepare { ballot: self.ballot, first_slot: self.next_slot };
+                    for m in membership.all_voters() {
+                        if !self.phase_one.promised_by.contains(&m) {
+                            out.push((m, Role::Acceptor, prepare.clone()));
                         }
                     }
                 }
@@ -266,7 +304,7 @@ impl Proposer {
                 for (&slot, flight) in self.in_flight.iter_mut() {
                     if now_ms >= flight.sent_ms + resend_ms {
                         flight.sent_ms = now_ms;
-                        for &m in &self.members {
+                        for m in membership.at(slot).voters() {
                             if !flight.accepts.contains(&m) {
                                 let msg = Message::Accept { ballot, slot, value: flight.value.clone() };
                                 out.push((m, Role::Acceptor, msg));
@@ -292,6 +330,7 @@ impl Proposer {
         self.phase = Phase::Candidate { promises: BTreeMap::new(), first_slot: first_unchosen, max_log_start: (0, 0) };
         self.leader = None;
         self.in_flight.clear();
+        self.phase_one = PhaseOneState::default();
         self.reset_election_timer(now_ms);
         if cfg!(feature = "bug-skip-phase1") {
             // Planted bug (simulator test builds only): lead without running phase 1.
@@ -305,9 +344,11 @@ impl Proposer {
         self.broadcast(Role::Acceptor, &prepare, out);
     }
 
-    /// Phase 1b answer. When a majority promised, this proposer becomes leader and re-proposes
-    /// every open slot (highest-ballot accepted value, or a no-op for a gap); slots the local
-    /// `learner` already knows chosen are not proposed again.
+    /// Phase 1b answer. When a majority of the first slot's voters promised, this proposer
+    /// becomes leader and proposes again every open slot (highest-ballot accepted value, or a
+    /// no-op for a gap) as far as the window and the promises reach (`advance`); slots the local
+    /// `learner` already knows chosen are not proposed again. A promise to a leader's ballot
+    /// (late, or asked for because a new configuration needs it) counts from now on.
     pub fn on_promise(
         &mut self,
         src: NodeId,
@@ -320,7 +361,14 @@ impl Proposer {
         if ballot != self.ballot {
             return PhaseOne::Pending;
         }
-        let quorum = self.quorum();
+        if self.phase == Phase::Leader {
+            if self.phase_one.promised_by.insert(src) {
+                let next_slot = self.next_slot;
+                self.adopt(accepted.iter().filter(|(slot, _, _)| *slot >= next_slot));
+                self.advance(now_ms, learner, out);
+            }
+            return PhaseOne::Pending;
+        }
         let Phase::Candidate { promises, first_slot, max_log_start } = &mut self.phase else {
             return PhaseOne::Pending;
         };
@@ -328,7 +376,8 @@ impl Proposer {
         if log_start > max_log_start.0 {
             *max_log_start = (log_start, src);
         }
-        if promises.len() < quorum {
+        let config = learner.membership.at(*first_slot);
+        if !config.has_quorum(|n| promises.contains_key(&n)) {
             return PhaseOne::Pending;
         }
         if max_log_start.0 > *first_slot {
@@ -337,37 +386,106 @@ impl Proposer {
             return PhaseOne::Behind(ahead);
         }
         let first_slot = *first_slot;
-        // Reference: "Paxos Made Simple" §2.2 (P2c): per slot, the value of the highest ballot.
-        let mut adopted: BTreeMap<u64, (Ballot, Value)> = BTreeMap::new();
-        for (slot, b, value) in promises.values().flatten() {
-            if *slot < first_slot {
-                continue;
-            }
-            let higher = adopted.get(slot).is_none_or(|(have, _)| have < b);
-            if higher {
-                adopted.insert(*slot, (*b, value.clone()));
-            }
-        }
-        let last_open = adopted.keys().next_back().copied();
-        let end = [last_open, learner.highest_chosen()]
+        let promises = std::mem::take(promises);
+        self.phase_one = PhaseOneState { promised_by: promises.keys().copied().collect(), ..PhaseOneState::default() };
+        self.adopt(promises.values().flatten().filter(|(slot, _, _)| *slot >= first_slot));
+        let end = [self.phase_one.adopted.keys().next_back().copied(), learner.highest_chosen()]
             .into_iter()
             .flatten()
             .max()
             .map_or(first_slot, |s| (s + 1).max(first_slot));
+        self.phase_one.reproposal_end = end;
+        self.phase_one.prepared_ms = now_ms;
         self.phase = Phase::Leader;
         self.leader = Some((self.me, self.ballot));
         self.in_flight.clear();
         self.next_heartbeat_ms = now_ms;
-        for slot in first_slot..end {
+        self.next_slot = first_slot;
+        self.advance(now_ms, learner, out);
+        PhaseOne::Won
+    }
+
+    /// Reference: "Paxos Made Simple" §2.2 (P2c): per slot, the value of the highest ballot.
+    fn adopt<'a>(&mut self, reported: impl Iterator<Item = &'a (u64, Ballot, Value)>) {
+        for (slot, b, value) in reported {
+            let higher = self.phase_one.adopted.get(slot).is_none_or(|(have, _)| have < b);
+            if higher {
+                self.phase_one.adopted.insert(*slot, (*b, value.clone()));
+            }
+            self.phase_one.reproposal_end = self.phase_one.reproposal_end.max(slot + 1);
+        }
+    }
+
+    /// Whether a majority of `slot`'s voters promised this ballot.
+    pub fn covers(&self, slot: u64, membership: &Membership) -> bool {
+        membership.at(slot).has_quorum(|n| self.phase_one.promised_by.contains(&n))
+    }
+
+    /// Whether the leader stops at `next_slot` because it does not vote there (removed, or
+    /// demoted): it then stands down once its slots in flight are chosen.
+    pub fn leaving(&self, membership: &Membership) -> bool {
+        self.is_leader() && !membership.at(self.next_slot).is_voter(self.me)
+    }
+
+    /// Proposes slot after slot while the window, the bytes in flight and the promises allow:
+    /// first what phase 1 reported (or no-ops in its gaps), then queued commands, then no-ops
+    /// up to a configuration chosen to take effect (so that a change takes effect on an idle
+    /// cluster too).
+    fn advance(&mut self, now_ms: u64, learner: &Learner, out: &mut Vec<Outgoing>) {
+        if !self.is_leader() {
+            return;
+        }
+        let membership = &learner.membership;
+        let mut in_flight_bytes = self.in_flight_bytes();
+        loop {
+            let slot = self.next_slot;
+            if slot >= learner.next_apply + ALPHA
+                || self.in_flight.len() >= WINDOW_SLOTS_MAX
+                || in_flight_bytes >= WINDOW_BYTES_MAX
+            {
+                return;
+            }
             if learner.is_chosen(slot) {
+                self.next_slot += 1;
                 continue;
             }
-            // Reference: "Paxos Made Simple" §3: gaps are filled with no-ops.
-            let value = adopted.remove(&slot).map_or(Value::Noop, |(_, v)| v);
+            if !membership.at(slot).is_voter(self.me) || !self.covers(slot, membership) {
+                return;
+            }
+            let value = if let Some((_, value)) = self.phase_one.adopted.remove(&slot) {
+                value
+            } else if slot < self.phase_one.reproposal_end {
+                // Reference: "Paxos Made Simple" §3: gaps are filled with no-ops.
+                Value::Noop
+            } else if !self.queue.is_empty() {
+                let batch = self.take_batch();
+                in_flight_bytes += batch.iter().map(command_bytes).sum::<usize>();
+                Value::Batch(batch)
+            } else if membership.next_change_after(slot).is_some() {
+                Value::Noop
+            } else {
+                return;
+            };
+            self.next_slot += 1;
             self.propose(slot, value, now_ms, out);
         }
-        self.next_slot = end;
-        PhaseOne::Won
+    }
+
+    /// The next batch from the queue (at least one command; the caller checked it is not empty).
+    fn take_batch(&mut self) -> Vec<ClientCommand> {
+        let mut batch = Vec::new();
+        let mut bytes = 0usize;
+        while let Some(cmd) = self.queue.front() {
+            let size = command_bytes(cmd);
+            if !batch.is_empty() && (batch.len() >= BATCH_COMMANDS_MAX || bytes + size > BATCH_BYTES_MAX) {
+                break;
+            }
+            bytes += size;
+            if let Some(cmd) = self.queue.pop_front() {
+                batch.push(cmd);
+            }
+        }
+        batch
     }
 
     fn propose(&mut self, slot: u64, value: Value, now_ms: u64, out: &mut Vec<Outgoing>) {
@@ -376,15 +494,25 @@ impl Proposer {
         self.in_flight.insert(slot, InFlight { value, accepts: BTreeSet::new(), sent_ms: now_ms });
     }
 
-    /// Phase 2b answer. Returns the slot and value once a majority accepted them: chosen.
-    pub fn on_accepted(&mut self, src: NodeId, ballot: Ballot, slot: u64) -> Option<(u64, Value)> {
+    /// Phase 2b answer. Returns the slot and value once a majority of the slot's voters
+    /// accepted them: chosen.
+    pub fn on_accepted(
+        &mut self,
+        src: NodeId,
+        ballot: Ballot,
+        slot: u64,
+        membership: &Membership,
+    ) -> Option<(u64, Value)> {
         if !self.is_leader() || ballot != self.ballot {
             return None;
         }
-        let quorum = self.quorum();
+        let config = membership.at(slot);
         let flight = self.in_flight.get_mut(&slot)?;
+        if !config.is_voter(src) {
+            return None;
+        }
         flight.accepts.insert(src);
-        if flight.accepts.len() < quorum {
+        if !config.has_quorum(|n| flight.accepts.contains(&n)) {
             return None;
         }
         self.in_flight.remove(&slot).map(|f| (slot, f.value))
@@ -407,6 +535,7 @@ impl Proposer {
         self.leader = None;
         self.in_flight.clear();
         self.queue.clear();
+        self.phase_one = PhaseOneState::default();
         self.reset_election_timer(now_ms);
     }
 
@@ -462,33 +591,10 @@ impl Proposer {
         self.in_flight.values().map(|f| crate::learner::value_bytes(&f.value)).sum()
     }
 
-    /// Proposes queued commands in batches while the window has room.
-    pub fn flush(&mut self, now_ms: u64, out: &mut Vec<Outgoing>) {
-        if !self.is_leader() {
-            return;
-        }
-        if self.queue.is_empty() {
-            return;
-        }
-        let mut in_flight_bytes = self.in_flight_bytes();
-        while !self.queue.is_empty() && self.in_flight.len() < WINDOW_SLOTS_MAX && in_flight_bytes < WINDOW_BYTES_MAX {
-            let mut batch = Vec::new();
-            let mut bytes = 0usize;
-            while let Some(cmd) = self.queue.front() {
-                let size = command_bytes(cmd);
-                if !batch.is_empty() && (batch.len() >= BATCH_COMMANDS_MAX || bytes + size > BATCH_BYTES_MAX) {
-                    break;
-                }
-                bytes += size;
-                if let Some(cmd) = self.queue.pop_front() {
-                    batch.push(cmd);
-                }
-            }
-            in_flight_bytes += bytes;
-            let slot = self.next_slot;
-            self.next_slot += 1;
-            self.propose(slot, Value::Batch(batch), now_ms, out);
-        }
+    /// Proposes what is due (queued commands, phase 1's slots, no-ops towards a new
+    /// configuration) while the window has room.
+    pub fn flush(&mut self, now_ms: u64, learner: &Learner, out: &mut Vec<Outgoing>) {
+        self.advance(now_ms, learner, out);
     }
 
     /// Moves past slots a learner learned from elsewhere (never propose into a chosen slot).
@@ -507,5 +613,9 @@ pub fn command_bytes(cmd: &ClientCommand) -> usize {
         crate::types::Command::Get(k) | crate::types::Command::Delete(k) | crate::types::Command::GetStale(k) => {
             k.len()
         }
+        crate::types::Command::ChangeMembers(change) => match change {
+            crate::membership::MemberChange::Add { address } => address.len(),
+            _ => 8,
+        },
     }
 }

@@ -20,6 +20,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use crate::membership::Membership;
 use crate::message::Ballot;
 use crate::types::NodeId;
 
@@ -138,10 +139,11 @@ impl Reads {
     }
 
     /// The round to broadcast now: when a waiting read needs one not sent yet, and the round in
-    /// flight (if any) is confirmed by a majority (`quorum`) or overdue.
-    pub fn round_to_send(&mut self, quorum: usize, now_ms: u64) -> Option<u64> {
+    /// flight (if any) is confirmed by a majority of every governing configuration or overdue.
+    pub fn round_to_send(&mut self, membership: &Membership, now_ms: u64) -> Option<u64> {
         let needed = self.waiting.back().is_some_and(|r| r.round > self.sent_round);
-        let in_flight = self.majority_round(quorum) < self.sent_round && now_ms < self.sent_ms + READ_ROUND_RETRY_MS;
+        let in_flight =
+            self.majority_round(membership) < self.sent_round && now_ms < self.sent_ms + READ_ROUND_RETRY_MS;
         if !needed || in_flight {
             return None;
         }
@@ -165,20 +167,26 @@ impl Reads {
         *entry = (*entry).max(round);
     }
 
-    /// The highest round a majority (`quorum` acceptors) confirmed.
-    fn majority_round(&self, quorum: usize) -> u64 {
-        let mut rounds: Vec<u64> = self.confirmed.values().copied().collect();
-        if rounds.len() < quorum {
-            return 0;
-        }
-        rounds.sort_unstable_by(|a, b| b.cmp(a));
-        rounds[quorum - 1]
+    /// The highest round a majority of the voters of every configuration governing a slot
+    /// from the first unapplied one on confirmed: no leader of another ballot can choose in any
+    /// slot the read may depend on without one of them.
+    fn majority_round(&self, membership: &Membership) -> u64 {
+        membership
+            .governing()
+            .map(|(_, config)| {
+                let mut rounds: Vec<u64> =
+                    config.voters().map(|v| self.confirmed.get(&v).copied().unwrap_or(0)).collect();
+                rounds.sort_unstable_by(|a, b| b.cmp(a));
+                rounds.get(config.quorum() - 1).copied().unwrap_or(0)
+            })
+            .min()
+            .unwrap_or(0)
     }
 
     /// Takes the reads that may be answered now: confirmed by a majority and with every slot
     /// below their index applied (`applied` is the learner's next slot to apply).
-    pub fn ready(&mut self, quorum: usize, applied: u64) -> Vec<WaitingRead> {
-        let majority = self.majority_round(quorum);
+    pub fn ready(&mut self, membership: &Membership, applied: u64) -> Vec<WaitingRead> {
+        let majority = self.majority_round(membership);
         let mut ready = Vec::new();
         while self.waiting.front().is_some_and(|r| r.round <= majority && r.index <= applied) {
             if let Some(read) = self.waiting.pop_front() {
@@ -208,8 +216,13 @@ impl Reads {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::membership::voters;
 
     const B: Ballot = Ballot { round: 3, node: 1 };
+
+    fn five() -> Membership {
+        Membership::initial(voters(&[1, 2, 3, 4, 5])).expect("valid")
+    }
 
     #[test]
     fn a_read_is_ready_only_after_a_later_round_is_confirmed_by_a_majority_and_its_index_applied() {
@@ -220,17 +233,17 @@ mod tests {
         reads.on_confirmed(1, B, 0);
         reads.on_confirmed(2, B, 0);
         reads.on_confirmed(3, B, 0);
-        assert!(reads.ready(3, 10).is_empty());
-        assert_eq!(reads.round_to_send(3, 0), Some(1));
-        assert_eq!(reads.round_to_send(3, 0), None, "one round per batch of reads");
+        assert!(reads.ready(&five(), 10).is_empty());
+        assert_eq!(reads.round_to_send(&five(), 0), Some(1));
+        assert_eq!(reads.round_to_send(&five(), 0), None, "one round per batch of reads");
         reads.on_confirmed(1, B, 1);
         reads.on_confirmed(2, B, 1);
-        assert!(reads.ready(3, 10).is_empty(), "two of five is no majority");
+        assert!(reads.ready(&five(), 10).is_empty(), "two of five is no majority");
         reads.on_confirmed(4, Ballot { round: 2, node: 4 }, 1);
-        assert!(reads.ready(3, 10).is_empty(), "an answer under another ballot does not count");
+        assert!(reads.ready(&five(), 10).is_empty(), "an answer under another ballot does not count");
         reads.on_confirmed(4, B, 1);
-        assert!(reads.ready(3, 9).is_empty(), "slot 9 not applied yet");
-        assert_eq!(reads.ready(3, 10).len(), 1);
+        assert!(reads.ready(&five(), 9).is_empty(), "slot 9 not applied yet");
+        assert_eq!(reads.ready(&five(), 10).len(), 1);
     }
 
     #[test]
@@ -238,17 +251,17 @@ mod tests {
         let mut reads = Reads::default();
         reads.reset(B);
         reads.add(1, 0, 0, "a".into(), 1, 0);
-        assert_eq!(reads.round_to_send(3, 0), Some(1));
+        assert_eq!(reads.round_to_send(&five(), 0), Some(1));
         reads.add(2, 0, 0, "b".into(), 2, 1);
         reads.add(3, 0, 0, "c".into(), 2, 2);
-        assert_eq!(reads.round_to_send(3, 2), None, "round 1 is still in flight");
-        assert_eq!(reads.round_to_send(3, READ_ROUND_RETRY_MS), Some(2), "an overdue round is followed anyway");
+        assert_eq!(reads.round_to_send(&five(), 2), None, "round 1 is still in flight");
+        assert_eq!(reads.round_to_send(&five(), READ_ROUND_RETRY_MS), Some(2), "an overdue round is followed anyway");
         for node in 1..=3 {
             reads.on_confirmed(node, B, 2);
         }
-        assert_eq!(reads.ready(3, 5).iter().map(|r| r.request_id).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert_eq!(reads.ready(&five(), 5).iter().map(|r| r.request_id).collect::<Vec<_>>(), vec![1, 2, 3]);
         reads.add(4, 0, 0, "d".into(), 5, 10);
-        assert_eq!(reads.round_to_send(3, 30), Some(3), "round 2 was confirmed: the next may go");
+        assert_eq!(reads.round_to_send(&five(), 30), Some(3), "round 2 was confirmed: the next may go");
         assert_eq!(reads.expired(10 + READ_CONFIRM_TIMEOUT_MS - 1), vec![]);
         let back = reads.reset(Ballot { round: 4, node: 2 });
         assert_eq!(back.len(), 1);

@@ -21,14 +21,21 @@ use crate::follower_reads::{FollowerRead, FollowerReads};
 use crate::kv::{Kv, KvV1};
 use crate::learner::AppState;
 use crate::learner::Learner;
+use crate::membership::Membership;
 use crate::message::{self, Ballot, ClientCommand, DecodeError, Message, Record, Value};
 use crate::prevote::PreVote;
 use crate::proposer::{
-    Outgoing, Phase, PhaseOne, Promise, Proposer, ELECTION_TIMEOUT_MAX_MS, ELECTION_TIMEOUT_MIN_MS, EVERY_MEMBER,
+    Outgoing, Phase, PhaseOne, PhaseOneState, Promise, Proposer, ELECTION_TIMEOUT_MAX_MS, ELECTION_TIMEOUT_MIN_MS,
+    EVERY_MEMBER,
 };
 use crate::reads::{Reads, RemoteAsk, WaitingRead};
 use crate::rejoin::{EarlyRejoin, FenceDone, Rejoin};
 use crate::types::{Command, Config, Effect, Envelope, Event, NodeId, Outcome, Request, Role};
+
+mod reconfigure;
+mod snapshot_transfer;
+
+use snapshot_transfer::IncomingSnapshot;
 
 /// The guest build's version, reported by `status`: the crate version, plus the build label
 /// `WAXOS_BUILD_LABEL` given at compile time, if any (`0.1.0+canary`).
@@ -95,9 +102,23 @@ struct SnapshotState<'a, K: Clone> {
     volatile: Option<Volatile<'a>>,
 }
 
+/// A decoded snapshot: the state, its membership (none before format 3, whose builds never
+/// changed members), the bytes after them (a hand-over's trailers).
+type DecodedSnapshot<'b> = (SnapshotState<'static, Kv>, Option<Membership>, &'b [u8]);
+
 /// Decodes a snapshot of format 1 (migrated: its sessions keep everything but a fingerprint,
-/// which they never had) or 2, with the bytes after it (a hand-over's trailer).
-fn decode_snapshot(bytes: &[u8]) -> Result<(SnapshotState<'static, Kv>, &[u8]), DecodeError> {
+/// which they never had), 2, or 3 (2's layout followed by the membership).
+fn decode_snapshot(bytes: &[u8]) -> Result<DecodedSnapshot<'_>, String> {
+    let version = bytes.first().copied().unwrap_or(0);
+    let (state, rest) = decode_snapshot_state(bytes).map_err(|e| e.to_string())?;
+    if version < 3 {
+        return Ok((state, None, rest));
+    }
+    let (membership, rest) = Membership::decode(rest)?;
+    Ok((state, Some(membership), rest))
+}
+
+fn decode_snapshot_state(bytes: &[u8]) -> Result<(SnapshotState<'static, Kv>, &[u8]), DecodeError> {
     if bytes.first().is_some_and(|&version| version <= 1) {
         let (old, rest): (SnapshotState<'static, KvV1>, &[u8]) = message::decode_with_rest(1, bytes)?;
         let state = SnapshotState {
@@ -145,6 +166,10 @@ struct HandoverTrailer {
 
 /// The version of `HandoverTrailer` this build writes.
 const HANDOVER_TRAILER_VERSION: u8 = 1;
+/// The version of the second hand-over trailer (after `HandoverTrailer`): the leader's
+/// `PhaseOneState`. Without it (a hand-over from a build before membership changes) a leader
+/// asks every voter for its promise again before it proposes further.
+const PHASE_ONE_TRAILER_VERSION: u8 = 1;
 
 /// Without a trailer (a hand-over from an older build), rounds restart above
 /// `now_ms * READ_ROUNDS_PER_MS_MAX`: a build sends at most one round per step, and no host
@@ -166,16 +191,6 @@ pub const CHECK_QUORUM_PROBE_MS: u64 = 100;
 pub const COMMIT_STALL_MS: u64 = 2_000;
 /// Marks a `ReadConfirm` round as a CheckQuorum probe carrying its send time.
 pub const CHECK_QUORUM_PROBE_BIT: u64 = 1 << 63;
-
-/// A snapshot being received from a peer.
-#[derive(Debug)]
-struct IncomingSnapshot {
-    from: NodeId,
-    next_apply: u64,
-    total: u64,
-    bytes: Vec<u8>,
-    started_ms: u64,
-}
 
 /// A replica.
 #[derive(Debug)]
@@ -214,6 +229,8 @@ pub struct Replica {
     pre_vote: Option<PreVote>,
     incoming_snapshot: Option<IncomingSnapshot>,
     snapshot_sent_ms: BTreeMap<NodeId, u64>,
+    /// The membership revision last told to the host (`Effect::Members`).
+    announced_members: Option<u64>,
     /// Size of the last snapshot taken, to size the next one's buffer.
     last_snapshot_bytes: std::cell::Cell<usize>,
     /// Linearizable reads waiting at the leader (ReadIndex), its own and followers' asks.
@@ -228,20 +245,22 @@ impl Replica {
         if cfg!(feature = "test-trap-on-start") {
             panic!("this build traps in start (test-trap-on-start)");
         }
-        if !config.members.contains(&config.me) {
-            return Err(format!("node {} is not in the roster {:?}", config.me, config.members));
+        if !config.members.iter().any(|m| m.id == config.me) {
+            let ids: Vec<NodeId> = config.members.iter().map(|m| m.id).collect();
+            return Err(format!("node {} is not in the roster {ids:?}", config.me));
         }
+        let initial_members = Membership::initial(config.members.clone())?;
         // A replica that rejoins (its host lost its state at some point) does not vote unless its
         // own log says it earned the vote back: a crash before its first record must not bring
         // it back as a voter with no memory of its promises.
         let voting = !config.rejoining;
         let mut replica = Replica {
-            proposer: Proposer::new(config.me, config.members.clone(), config.seed, 0),
+            proposer: Proposer::new(config.me, roster_ids(&config), config.seed, 0),
             config,
             now_ms: 0,
             started: false,
             acceptor: Acceptor::default(),
-            learner: Learner::default(),
+            learner: Learner { membership: initial_members, ..Learner::default() },
             pending: BTreeMap::new(),
             to_forward: Vec::new(),
             to_announce: Vec::new(),
@@ -262,12 +281,16 @@ impl Replica {
             last_snapshot_bytes: std::cell::Cell::new(0),
             reads: Reads::default(),
             follower_reads: FollowerReads::default(),
+            announced_members: None,
         };
         // Whether this disk once rejoined: its log (or the snapshot that covers the start of it)
         // said "not voting" at some point.
         let mut rejoined_before = false;
         if let Some(bytes) = snapshot {
-            let (state, trailer) = decode_snapshot(bytes).map_err(|e| format!("snapshot refused: {e}"))?;
+            let (state, membership, trailer) = decode_snapshot(bytes).map_err(|e| format!("snapshot refused: {e}"))?;
+            if let Some(membership) = membership {
+                replica.learner.membership.replace_with(membership);
+            }
             replica.acceptor.promised = state.promised;
             replica.acceptor.accepted = state.accepted.into_owned();
             replica.acceptor.log_start = state.acceptor_log_start;
@@ -287,11 +310,13 @@ impl Replica {
                 replica.last_catchup_ms = v.last_catchup_ms;
                 replica.last_heartbeat_ms = v.last_heartbeat_ms;
                 replica.early_rejoin = v.rejoin;
-                let (read_round, fenced_log_start) =
-                    match message::decode_up_to::<HandoverTrailer>(HANDOVER_TRAILER_VERSION, trailer) {
-                        Ok(t) => (t.read_round, t.fenced_log_start),
-                        Err(_) => (replica.now_ms.saturating_mul(READ_ROUNDS_PER_MS_MAX), None),
+                let (read_round, fenced_log_start, rest) =
+                    match message::decode_with_rest::<HandoverTrailer>(HANDOVER_TRAILER_VERSION, trailer) {
+                        Ok((t, rest)) => (t.read_round, t.fenced_log_start, rest),
+                        Err(_) => (replica.now_ms.saturating_mul(READ_ROUNDS_PER_MS_MAX), None, &[][..]),
                     };
+                replica.proposer.phase_one =
+                    message::decode_up_to::<PhaseOneState>(PHASE_ONE_TRAILER_VERSION, rest).unwrap_or_default();
                 if let (Some(log_start), false) = (fenced_log_start, replica.voting) {
                     // The fence completed before the swap: only the catch-up remains.
                     replica.acceptor.forget_below(log_start);
@@ -354,6 +379,7 @@ impl Replica {
             replica.proposer.note_chosen(slot);
         }
         replica.derive_open_epoch();
+        replica.announce_members_if_changed();
         replica.log(format!(
             "started: promised {}, {} accepted slots, applied up to {}, {} keys",
             replica.acceptor.promised,
@@ -411,15 +437,16 @@ impl Replica {
             },
             hint + hint / 8,
         );
-        let bytes = if handover {
+        let mut bytes = bytes;
+        if message::SNAPSHOT_VERSION >= 3 {
+            bytes.extend(self.learner.membership.encode());
+        }
+        if handover {
             let trailer =
                 HandoverTrailer { read_round: self.reads.sent_round(), fenced_log_start: self.rejoin.catching_up_to() };
-            let mut bytes = bytes;
             bytes.extend(message::encode_as(HANDOVER_TRAILER_VERSION, &trailer));
-            bytes
-        } else {
-            bytes
-        };
+            bytes.extend(message::encode_as(PHASE_ONE_TRAILER_VERSION, &self.proposer.phase_one));
+        }
         self.last_snapshot_bytes.set(bytes.len());
         bytes
     }
@@ -437,7 +464,7 @@ impl Replica {
             // started: a restarted replica must not disturb a healthy leader at once.
             self.started = true;
             self.follower_reads = FollowerReads::new(self.instance_nonce());
-            self.proposer = Proposer::new(self.config.me, self.config.members.clone(), self.config.seed, self.now_ms);
+            self.proposer = Proposer::new(self.config.me, roster_ids(&self.config), self.config.seed, self.now_ms);
             self.proposer.observe(self.acceptor.promised);
             if let Some(slot) = self.learner.highest_chosen() {
                 self.proposer.note_chosen(slot);
@@ -455,7 +482,7 @@ impl Replica {
         self.rejoin_on_time();
         self.check_quorum();
         let mut out = Vec::new();
-        if self.voting && self.proposer.election_due(self.now_ms) {
+        if self.voting && self.votes_now() && self.proposer.election_due(self.now_ms) {
             if cfg!(feature = "bug-no-pre-vote") {
                 // Planted bug (simulator test builds only): no pre-vote.
                 if self.proposer.epoch_unopened() {
@@ -469,15 +496,16 @@ impl Replica {
         }
         if self.voting {
             // A replica that cannot vote cannot lead either: it only follows.
-            self.proposer.on_time(self.now_ms, self.learner.next_apply, &mut out);
+            self.proposer.on_time(self.now_ms, &self.learner, &mut out);
         }
         self.dispatch(out);
         self.drain_local();
         self.resend_pending();
         let mut out = Vec::new();
-        self.proposer.flush(self.now_ms, &mut out);
+        self.proposer.flush(self.now_ms, &self.learner, &mut out);
         self.dispatch(out);
         self.drain_local();
+        self.stand_down_if_leaving();
         self.flush_forward();
         self.announce_chosen();
         self.confirm_reads();
@@ -550,7 +578,7 @@ impl Replica {
     fn start_fence(&mut self, adopt: bool) {
         let epoch = self.proposer.max_seen.epoch().max(self.acceptor.promised.epoch()) + 1;
         let mut out = Vec::new();
-        let members = self.config.members.clone();
+        let members = self.voters_now();
         // A fresh nonce per attempt (see `Message::Fence`): a wiped replica's clock and seed
         // differ from its earlier life's when it fences again.
         let nonce = crate::rng::Rng::new(self.instance_nonce() ^ self.now_ms.rotate_left(17) ^ epoch).next_u64();
@@ -572,9 +600,9 @@ impl Replica {
     fn start_pre_vote(&mut self) {
         let ballot = Ballot { round: self.proposer.max_seen.round + 1, node: self.config.me };
         let mut out = Vec::new();
-        let pre_vote = PreVote::start(self.config.me, &self.config.members, ballot, &mut out);
+        let pre_vote = PreVote::start(self.config.me, &self.voters_now(), ballot, &mut out);
         self.dispatch(out);
-        if pre_vote.won(self.proposer.quorum()) {
+        if pre_vote.won(self.learner.membership.at(self.learner.next_apply).quorum()) {
             self.pre_vote = None;
             self.elect_or_open_epoch();
         } else {
@@ -612,7 +640,7 @@ impl Replica {
             self.start_fence(true);
         }
         let mut out = Vec::new();
-        let members = self.config.members.clone();
+        let members = self.voters_now();
         let leader_epoch = self.proposer.leader.map(|(_, b)| b.epoch());
         self.rejoin.on_time(self.config.me, &members, leader_epoch, self.now_ms, &mut out);
         self.dispatch(out);
@@ -625,7 +653,7 @@ impl Replica {
             } else if self.rejoin.catch_up_due(self.now_ms, CATCHUP_INTERVAL_MS) {
                 // Anyone who applied past the log start can serve it: the leader if known,
                 // otherwise each peer in turn.
-                let peers: Vec<NodeId> = self.config.members.iter().copied().filter(|&m| m != self.config.me).collect();
+                let peers = self.peers_now();
                 let ask = self.proposer.known_leader().filter(|&l| l != self.config.me).or_else(|| {
                     let turn = (self.now_ms / CATCHUP_INTERVAL_MS) as usize;
                     peers.get(turn % peers.len().max(1)).copied()
@@ -691,26 +719,25 @@ impl Replica {
         if self.probed_ms.is_none_or(|t| now >= t + CHECK_QUORUM_PROBE_MS) {
             self.probed_ms = Some(now);
             let probe = Message::ReadConfirm { ballot: self.proposer.ballot, round: CHECK_QUORUM_PROBE_BIT | now };
-            let peers: Vec<NodeId> = self.config.members.iter().copied().filter(|&m| m != self.config.me).collect();
-            for m in peers {
-                self.send(m, Role::Acceptor, probe.clone());
+            let me = self.config.me;
+            for m in self.learner.membership.all_voters() {
+                if m != me {
+                    self.send(m, Role::Acceptor, probe.clone());
+                }
             }
         }
         if cfg!(feature = "bug-no-check-quorum") || now < since + CHECK_QUORUM_MS {
             return;
         }
         let me = self.config.me;
-        let heard = self
-            .config
-            .members
-            .iter()
-            .filter(|&&m| m == me || self.heard_ms.get(&m).is_some_and(|&t| now < t + CHECK_QUORUM_MS))
-            .count();
-        if heard < self.proposer.quorum() {
+        let heard = |m: NodeId| m == me || self.heard_ms.get(&m).is_some_and(|&t| now < t + CHECK_QUORUM_MS);
+        if !self.learner.membership.quorum_in_every(heard) {
+            let voters = self.learner.membership.all_voters();
+            let count = voters.iter().filter(|&&m| heard(m)).count();
             self.proposer.stand_down(now);
             self.log(format!(
-                "heard from {heard} of {} members within {CHECK_QUORUM_MS} ms: no longer leading (CheckQuorum)",
-                self.config.members.len()
+                "heard from {count} of {} voters within {CHECK_QUORUM_MS} ms: no longer leading (CheckQuorum)",
+                voters.len()
             ));
         }
     }
@@ -725,7 +752,7 @@ impl Replica {
         for read in self.reads.expired(self.now_ms) {
             self.read_through_log(read);
         }
-        if let Some(round) = self.reads.round_to_send(self.proposer.quorum(), self.now_ms) {
+        if let Some(round) = self.reads.round_to_send(&self.learner.membership, self.now_ms) {
             let ballot = self.proposer.ballot;
             self.broadcast(Role::Acceptor, Message::ReadConfirm { ballot, round }, true);
             self.drain_local();
@@ -748,7 +775,7 @@ impl Replica {
     fn answer_ready_reads(&mut self) {
         // A follower's ask needs only the confirmation, not the index applied here: the follower
         // waits for its own learner.
-        for read in self.reads.ready(self.proposer.quorum(), self.learner.next_apply) {
+        for read in self.reads.ready(&self.learner.membership, self.learner.next_apply) {
             match read.remote {
                 Some(RemoteAsk { node, nonce, ask }) => {
                     self.send(node, Role::Proposer, Message::ReadIndexed { nonce, ask, index: read.index })
@@ -826,13 +853,13 @@ impl Replica {
         }
     }
 
-    /// Sends `msg` to every member (and to this replica when `include_me`), encoding it once:
-    /// accept and chosen batches are the largest messages, sent to everyone every slot.
+    /// Sends `msg` to every member it is for (`recipients`; and to this replica when
+    /// `include_me` and it is one of them), encoding it once: accept and chosen batches are the
+    /// largest messages, sent to everyone every slot.
     fn broadcast(&mut self, role: Role, msg: Message, include_me: bool) {
         let me = self.config.me;
         let payload = message::encode(&msg);
-        for i in 0..self.config.members.len() {
-            let dst = self.config.members[i];
+        for dst in self.recipients(&msg) {
             if dst != me || (include_me && Self::loops_through_host(&msg)) {
                 let envelope = Envelope { src: me, dst, role, payload: payload.clone() };
                 self.effects.push(Effect::Send(envelope));
@@ -858,6 +885,15 @@ impl Replica {
     }
 
     fn on_request(&mut self, request: Request) {
+        if let Some(reason) = self.removed_reason() {
+            self.effects.push(Effect::Reply(request.id, Outcome::Rejected(reason)));
+            return;
+        }
+        if let Command::ChangeMembers(change) = &request.command {
+            self.log(format!("membership change asked for: {change}"));
+            self.on_log_request(request);
+            return;
+        }
         let key = request.command.key();
         let problem = if key.is_empty() {
             Some("key must not be empty".to_string())
@@ -998,7 +1034,7 @@ impl Replica {
         }
         // Our own messages come back through the host (see `loops_through_host`); the host
         // refuses envelopes that claim our id from anywhere else.
-        if !self.config.members.contains(&envelope.src) {
+        if !self.learner.membership.knows(envelope.src) {
             self.log(format!("dropped a message from unknown node {}", envelope.src));
             return;
         }
@@ -1046,7 +1082,7 @@ impl Replica {
                 self.send(src, Role::Proposer, reply);
             }
             Message::Fenced { ballot, nonce, accepted, log_start } => {
-                let members = self.config.members.len();
+                let members = self.voters_now().len();
                 if let Some(done) =
                     self.rejoin.on_fenced(self.config.me, members, src, ballot, nonce, accepted, log_start)
                 {
@@ -1061,8 +1097,9 @@ impl Replica {
                 }
             }
             Message::PreVoteGranted { ballot } => {
-                let quorum = self.proposer.quorum();
-                if self.pre_vote.as_mut().is_some_and(|p| p.on_granted(src, ballot, quorum)) {
+                let config = self.learner.membership.at(self.learner.next_apply);
+                let (quorum, counts) = (config.quorum(), config.is_voter(src));
+                if counts && self.pre_vote.as_mut().is_some_and(|p| p.on_granted(src, ballot, quorum)) {
                     self.pre_vote = None;
                     self.elect_or_open_epoch();
                 }
@@ -1124,7 +1161,7 @@ impl Replica {
                 }
             }
             Message::Accepted { ballot, slot } => {
-                if let Some((slot, value)) = self.proposer.on_accepted(src, ballot, slot) {
+                if let Some((slot, value)) = self.proposer.on_accepted(src, ballot, slot, &self.learner.membership) {
                     self.commit_progress_ms = Some(self.now_ms);
                     self.to_announce.push((slot, value.clone()));
                     self.learn(slot, value);
@@ -1274,6 +1311,8 @@ impl Replica {
                 self.effects.push(Effect::Reply(cmd.request_id, outcome));
             }
         }
+        self.announce_members_if_changed();
+        self.refuse_all_if_removed();
         self.trim_log();
     }
 
@@ -1315,84 +1354,6 @@ impl Replica {
         }
     }
 
-    /// Sends our state machine to a peer whose missing slots we dropped, in bounded chunks.
-    fn send_snapshot(&mut self, dst: NodeId) {
-        let recently = self.snapshot_sent_ms.get(&dst).is_some_and(|t| self.now_ms < t + SNAPSHOT_RESEND_MS);
-        if recently {
-            return;
-        }
-        self.snapshot_sent_ms.insert(dst, self.now_ms);
-        let state = self.learner.app_state();
-        let bytes = state.encode();
-        let total = bytes.len() as u64;
-        self.log(format!(
-            "node {dst} is behind our log (it starts at slot {}): sending a {total}-byte snapshot at slot {}",
-            self.learner.log_start, state.next_apply
-        ));
-        for (i, chunk) in bytes.chunks(SNAPSHOT_CHUNK_BYTES).enumerate() {
-            let msg = Message::SnapshotChunk {
-                next_apply: state.next_apply,
-                offset: (i * SNAPSHOT_CHUNK_BYTES) as u64,
-                total,
-                bytes: chunk.to_vec(),
-            };
-            self.send(dst, Role::Learner, msg);
-        }
-    }
-
-    fn on_snapshot_chunk(&mut self, src: NodeId, next_apply: u64, offset: u64, total: u64, bytes: Vec<u8>) {
-        if next_apply <= self.learner.next_apply {
-            return;
-        }
-        if offset == 0 {
-            let busy = self
-                .incoming_snapshot
-                .as_ref()
-                .is_some_and(|s| s.next_apply != next_apply && self.now_ms < s.started_ms + SNAPSHOT_RESEND_MS);
-            if busy {
-                return;
-            }
-            let capacity = usize::try_from(total).unwrap_or(0).min(64 << 20);
-            self.incoming_snapshot = Some(IncomingSnapshot {
-                from: src,
-                next_apply,
-                total,
-                bytes: Vec::with_capacity(capacity),
-                started_ms: self.now_ms,
-            });
-        }
-        let Some(incoming) = self.incoming_snapshot.as_mut() else {
-            return;
-        };
-        if incoming.from != src || incoming.next_apply != next_apply || incoming.bytes.len() as u64 != offset {
-            return;
-        }
-        incoming.bytes.extend_from_slice(&bytes);
-        if (incoming.bytes.len() as u64) < incoming.total {
-            return;
-        }
-        let Some(done) = self.incoming_snapshot.take() else {
-            return;
-        };
-        match AppState::decode(&done.bytes) {
-            Ok(state) => {
-                if self.learner.install(state) {
-                    self.persist(&Record::Installed(done.bytes));
-                    self.acceptor.forget_below(self.learner.next_apply);
-                    self.proposer.note_chosen(self.learner.next_apply.saturating_sub(1));
-                    self.proposer.forget_in_flight_below(self.learner.next_apply);
-                    self.log(format!(
-                        "installed a snapshot from node {src}: applied up to slot {}, {} keys",
-                        self.learner.next_apply,
-                        self.learner.kv.data.len()
-                    ));
-                    self.apply_ready();
-                }
-            }
-            Err(e) => self.log(format!("dropped an undecodable snapshot from node {src}: {e}")),
-        }
-    }
-
     /// The rule issue 11 replaced (planted bug `bug-rejoin-early`): vote again once applied
     /// what the leader had chosen when first heard from, and two election timeouts passed.
     fn check_rejoined_early(&mut self, chosen_upto: u64) {
@@ -1427,7 +1388,7 @@ impl Replica {
         };
         let leader = self.proposer.known_leader().map_or("null".to_string(), |l| l.to_string());
         format!(
-            "{{\"version\":\"{}\",\"me\":{},\"role\":\"{role}\",\"leader\":{leader},\"ballot\":\"{}\",\"promised\":\"{}\",\"first_unchosen\":{},\"highest_chosen\":{},\"next_slot\":{},\"applied\":{},\"keys\":{},\"pending\":{},\"voting\":{},\"log_start\":{}}}",
+            "{{\"version\":\"{}\",\"me\":{},\"role\":\"{role}\",\"leader\":{leader},\"ballot\":\"{}\",\"promised\":\"{}\",\"first_unchosen\":{},\"highest_chosen\":{},\"next_slot\":{},\"applied\":{},\"keys\":{},\"pending\":{},\"voting\":{},\"log_start\":{},\"voters\":{:?},\"learners\":{:?}}}",
             guest_version(),
             self.config.me,
             self.proposer.max_seen,
@@ -1440,6 +1401,8 @@ impl Replica {
             self.pending.len(),
             self.voting,
             self.learner.log_start,
+            self.voters_now(),
+            self.learner.membership.at(self.learner.next_apply).members.iter().filter(|m| !m.voter).map(|m| m.id).collect::<Vec<_>>(),
         )
     }
 
@@ -1447,6 +1410,11 @@ impl Replica {
     pub fn config(&self) -> &Config {
         &self.config
     }
+}
+
+/// The ids of the roster a replica was started with (the proposer's hand-over format keeps them).
+fn roster_ids(config: &Config) -> Vec<NodeId> {
+    config.members.iter().map(|m| m.id).collect()
 }
 
 /// The role a message is addressed to (checked against the envelope's label).

@@ -5,6 +5,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::membership::{Member, MemberChange};
+
 /// A replica's identity within the roster.
 pub type NodeId = u32;
 
@@ -44,13 +46,16 @@ pub enum Command {
     /// Read `key` from this replica's applied state as it is (serializable, possibly stale);
     /// never enters the log.
     GetStale(String),
+    /// Change the members (an operator's command; `membership`).
+    ChangeMembers(MemberChange),
 }
 
 impl Command {
-    /// The key the command is about.
+    /// The key the command is about (none for a membership change).
     pub fn key(&self) -> &str {
         match self {
             Command::Put(k, _) | Command::Get(k) | Command::Delete(k) | Command::GetStale(k) => k,
+            Command::ChangeMembers(_) => "",
         }
     }
 
@@ -86,6 +91,8 @@ pub enum Outcome {
     Redirect(Option<NodeId>),
     /// Refused, with the reason.
     Rejected(String),
+    /// A membership change applied; the member it was about (an added one's new id).
+    Member(NodeId),
 }
 
 /// Something that happened since the last step.
@@ -112,6 +119,9 @@ pub enum Effect {
     PersistLazy(Vec<u8>),
     /// A debug line for the host's log.
     Log(String),
+    /// The members this replica knows now (`Membership::known_members`): sent at start and
+    /// whenever they change, so the host knows whom to connect to and accept.
+    Members(Vec<Member>),
 }
 
 /// Fixed at start.
@@ -119,8 +129,10 @@ pub enum Effect {
 pub struct Config {
     /// This replica.
     pub me: NodeId,
-    /// The whole roster, this replica included.
-    pub members: Vec<NodeId>,
+    /// The configuration to start with when no snapshot names one: the first start's roster
+    /// (all voters), or, for a host that joins a running cluster, the members as a member told
+    /// it (itself a learner). A snapshot's or a transferred state's membership replaces it.
+    pub members: Vec<Member>,
     /// PRNG seed (election timeouts).
     pub seed: u64,
     /// Test-only commands enabled (trap / loop keys).

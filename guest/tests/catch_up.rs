@@ -91,8 +91,14 @@ fn a_rejoining_replica_whose_log_lacks_a_vote_record_does_not_vote() {
     use waxos_guest::message::{Record, Value};
     use waxos_guest::replica::Replica;
     use waxos_guest::types::Config;
-    let config =
-        Config { me: 1, members: vec![1, 2, 3], seed: 1, test_hooks: false, retain_slots: 100, rejoining: true };
+    let config = Config {
+        me: 1,
+        members: waxos_guest::membership::voters(&[1, 2, 3]),
+        seed: 1,
+        test_hooks: false,
+        retain_slots: 100,
+        rejoining: true,
+    };
     let wal = vec![message::encode(&Record::Chosen { slot: 0, value: Value::Noop })];
     let replica = Replica::start(config.clone(), None, &wal).expect("start");
     assert!(replica.status().contains("\"voting\":false"), "{}", replica.status());

@@ -97,8 +97,45 @@ fn a_read_confirmation_from_before_a_hot_swap_never_confirms_a_read_after_it() {
 /// above any the old one could have sent.
 #[test]
 fn a_handover_from_a_build_without_the_read_state_trailer_is_accepted() {
-    let mut sim = Sim::new(5, 44);
-    sim.wait_for_leader();
+    let (mut sim, l, handover) = leader_handover(44);
+    let (state, _membership, _read_trailer, phase_one) = split_handover(&sim, l, &handover);
+    // A build of format 3 without the read-state trailer: state and membership only.
+    let older = &handover[..handover.len() - phase_one.len() - read_trailer_of_one_read().len()];
+    assert!(older.len() > state.len());
+    let config = sim.nodes[&l].config().clone();
+    let swapped = Replica::start(config, Some(older), &[]).expect("an older build's hand-over is accepted");
+    assert!(swapped.proposer.is_leader());
+    sim.nodes.insert(l, swapped);
+    assert_eq!(sim.call(l, 1, 3, get("k")), Outcome::Value(Some(b"v".to_vec())));
+    assert_eq!(sim.leaders(), vec![l], "no leader change");
+}
+
+/// A hand-over from a build before membership changes (snapshot format 2: no membership after
+/// the state, no phase-one trailer after the read-state one) is accepted: the roster it was
+/// started with is its membership, and the leader, which does not know who promised its
+/// ballot, asks the voters again and leads on without an election.
+#[test]
+fn a_handover_from_a_build_before_membership_changes_is_accepted() {
+    let (mut sim, l, handover) = leader_handover(45);
+    let (state, _membership, read_trailer, _phase_one) = split_handover(&sim, l, &handover);
+    let mut older = state.to_vec();
+    older[0] = 2;
+    older.extend_from_slice(read_trailer);
+    let config = sim.nodes[&l].config().clone();
+    let swapped = Replica::start(config, Some(&older), &[]).expect("a format-2 hand-over is accepted");
+    assert!(swapped.proposer.is_leader());
+    assert!(swapped.proposer.phase_one.promised_by.is_empty(), "who promised is not known");
+    sim.nodes.insert(l, swapped);
+    assert_eq!(sim.call(l, 1, 3, put("k", "w")), Outcome::Done);
+    assert_eq!(sim.call(l, 1, 4, get("k")), Outcome::Value(Some(b"w".to_vec())));
+    assert_eq!(sim.leaders(), vec![l], "no leader change");
+    assert!(sim.nodes[&l].proposer.phase_one.promised_by.len() >= 3, "a majority promised again");
+}
+
+/// A five-replica cluster with one put applied and one read served by ReadIndex, and its
+/// leader's hand-over.
+fn leader_handover(seed: u64) -> (Sim, u32, Vec<u8>) {
+    let mut sim = Sim::new(5, seed);
     let first = sim.wait_for_leader();
     assert_eq!(sim.call(first, 1, 1, put("k", "v")), Outcome::Done);
     sim.run_for(2_000);
@@ -107,16 +144,29 @@ fn a_handover_from_a_build_without_the_read_state_trailer_is_accepted() {
     assert_eq!(sim.call(l, 1, 2, get("k")), Outcome::Value(Some(b"v".to_vec())));
     assert_eq!(sim.nodes[&l].proposer.next_slot, slots, "the read took the ReadIndex path");
     let handover = sim.nodes[&l].snapshot(true);
-    // This build's trailer: version 1, read round 1 (one read), no fence in progress.
-    let trailer = message::encode_as(1, &(1u64, None::<u64>));
-    assert!(handover.ends_with(&trailer), "the trailer is the last bytes: {:?}", &handover[handover.len() - 4..]);
-    let older = &handover[..handover.len() - trailer.len()];
-    let config = sim.nodes[&l].config().clone();
-    let swapped = Replica::start(config, Some(older), &[]).expect("an older build's hand-over is accepted");
-    assert!(swapped.proposer.is_leader());
-    sim.nodes.insert(l, swapped);
-    assert_eq!(sim.call(l, 1, 3, get("k")), Outcome::Value(Some(b"v".to_vec())));
-    assert_eq!(sim.leaders(), vec![l], "no leader change");
+    (sim, l, handover)
+}
+
+/// This build's read-state trailer after one read: version 1, read round 1, no fence.
+fn read_trailer_of_one_read() -> Vec<u8> {
+    message::encode_as(1, &(1u64, None::<u64>))
+}
+
+/// A hand-over's parts: state, membership, read-state trailer, phase-one trailer.
+fn split_handover<'h>(sim: &Sim, l: u32, handover: &'h [u8]) -> (&'h [u8], &'h [u8], &'h [u8], &'h [u8]) {
+    let phase_one = message::encode_as(1, &sim.nodes[&l].proposer.phase_one);
+    let read = read_trailer_of_one_read();
+    let membership = sim.nodes[&l].learner.membership.encode();
+    assert!(handover.ends_with(&phase_one), "the phase-one trailer is the last bytes");
+    let rest = &handover[..handover.len() - phase_one.len()];
+    assert!(rest.ends_with(&read), "the read-state trailer comes before it");
+    let rest = &rest[..rest.len() - read.len()];
+    assert!(rest.ends_with(&membership), "the membership comes after the state");
+    let state_len = rest.len() - membership.len();
+    let (state, tail) = handover.split_at(state_len);
+    let (membership, tail) = tail.split_at(membership.len());
+    let (read, phase_one) = tail.split_at(read.len());
+    (state, membership, read, phase_one)
 }
 
 /// A hand-over written by the build before session fingerprints (snapshot format 1, from a
@@ -128,7 +178,7 @@ fn a_handover_of_format_1_from_a_build_before_session_fingerprints_is_accepted()
     assert_eq!(handover[0], 1, "the fixture is of format 1");
     let config = waxos_guest::types::Config {
         me: 1,
-        members: vec![1],
+        members: waxos_guest::membership::voters(&[1]),
         seed: 7,
         test_hooks: false,
         retain_slots: 1_000,

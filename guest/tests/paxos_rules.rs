@@ -7,6 +7,7 @@ use common::{delete, get, put, Sim};
 use waxos_guest::acceptor::Acceptor;
 use waxos_guest::kv::Kv;
 use waxos_guest::learner::Learner;
+use waxos_guest::membership::{voters, Membership};
 use waxos_guest::message::{self, Ballot, ClientCommand, Message, Record, Value};
 use waxos_guest::proposer::{Phase, Promise, Proposer};
 use waxos_guest::replica::Replica;
@@ -65,12 +66,24 @@ fn promise_reports_accepted_values_from_first_slot() {
     assert_eq!(accepted, vec![(9, b(1, 1), batch("nine"))]);
 }
 
+/// A learner whose membership is `members`, all voters, from slot 0.
+fn learner_of(members: &[u32]) -> Learner {
+    let membership = Membership::initial(voters(members)).expect("a valid roster");
+    Learner { membership, ..Learner::default() }
+}
+
 fn leader_of(members: &[u32], me: u32) -> (Proposer, Vec<(u32, Role, Message)>) {
     let mut p = Proposer::new(me, members.to_vec(), 42, 0);
     let mut out = Vec::new();
     p.start_election(0, 0, &mut out);
     for &m in members.iter().take(members.len() / 2 + 1) {
-        p.on_promise(m, Promise { ballot: p.ballot, accepted: vec![], log_start: 0 }, 0, &Learner::default(), &mut out);
+        p.on_promise(
+            m,
+            Promise { ballot: p.ballot, accepted: vec![], log_start: 0 },
+            0,
+            &learner_of(members),
+            &mut out,
+        );
     }
     assert!(p.is_leader());
     (p, out)
@@ -83,7 +96,7 @@ fn majority_of_accepts_chooses() {
     let (mut p, _) = leader_of(&members, 1);
     p.enqueue(vec![cmd(7, 1, put("k", "v"))]);
     let mut out = Vec::new();
-    p.flush(0, &mut out);
+    p.flush(0, &learner_of(&members), &mut out);
     let slot = out
         .iter()
         .find_map(|(_, _, m)| match m {
@@ -92,11 +105,19 @@ fn majority_of_accepts_chooses() {
         })
         .expect("an accept was sent");
     let ballot = p.ballot;
-    assert_eq!(p.on_accepted(1, ballot, slot), None);
-    assert_eq!(p.on_accepted(2, ballot, slot), None);
-    assert_eq!(p.on_accepted(2, ballot, slot), None, "the same acceptor twice is still two votes short");
-    assert_eq!(p.on_accepted(3, b(ballot.round - 1, 3), slot), None, "an accept of another ballot does not count");
-    let chosen = p.on_accepted(3, ballot, slot);
+    assert_eq!(p.on_accepted(1, ballot, slot, &learner_of(&members).membership), None);
+    assert_eq!(p.on_accepted(2, ballot, slot, &learner_of(&members).membership), None);
+    assert_eq!(
+        p.on_accepted(2, ballot, slot, &learner_of(&members).membership),
+        None,
+        "the same acceptor twice is still two votes short"
+    );
+    assert_eq!(
+        p.on_accepted(3, b(ballot.round - 1, 3), slot, &learner_of(&members).membership),
+        None,
+        "an accept of another ballot does not count"
+    );
+    let chosen = p.on_accepted(3, ballot, slot, &learner_of(&members).membership);
     assert!(matches!(chosen, Some((s, Value::Batch(_))) if s == slot));
 }
 
@@ -114,14 +135,14 @@ fn new_leader_adopts_highest_ballot_accepted_value() {
         1,
         Promise { ballot, accepted: vec![(0, b(3, 1), batch("old"))], log_start: 0 },
         0,
-        &Learner::default(),
+        &learner_of(&members),
         &mut out,
     );
     p.on_promise(
         2,
         Promise { ballot, accepted: vec![(0, b(6, 3), batch("newest"))], log_start: 0 },
         0,
-        &Learner::default(),
+        &learner_of(&members),
         &mut out,
     );
     out.clear();
@@ -129,7 +150,7 @@ fn new_leader_adopts_highest_ballot_accepted_value() {
         3,
         Promise { ballot, accepted: vec![(0, b(5, 4), batch("middle"))], log_start: 0 },
         0,
-        &Learner::default(),
+        &learner_of(&members),
         &mut out,
     );
     assert!(p.is_leader());
@@ -152,13 +173,13 @@ fn gaps_become_noops() {
     let mut out = Vec::new();
     p.start_election(0, 0, &mut out);
     let ballot = p.ballot;
-    p.on_promise(1, Promise { ballot, accepted: vec![], log_start: 0 }, 0, &Learner::default(), &mut out);
+    p.on_promise(1, Promise { ballot, accepted: vec![], log_start: 0 }, 0, &learner_of(&members), &mut out);
     out.clear();
     p.on_promise(
         2,
         Promise { ballot, accepted: vec![(2, b(1, 3), batch("two"))], log_start: 0 },
         0,
-        &Learner::default(),
+        &learner_of(&members),
         &mut out,
     );
     let mut proposed = std::collections::BTreeMap::new();
@@ -314,8 +335,14 @@ fn leader_crash_keeps_acknowledged_writes() {
 /// answer in the step's effects, so the host can make it durable before sending.
 #[test]
 fn acceptor_persists_before_answering() {
-    let config =
-        Config { me: 2, members: vec![1, 2, 3], seed: 1, test_hooks: false, retain_slots: 1_000, rejoining: false };
+    let config = Config {
+        me: 2,
+        members: waxos_guest::membership::voters(&[1, 2, 3]),
+        seed: 1,
+        test_hooks: false,
+        retain_slots: 1_000,
+        rejoining: false,
+    };
     let mut replica = Replica::start(config, None, &[]).expect("start");
     let prepare = message::encode(&Message::Prepare { ballot: b(4, 1), first_slot: 0 });
     let env = waxos_guest::types::Envelope { src: 1, dst: 2, role: Role::Acceptor, payload: prepare };
@@ -331,8 +358,14 @@ fn acceptor_persists_before_answering() {
             _ => None,
         })
         .collect();
-    let config =
-        Config { me: 2, members: vec![1, 2, 3], seed: 1, test_hooks: false, retain_slots: 1_000, rejoining: false };
+    let config = Config {
+        me: 2,
+        members: waxos_guest::membership::voters(&[1, 2, 3]),
+        seed: 1,
+        test_hooks: false,
+        retain_slots: 1_000,
+        rejoining: false,
+    };
     let restarted = Replica::start(config, None, &wal).expect("restart");
     assert_eq!(restarted.acceptor.promised, b(4, 1));
 }
@@ -358,8 +391,14 @@ fn snapshot_round_trips_and_refuses_newer_format() {
 /// Garbage from a peer is logged and dropped; the replica keeps working.
 #[test]
 fn undecodable_and_unknown_sender_messages_are_dropped() {
-    let config =
-        Config { me: 1, members: vec![1, 2, 3], seed: 1, test_hooks: false, retain_slots: 1_000, rejoining: false };
+    let config = Config {
+        me: 1,
+        members: waxos_guest::membership::voters(&[1, 2, 3]),
+        seed: 1,
+        test_hooks: false,
+        retain_slots: 1_000,
+        rejoining: false,
+    };
     let mut replica = Replica::start(config, None, &[]).expect("start");
     // Start-up effects (the new log's first record) are the host's to carry out first.
     let _ = replica.take_effects();
@@ -382,7 +421,14 @@ fn undecodable_and_unknown_sender_messages_are_dropped() {
 /// Bad input from a client is refused with a reason, never proposed.
 #[test]
 fn oversize_and_empty_keys_are_rejected() {
-    let config = Config { me: 1, members: vec![1], seed: 1, test_hooks: false, retain_slots: 1_000, rejoining: false };
+    let config = Config {
+        me: 1,
+        members: waxos_guest::membership::voters(&[1]),
+        seed: 1,
+        test_hooks: false,
+        retain_slots: 1_000,
+        rejoining: false,
+    };
     let mut replica = Replica::start(config, None, &[]).expect("start");
     let long = "k".repeat(1025);
     let events = vec![

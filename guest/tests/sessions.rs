@@ -148,7 +148,14 @@ fn a_different_command_with_a_pair_in_flight_is_not_answered_with_the_first_ones
 }
 
 fn one_replica_config() -> Config {
-    Config { me: 1, members: vec![1], seed: 7, test_hooks: false, retain_slots: 1_000, rejoining: false }
+    Config {
+        me: 1,
+        members: waxos_guest::membership::voters(&[1]),
+        seed: 7,
+        test_hooks: false,
+        retain_slots: 1_000,
+        rejoining: false,
+    }
 }
 
 fn sessions(replica: &Replica) -> Vec<(u64, Session)> {
@@ -192,10 +199,10 @@ fn a_snapshot_of_format_1_loads_and_keeps_exactly_once_for_its_sessions() {
     assert_eq!(sim.call(1, 1, 2, put("k", "c")), Outcome::Done);
     assert_reused(sim.call(1, 1, 2, put("k", "d")), "another value for a new session");
     assert_eq!(sim.value_at(1, "k"), Some(b"c".to_vec()));
-    // The next snapshot is of format 2 and keeps both kinds of session.
+    // The next snapshot is of this build's format and keeps both kinds of session.
     let snapshot = sim.nodes[&1].snapshot(false);
-    assert_eq!(snapshot[0], 2);
-    let again = Replica::start(one_replica_config(), Some(&snapshot), &[]).expect("restart from format 2");
+    assert_eq!(snapshot[0], message::SNAPSHOT_VERSION);
+    let again = Replica::start(one_replica_config(), Some(&snapshot), &[]).expect("restart from this build's format");
     let kept = sessions(&again);
     assert!(kept.iter().find(|(c, _)| *c == 1).is_some_and(|(_, s)| s.seq == 2 && s.fingerprint.is_some()));
     assert!(kept.iter().find(|(c, _)| *c == 5).is_some_and(|(_, s)| s.seq == 1 && s.fingerprint.is_none()));
@@ -214,7 +221,7 @@ fn state_transfers_are_read_from_and_readable_by_the_build_before_fingerprints()
     assert_eq!(replica.learner.kv.data.get("k"), Some(&b"b".to_vec()));
     assert_eq!(sessions(&replica).len(), 4);
     // From a peer of the older build, in one chunk.
-    let config = Config { members: vec![1, 2], ..one_replica_config() };
+    let config = Config { members: waxos_guest::membership::voters(&[1, 2]), ..one_replica_config() };
     let mut replica = Replica::start(config, None, &[]).expect("start");
     let chunk = Message::SnapshotChunk {
         next_apply: 4,
@@ -230,10 +237,11 @@ fn state_transfers_are_read_from_and_readable_by_the_build_before_fingerprints()
     assert_eq!(installed.iter().map(|(c, _)| *c).collect::<Vec<_>>(), vec![1, 2, 3, 5]);
     assert!(installed.iter().all(|(_, s)| s.fingerprint.is_none()));
     // What this build sends for the same state: the older build's bytes exactly, then the
-    // trailer (its version, no fingerprints known here).
+    // trailer (its version, no fingerprints known here), then the membership.
     let ours = replica.learner.app_state().encode();
     assert_eq!(&ours[..V1_APP_STATE.len()], V1_APP_STATE, "format 1's bytes, which the older build reads");
-    assert_eq!(&ours[V1_APP_STATE.len()..], &[1, 0]);
+    assert_eq!(&ours[V1_APP_STATE.len()..V1_APP_STATE.len() + 2], &[1, 0]);
+    assert_eq!(&ours[V1_APP_STATE.len() + 2..], &replica.learner.membership.encode()[..]);
     // Fingerprints travel in the trailer.
     let mut state = replica.learner.app_state();
     assert_eq!(state.kv.apply(4, 9, 1, &put("j", "x")), Outcome::Done);
@@ -244,7 +252,9 @@ fn state_transfers_are_read_from_and_readable_by_the_build_before_fingerprints()
     let back = AppState::decode(&bytes).expect("decode");
     assert_eq!(back.kv.sessions, state.kv.sessions, "fingerprints included");
     // An older build reads the prefix only (what `decode` makes of it without the trailer).
-    let v1_part = &bytes[..bytes.len() - message::encode_as(1, &vec![(9u64, fingerprint.unwrap())]).len()];
+    let membership_len = state.membership.as_ref().map_or(0, |m| m.encode().len());
+    let trailers_len = message::encode_as(1, &vec![(9u64, fingerprint.unwrap())]).len() + membership_len;
+    let v1_part = &bytes[..bytes.len() - trailers_len];
     let prefix = AppState::decode(v1_part).expect("the format-1 part alone");
     assert_eq!(prefix.kv.data, state.kv.data);
     assert_eq!(prefix.kv.sessions[&9].fingerprint, None);

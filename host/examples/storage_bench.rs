@@ -60,8 +60,14 @@ fn main() -> anyhow::Result<()> {
     let runtime = Runtime::new(&root.join("cache"))?;
     let build = runtime.load(&guest)?;
     for keys in [100_000u64, 1_000_000] {
-        let config =
-            Config { me: 1, members: vec![1, 2, 3], seed: 1, test_hooks: false, retain_slots: 2_000, rejoining: false };
+        let config = Config {
+            me: 1,
+            members: waxos_guest::membership::voters(&[1, 2, 3]),
+            seed: 1,
+            test_hooks: false,
+            retain_slots: 2_000,
+            rejoining: false,
+        };
         let mut replica = waxos_guest::replica::Replica::start(config, None, &[]).map_err(anyhow::Error::msg)?;
         for k in 0..keys {
             let command = Command::Put(format!("key-{k:09}"), vec![b'v'; 100]);
@@ -74,7 +80,7 @@ fn main() -> anyhow::Result<()> {
         let mut instance = build.instantiate().map_err(anyhow::Error::from)?;
         let config = GuestConfig {
             me: 1,
-            members: vec![1, 2, 3],
+            members: waxos_host::runtime::voters(&[1, 2, 3]),
             seed: 1,
             test_hooks: false,
             retain_slots: 2_000,

@@ -57,6 +57,14 @@ impl Roster {
         self.members.iter().map(|(id, _)| *id).collect()
     }
 
+    /// As the guest's first configuration: every member a voter.
+    pub fn guest_members(&self) -> Vec<crate::runtime::GuestMember> {
+        self.members
+            .iter()
+            .map(|(id, address)| crate::runtime::GuestMember { id: *id, address: address.clone(), voter: true })
+            .collect()
+    }
+
     /// As gRPC members.
     pub fn to_proto(&self) -> Vec<Member> {
         self.members.iter().map(|(id, address)| Member { id: *id, address: address.clone() }).collect()

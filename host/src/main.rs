@@ -347,7 +347,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let peers = peer::Peers::start(&roster, identity.clone(), security.dialer.clone());
     let config = runtime::GuestConfig {
         me: roster.me,
-        members: roster.ids(),
+        members: roster.guest_members(),
         seed: rand::rng().random(),
         test_hooks: args.test_hooks,
         retain_slots: args.retain_slots,

@@ -140,6 +140,7 @@ fn unexpected(outcome: Outcome, client: u64, seq: u64, expected: &str) -> Status
         Outcome::Done => reused(&format!(" (the answer remembered for it is a put's, not {expected})")),
         Outcome::Removed(_) => reused(&format!(" (the answer remembered for it is a delete's, not {expected})")),
         Outcome::Value(_) => reused(&format!(" (the answer is a get's, not {expected})")),
+        Outcome::Member(_) => reused(&format!(" (the answer is a membership change's, not {expected})")),
     }
 }
 

@@ -145,6 +145,7 @@ impl Input {
             Input::Request { command: Command::Get(key) | Command::GetStale(key) | Command::Delete(key), .. } => {
                 64 + key.len()
             }
+            Input::Request { command: Command::ChangeMembers(_), .. } => 320,
             Input::Message(envelope) => 64 + envelope.payload.len(),
             Input::Status(_) | Input::Synced | Input::Swap { .. } => 0,
         }
@@ -448,7 +449,7 @@ impl StepLoop {
                         self.drain_syncs();
                     }
                 }
-                Effect::Send(_) | Effect::Reply(_) | Effect::Log(_) => {}
+                Effect::Send(_) | Effect::Reply(_) | Effect::Log(_) | Effect::Members(_) => {}
             }
         }
         if !self.pipeline.pipelined() || self.sync_every_record {
@@ -488,6 +489,13 @@ impl StepLoop {
                     }
                 }
                 Effect::Log(line) => tracing::info!("guest: {line}"),
+                Effect::Members(members) => {
+                    let named: Vec<String> = members
+                        .iter()
+                        .map(|m| format!("{}{} at {}", m.id, if m.voter { "" } else { " (learner)" }, m.address))
+                        .collect();
+                    tracing::info!("guest: members known: {}", named.join(", "));
+                }
                 Effect::Persist(_) | Effect::PersistLazy(_) => {}
             }
         }
@@ -767,7 +775,7 @@ mod tests {
         let (storage, durable) = Storage::open(dir, 1 << 20).expect("storage");
         let config = GuestConfig {
             me: 1,
-            members: vec![1, 2, 3],
+            members: crate::runtime::voters(&[1, 2, 3]),
             seed: 1,
             test_hooks: false,
             retain_slots: 100,

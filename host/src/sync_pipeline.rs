@@ -180,6 +180,7 @@ fn effect_bytes(effect: &Effect) -> usize {
         Effect::Send(envelope) => envelope.payload.len(),
         Effect::Reply(_) => 64,
         Effect::Log(line) => line.len(),
+        Effect::Members(members) => members.iter().map(|m| 16 + m.address.len()).sum(),
         Effect::Persist(r) | Effect::PersistLazy(r) => r.len(),
     }
 }

@@ -82,7 +82,7 @@ impl Disk {
                     self.buffered.push(record.clone());
                     self.records_since_snapshot += 1;
                 }
-                Effect::Send(_) | Effect::Reply(_) | Effect::Log(_) => {}
+                Effect::Send(_) | Effect::Reply(_) | Effect::Log(_) | Effect::Members(_) => {}
             }
         }
         let needs = if strict { Some(self.sync_issued + 1) } else { self.held.back().map(|(t, _)| *t) };

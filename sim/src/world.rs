@@ -216,7 +216,7 @@ impl<'a> World<'a> {
         for &me in &members {
             let guest_config = GuestConfig {
                 me,
-                members: members.clone(),
+                members: waxos_host::runtime::voters(&members),
                 seed: rng.next_u64(),
                 test_hooks: false,
                 retain_slots,
@@ -479,6 +479,8 @@ impl<'a> World<'a> {
             Outcome::Removed(b) => Ret::Removed(b),
             // Refused (overloaded, leader unknown...): the client's next attempt retries.
             Outcome::Redirect(_) | Outcome::Rejected(_) => return,
+            // The simulated clients send no membership changes.
+            Outcome::Member(_) => return,
         };
         if let Some(index) = self.clients[c].history_index.take() {
             let entry = &self.history[index];
@@ -506,7 +508,7 @@ impl<'a> World<'a> {
                 Effect::Send(envelope) => self.send(envelope),
                 Effect::Reply((id, outcome)) => self.on_reply(i, id, outcome),
                 Effect::Log(line) => self.note(|| format!("node {}: {line}", i + 1)),
-                Effect::Persist(_) | Effect::PersistLazy(_) => {}
+                Effect::Persist(_) | Effect::PersistLazy(_) | Effect::Members(_) => {}
             }
         }
     }

@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use waxos_guest::membership::Member;
 use waxos_guest::replica::Replica;
 use waxos_guest::types::{Command, Config, Effect, Envelope, Event, NodeId, Outcome, Request, Role};
 
@@ -46,6 +47,8 @@ pub struct Sim {
     /// queue up and arrive when they resume.
     pub paused: BTreeSet<NodeId>,
     pub replies: BTreeMap<u64, Outcome>,
+    /// The members each node last told its host of (`Effect::Members`).
+    pub members: BTreeMap<NodeId, Vec<Member>>,
     /// Durable records per node (what a restart replays).
     pub wal: BTreeMap<NodeId, Vec<Vec<u8>>>,
     /// Lazily persisted records not yet synced, as in the host's WAL buffer: a crash loses them.
@@ -65,8 +68,14 @@ impl Sim {
         let members: Vec<NodeId> = (1..=n).collect();
         let mut nodes = BTreeMap::new();
         for &me in &members {
-            let config =
-                Config { me, members: members.clone(), seed, test_hooks: false, retain_slots, rejoining: false };
+            let config = Config {
+                me,
+                members: waxos_guest::membership::voters(&members),
+                seed,
+                test_hooks: false,
+                retain_slots,
+                rejoining: false,
+            };
             nodes.insert(me, Replica::start(config, None, &[]).expect("start"));
         }
         Sim {
@@ -78,6 +87,7 @@ impl Sim {
             cut_one_way: BTreeSet::new(),
             acceptor_down: BTreeSet::new(),
             filter: None,
+            members: BTreeMap::new(),
             held: Vec::new(),
             crashed: BTreeSet::new(),
             learner_blocked: BTreeSet::new(),
@@ -134,7 +144,7 @@ impl Sim {
                 Effect::Persist(record) | Effect::PersistLazy(record) => {
                     self.unsynced.entry(id).or_default().push(record.clone())
                 }
-                Effect::Send(_) | Effect::Reply(..) | Effect::Log(_) => {}
+                Effect::Send(_) | Effect::Reply(..) | Effect::Log(_) | Effect::Members(_) => {}
             }
         }
         if effects.iter().any(|e| matches!(e, Effect::Persist(_))) {
@@ -175,6 +185,9 @@ impl Sim {
                     if std::env::var_os("SIM_LOG").is_some() {
                         eprintln!("{} node {id}: {line}", self.now_ms);
                     }
+                }
+                Effect::Members(members) => {
+                    self.members.insert(id, members);
                 }
             }
         }
@@ -274,6 +287,26 @@ impl Sim {
         self.crashed.insert(id);
         self.inbox.remove(&id);
         self.unsynced.remove(&id);
+    }
+
+    /// Starts a new replica `id` that joins with `members` (itself among them, as a learner),
+    /// as a host started with `--join` does.
+    pub fn join(&mut self, id: NodeId, members: Vec<Member>) {
+        let config = Config {
+            me: id,
+            members,
+            seed: self.seed ^ u64::from(id),
+            test_hooks: false,
+            retain_slots: self.nodes.values().next().map_or(1_000, |r| r.config().retain_slots),
+            rejoining: false,
+        };
+        self.nodes.insert(id, Replica::start(config, None, &[]).expect("a joining replica starts"));
+    }
+
+    /// Takes a node out for good (its host is gone: crashed and never restarted).
+    pub fn remove_node(&mut self, id: NodeId) {
+        self.crash(id);
+        self.nodes.remove(&id);
     }
 
     pub fn restart(&mut self, id: NodeId) {

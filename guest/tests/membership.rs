@@ -1,0 +1,264 @@
+//! Membership changes through the log (`membership`): the rules a reconfiguration must keep,
+//! on the in-memory network of replicas. Run natively and under wasmtime (`just test`).
+
+mod common;
+
+use common::{get, put, Sim};
+use waxos_guest::membership::{Member, MemberChange, ALPHA};
+use waxos_guest::types::{Command, NodeId, Outcome};
+
+const OPERATOR: u64 = 0x0BE7_A70B;
+
+/// Asks `node` for a change; when `node` turns out to be removed meanwhile (the operator asked
+/// a leaving leader), asks the leader again with the same seq, as the CLI does.
+fn change(sim: &mut Sim, node: NodeId, seq: u64, change: MemberChange) -> Outcome {
+    let mut node = node;
+    loop {
+        match sim.call(node, OPERATOR, seq, Command::ChangeMembers(change.clone())) {
+            Outcome::Rejected(reason) if reason.contains("no longer a member") => {
+                sim.run_until(5_000, |s| s.leaders().iter().any(|&l| l != node));
+                node = sim.wait_for_leader();
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
+/// Adds a member at `address` through `via`; returns its new id.
+fn add(sim: &mut Sim, via: NodeId, seq: u64, address: &str) -> NodeId {
+    match change(sim, via, seq, MemberChange::Add { address: address.to_string() }) {
+        Outcome::Member(id) => id,
+        other => panic!("add {address} refused: {other:?}"),
+    }
+}
+
+/// The members a node knows, as it told its host.
+fn known(sim: &Sim, node: NodeId) -> Vec<Member> {
+    sim.members.get(&node).cloned().unwrap_or_default()
+}
+
+/// The voters in effect at a node's first unapplied slot.
+fn voters_at(sim: &Sim, node: NodeId) -> Vec<NodeId> {
+    let learner = &sim.nodes[&node].learner;
+    learner.membership.at(learner.next_apply).voters().collect()
+}
+
+/// Starts the host of a member just added, as `--join` does: with the members a member knows.
+fn join(sim: &mut Sim, id: NodeId, via: NodeId) {
+    let members = known(sim, via);
+    assert!(members.iter().any(|m| m.id == id && !m.voter), "node {id} is a learner in {members:?}");
+    sim.join(id, members);
+}
+
+/// A put through `node` that must succeed.
+fn write(sim: &mut Sim, node: NodeId, client: u64, seq: u64, key: &str, value: &str) {
+    let outcome = sim.call(node, client, seq, put(key, value));
+    assert_eq!(outcome, Outcome::Done, "put {key} via node {node}");
+}
+
+/// A learner catches up, is promoted, and then counts: with two of the three first voters
+/// gone, the two that are left and the promoted one are a majority of four.
+#[test]
+fn a_learner_catches_up_and_once_promoted_its_vote_counts() {
+    let mut sim = Sim::new(3, 61);
+    let leader = sim.wait_for_leader();
+    for i in 0..20 {
+        write(&mut sim, leader, 1, i + 1, &format!("k{i}"), "v");
+    }
+    let id = add(&mut sim, leader, 1, "host4:7000");
+    assert_eq!(id, 4);
+    join(&mut sim, 4, leader);
+    assert!(sim.run_until(5_000, |s| s.value_at(4, "k19").is_some()), "the learner caught up");
+    assert!(!sim.nodes[&4].proposer.is_leader());
+    assert_eq!(change(&mut sim, leader, 2, MemberChange::Promote(4)), Outcome::Member(4));
+    assert!(sim.run_until(5_000, |s| voters_at(s, 4) == vec![1, 2, 3, 4]), "promoted: {:?}", voters_at(&sim, 4));
+    // Two of the first three go; the rest is 2 of 4: no majority. Bring one back as node 4's
+    // partner: {leader, 4} + one more of the first three make 3 of 4.
+    let others: Vec<NodeId> = [1, 2, 3].into_iter().filter(|&n| n != leader).collect();
+    sim.crash(others[0]);
+    let leader = sim.wait_for_leader();
+    write(&mut sim, leader, 2, 1, "after", "promotion");
+    assert!(sim.run_until(5_000, |s| s.value_at(4, "after").is_some()));
+}
+
+/// A learner is never counted: with two of three voters down, a learner that is up does not
+/// make a majority, so nothing is chosen until a voter returns.
+#[test]
+fn a_learner_is_never_counted() {
+    let mut sim = Sim::new(3, 62);
+    let leader = sim.wait_for_leader();
+    let id = add(&mut sim, leader, 1, "host4:7000");
+    join(&mut sim, id, leader);
+    sim.run_for(2_000);
+    assert!(sim.run_until(5_000, |s| s.nodes[&id].learner.next_apply >= s.nodes[&leader].learner.next_apply));
+    let others: Vec<NodeId> = [1, 2, 3].into_iter().filter(|&n| n != leader).collect();
+    sim.crash(others[0]);
+    sim.crash(others[1]);
+    let request = sim.request(leader, 3, 1, put("lonely", "x"));
+    sim.run_for(3_000);
+    assert!(!sim.replies.contains_key(&request), "chosen by one voter and a learner");
+    assert_eq!(sim.value_at(id, "lonely"), None);
+    sim.restart(others[0]);
+    assert!(sim.run_until(10_000, |s| s.replies.contains_key(&request)), "a voter back: chosen");
+    let leader = sim.wait_for_leader();
+    assert_eq!(sim.call(leader, 3, 2, get("lonely")), Outcome::Value(Some(b"x".to_vec())));
+}
+
+/// A change takes effect ALPHA slots after its own, on an idle cluster too (the leader fills
+/// the window with no-ops), and every replica announces the same members.
+#[test]
+fn a_change_takes_effect_after_the_window_on_an_idle_cluster() {
+    let mut sim = Sim::new(5, 63);
+    let leader = sim.wait_for_leader();
+    assert_eq!(change(&mut sim, leader, 1, MemberChange::Remove(5)), Outcome::Member(5));
+    let slot = sim.nodes[&leader].learner.next_apply;
+    assert!(
+        sim.run_until(5_000, |s| (1..=4).all(|n| voters_at(s, n) == vec![1, 2, 3, 4])),
+        "the change never took effect"
+    );
+    for n in 1..=4 {
+        assert!(sim.nodes[&n].learner.next_apply >= slot + ALPHA - 1, "node {n} applied up to the window");
+        let members: Vec<NodeId> = known(&sim, n).iter().map(|m| m.id).collect();
+        assert_eq!(members, vec![1, 2, 3, 4], "node {n} told its host");
+    }
+    // Node 5 learned its own removal and stands aside: it never stands for election.
+    assert!(sim.run_until(3_000, |s| voters_at(s, 5) == vec![1, 2, 3, 4]));
+    sim.run_for(3_000);
+    assert!(!sim.nodes[&5].proposer.is_leader());
+    assert_eq!(sim.leaders().len(), 1);
+}
+
+/// Removing the leader hands leadership over: it stops proposing at the first slot it does
+/// not vote on, stands down, and one of the remaining voters leads; writes go on.
+#[test]
+fn removing_the_leader_hands_leadership_over() {
+    let mut sim = Sim::new(3, 64);
+    let leader = sim.wait_for_stable_leader();
+    write(&mut sim, leader, 1, 1, "before", "1");
+    assert_eq!(change(&mut sim, leader, 1, MemberChange::Remove(leader)), Outcome::Member(leader));
+    let rest: Vec<NodeId> = [1, 2, 3].into_iter().filter(|&n| n != leader).collect();
+    assert!(
+        sim.run_until(10_000, |s| s.leaders().len() == 1 && rest.contains(&s.leaders()[0])),
+        "no leader among the rest: {:?}",
+        sim.leaders()
+    );
+    let new_leader = sim.leaders()[0];
+    write(&mut sim, new_leader, 1, 2, "after", "2");
+    for &n in &rest {
+        assert!(sim.run_until(3_000, |s| s.value_at(n, "after").is_some()));
+        assert_eq!(sim.value_at(n, "before"), Some(b"1".to_vec()));
+    }
+}
+
+/// Sizes 5 → 3 → 7 → 5 with writes between each step: every acknowledged write is readable
+/// at every member in the end.
+#[test]
+fn sizes_five_three_seven_five_keep_every_write() {
+    let mut sim = Sim::new(5, 65);
+    let mut seq = 0;
+    let mut writes = Vec::new();
+    let mut op_seq = 0;
+    let mut burst = |sim: &mut Sim, writes: &mut Vec<String>| {
+        for _ in 0..10 {
+            seq += 1;
+            let leader = sim.wait_for_leader();
+            let key = format!("w{seq}");
+            write(sim, leader, 9, seq, &key, "x");
+            writes.push(key);
+        }
+    };
+    let mut next_op = || {
+        op_seq += 1;
+        op_seq
+    };
+    burst(&mut sim, &mut writes);
+    for gone in [4, 5] {
+        let leader = sim.wait_for_leader();
+        assert_eq!(change(&mut sim, leader, next_op(), MemberChange::Remove(gone)), Outcome::Member(gone));
+    }
+    assert!(sim.run_until(10_000, |s| voters_at(s, 1) == vec![1, 2, 3]));
+    sim.remove_node(4);
+    sim.remove_node(5);
+    burst(&mut sim, &mut writes);
+    let mut added = Vec::new();
+    for i in 0..4 {
+        let leader = sim.wait_for_leader();
+        let id = add(&mut sim, leader, next_op(), &format!("new{i}:7000"));
+        join(&mut sim, id, leader);
+        added.push(id);
+    }
+    assert_eq!(added, vec![6, 7, 8, 9], "ids are never reused");
+    for &id in &added {
+        let leader = sim.wait_for_leader();
+        assert!(sim.run_until(10_000, |s| s.nodes[&id].learner.next_apply + 2 >= s.nodes[&leader].learner.next_apply));
+        assert_eq!(change(&mut sim, leader, next_op(), MemberChange::Promote(id)), Outcome::Member(id));
+    }
+    assert!(sim.run_until(10_000, |s| voters_at(s, 1) == vec![1, 2, 3, 6, 7, 8, 9]), "{:?}", voters_at(&sim, 1));
+    burst(&mut sim, &mut writes);
+    for gone in [1, 2] {
+        let leader = sim.wait_for_leader();
+        assert_eq!(change(&mut sim, leader, next_op(), MemberChange::Remove(gone)), Outcome::Member(gone));
+    }
+    assert!(sim.run_until(20_000, |s| voters_at(s, 3) == vec![3, 6, 7, 8, 9]), "{:?}", voters_at(&sim, 3));
+    burst(&mut sim, &mut writes);
+    let members = [3, 6, 7, 8, 9];
+    let leader = sim.wait_for_leader();
+    assert!(members.contains(&leader), "the leader {leader} is a member");
+    for key in &writes {
+        for &n in &members {
+            assert!(sim.run_until(5_000, |s| s.value_at(n, key).is_some()), "{key} missing at node {n}");
+        }
+    }
+}
+
+/// Nonsense is refused with a reason and changes nothing; a retried change (same client and
+/// seq) gets the first answer back and applies once.
+#[test]
+fn nonsense_is_refused_and_a_retry_applies_once() {
+    let mut sim = Sim::new(3, 66);
+    let leader = sim.wait_for_leader();
+    assert!(
+        matches!(change(&mut sim, leader, 1, MemberChange::Promote(2)), Outcome::Rejected(r) if r.contains("already a voter"))
+    );
+    assert!(
+        matches!(change(&mut sim, leader, 2, MemberChange::Remove(9)), Outcome::Rejected(r) if r.contains("not a member"))
+    );
+    let id = add(&mut sim, leader, 3, "dup:1");
+    assert_eq!(
+        change(&mut sim, leader, 3, MemberChange::Add { address: "dup:1".into() }),
+        Outcome::Member(id),
+        "a retry"
+    );
+    assert!(matches!(
+        change(&mut sim, leader, 4, MemberChange::Add { address: "dup:1".into() }),
+        Outcome::Rejected(r) if r.contains("already node")
+    ));
+    sim.run_for(2_000);
+    let ids: Vec<NodeId> = known(&sim, leader).iter().map(|m| m.id).collect();
+    assert_eq!(ids, vec![1, 2, 3, id]);
+}
+
+/// The membership survives a crash (replayed from the log), a restart from a snapshot, and a
+/// hot swap: a restarted replica knows the same configuration as the others.
+#[test]
+fn the_membership_survives_crash_restart_and_hot_swap() {
+    let mut sim = Sim::new(3, 67);
+    let leader = sim.wait_for_leader();
+    let id = add(&mut sim, leader, 1, "host4:1");
+    join(&mut sim, id, leader);
+    assert!(sim.run_until(5_000, |s| s.nodes[&id].learner.next_apply + 1 >= s.nodes[&leader].learner.next_apply));
+    assert_eq!(change(&mut sim, leader, 2, MemberChange::Promote(id)), Outcome::Member(id));
+    assert!(sim.run_until(5_000, |s| (1..=4).all(|n| voters_at(s, n) == vec![1, 2, 3, 4])));
+    let follower = if leader == 1 { 2 } else { 1 };
+    sim.crash(follower);
+    sim.restart(follower);
+    assert!(sim.run_until(5_000, |s| voters_at(s, follower) == vec![1, 2, 3, 4]), "after a crash");
+    let snapshot = sim.nodes[&follower].snapshot(false);
+    let config = sim.nodes[&follower].config().clone();
+    let restarted = waxos_guest::replica::Replica::start(config, Some(&snapshot), &[]).expect("from a snapshot");
+    assert_eq!(restarted.learner.membership, sim.nodes[&follower].learner.membership, "from a snapshot");
+    sim.hot_swap(leader);
+    assert_eq!(voters_at(&sim, leader), vec![1, 2, 3, 4], "after a hot swap");
+    let leader = sim.wait_for_leader();
+    write(&mut sim, leader, 5, 1, "still", "here");
+}
