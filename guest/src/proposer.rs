@@ -421,6 +421,20 @@ impl Proposer {
         membership.at(slot).has_quorum(|n| self.phase_one.promised_by.contains(&n))
     }
 
+    /// The slot every read index must reach while leading: phase 1's bound (every slot a
+    /// promise reported accepted lies below it). `None` until a majority of every governing
+    /// configuration promised this ballot: a value chosen in a slot that a later configuration
+    /// governs need not be known to the first slot's majority. Why that suffices: a chosen
+    /// slot at or above the bound is governed by a configuration from a change in a slot
+    /// below it (the change was applied before anyone proposed there, and the first change at
+    /// or above the bound would itself be reported, raising the bound), and a majority of
+    /// that configuration promised, so one of them reported it — a contradiction.
+    pub fn read_floor(&self, membership: &Membership) -> Option<u64> {
+        membership
+            .quorum_in_every(|n| self.phase_one.promised_by.contains(&n))
+            .then(|| self.next_slot.max(self.phase_one.reproposal_end))
+    }
+
     /// Whether the leader stops at `next_slot` because it does not vote there (removed, or
     /// demoted): it then stands down once its slots in flight are chosen.
     pub fn leaving(&self, membership: &Membership) -> bool {

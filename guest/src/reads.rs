@@ -3,8 +3,11 @@
 //! A GET at the leader is answered from the local state machine once two things hold:
 //! 1. every slot the leader had proposed when the read arrived (its *read index*) is applied
 //!    here — that covers every write acknowledged before the read, since a write is
-//!    acknowledged only once chosen, and a leader's phase 1 re-proposed every slot a previous
-//!    leader may have had chosen;
+//!    acknowledged only once chosen. A new leader re-proposes phase 1's slots only as its
+//!    window allows, so the index is raised to phase 1's bound (`reproposal_end`: above every
+//!    slot a promise reported accepted) once a majority of every governing configuration has
+//!    promised; before that no read is answered (a later configuration's majority may have
+//!    chosen in slots this leader's first majority never accepted);
 //! 2. a majority of acceptors answered, *after* the read arrived, that they had promised no
 //!    ballot above the leader's. Any other leader that could have chosen a write this leader
 //!    does not know of needed a majority of promises above it before the read; the two
@@ -185,10 +188,24 @@ impl Reads {
 
     /// Takes the reads that may be answered now: confirmed by a majority and with every slot
     /// below their index applied (`applied` is the learner's next slot to apply).
-    pub fn ready(&mut self, membership: &Membership, applied: u64) -> Vec<WaitingRead> {
+    ///
+    /// `floor` is the leader's phase-1 bound (`Proposer::read_floor`): every slot a previous
+    /// leader may have had chosen lies below it. `None` while phase 1 has not heard a majority
+    /// of every governing configuration (a slot governed by a configuration whose majority did
+    /// not promise may hold a chosen value this leader has not seen): nothing is ready then.
+    /// A read's index is raised to the floor before it is judged, so a follower's ask is
+    /// answered with the raised index too.
+    pub fn ready(&mut self, membership: &Membership, applied: u64, floor: Option<u64>) -> Vec<WaitingRead> {
+        let Some(floor) = floor else {
+            return Vec::new();
+        };
         let majority = self.majority_round(membership);
         let mut ready = Vec::new();
-        while self.waiting.front().is_some_and(|r| r.round <= majority && r.index <= applied) {
+        while let Some(read) = self.waiting.front_mut() {
+            read.index = read.index.max(floor);
+            if read.round > majority || read.index > applied {
+                break;
+            }
             if let Some(read) = self.waiting.pop_front() {
                 ready.push(read);
             }
@@ -233,17 +250,33 @@ mod tests {
         reads.on_confirmed(1, B, 0);
         reads.on_confirmed(2, B, 0);
         reads.on_confirmed(3, B, 0);
-        assert!(reads.ready(&five(), 10).is_empty());
+        assert!(reads.ready(&five(), 10, Some(0)).is_empty());
         assert_eq!(reads.round_to_send(&five(), 0), Some(1));
         assert_eq!(reads.round_to_send(&five(), 0), None, "one round per batch of reads");
         reads.on_confirmed(1, B, 1);
         reads.on_confirmed(2, B, 1);
-        assert!(reads.ready(&five(), 10).is_empty(), "two of five is no majority");
+        assert!(reads.ready(&five(), 10, Some(0)).is_empty(), "two of five is no majority");
         reads.on_confirmed(4, Ballot { round: 2, node: 4 }, 1);
-        assert!(reads.ready(&five(), 10).is_empty(), "an answer under another ballot does not count");
+        assert!(reads.ready(&five(), 10, Some(0)).is_empty(), "an answer under another ballot does not count");
         reads.on_confirmed(4, B, 1);
-        assert!(reads.ready(&five(), 9).is_empty(), "slot 9 not applied yet");
-        assert_eq!(reads.ready(&five(), 10).len(), 1);
+        assert!(reads.ready(&five(), 9, Some(0)).is_empty(), "slot 9 not applied yet");
+        assert_eq!(reads.ready(&five(), 10, Some(0)).len(), 1);
+    }
+
+    #[test]
+    fn a_read_waits_for_phase_one_to_reach_every_configuration_and_for_its_bound() {
+        let mut reads = Reads::default();
+        reads.reset(B);
+        reads.add(1, 0, 0, "k".into(), 3, 0);
+        assert_eq!(reads.round_to_send(&five(), 0), Some(1));
+        for node in 1..=3 {
+            reads.on_confirmed(node, B, 1);
+        }
+        assert!(reads.ready(&five(), 100, None).is_empty(), "phase 1 has not heard every configuration");
+        assert!(reads.ready(&five(), 7, Some(8)).is_empty(), "slot 7 may hold a previous leader's write");
+        let ready = reads.ready(&five(), 8, Some(8));
+        assert_eq!(ready.len(), 1);
+        assert_eq!(ready[0].index, 8, "a follower's ask is answered with the raised index");
     }
 
     #[test]
@@ -259,7 +292,7 @@ mod tests {
         for node in 1..=3 {
             reads.on_confirmed(node, B, 2);
         }
-        assert_eq!(reads.ready(&five(), 5).iter().map(|r| r.request_id).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert_eq!(reads.ready(&five(), 5, Some(0)).iter().map(|r| r.request_id).collect::<Vec<_>>(), vec![1, 2, 3]);
         reads.add(4, 0, 0, "d".into(), 5, 10);
         assert_eq!(reads.round_to_send(&five(), 30), Some(3), "round 2 was confirmed: the next may go");
         assert_eq!(reads.expired(10 + READ_CONFIRM_TIMEOUT_MS - 1), vec![]);

@@ -69,6 +69,21 @@
 //! not be wiped and rejoined in the middle of a rolling upgrade, whose older builds also count
 //! rounds up without regard to epochs.
 //!
+//! # Configurations
+//! With membership changes (`crate::membership`) "`n` and `q`" are per configuration, and a
+//! wiped rejoiner starts from its host's first roster, which may be long out of date. The fence
+//! goes to every voter of every configuration it knows and completes only when, in each of
+//! them that it votes in, `n - q + 1` of the other voters answered (`fence_complete`). Once
+//! caught up it judges the same answers again against every configuration it has learned
+//! meanwhile (`fence_still_holds`); where they fall short it fences again, against the newer
+//! voters too, and votes only once a fence holds in every configuration it knows. The catch-up
+//! goes past the last adopted slot that holds a membership change (`FenceDone::catch_up_to`):
+//! a change chosen at or above `L` by a configuration the answers meet is reported by one of
+//! them, so by induction over changes every configuration that may have counted the earlier
+//! incarnation's vote is known at the second judgement. A rejoiner caught up past `L` raises its
+//! acceptor's log start to what it applied, as a restart does. (A hot swap while catching up
+//! loses the answers — not in the hand-over's format — and skips the second judgement.)
+//!
 //! Nothing here is durable beyond `Voting`, `Promised` and `Accepted` records: a rejoiner that
 //! restarts (crash or hot swap) before it votes simply runs a new fence, with a higher epoch; a
 //! hot swap after the fence completed resumes catching up to its log start (carried in the
@@ -76,10 +91,11 @@
 //! restart from its learner (`Voting(true)` was persisted only once the learner had applied
 //! past it, and made every record before it durable).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+use crate::membership::{Configuration, Membership};
 use crate::message::{Ballot, Message, Value};
 use crate::proposer::Outgoing;
 use crate::types::{NodeId, Role};
@@ -121,15 +137,21 @@ pub struct FenceDone {
     pub log_start: u64,
     /// For every slot `>= log_start`, the highest-ballot accepted value reported.
     pub adopted: BTreeMap<u64, (Ballot, Value)>,
+    /// The slot the learner must apply up to before the replica votes: `log_start`, or past
+    /// the last adopted slot that holds a membership change (see "Configurations" above).
+    pub catch_up_to: u64,
 }
 
 /// A rejoiner whose fence completed, catching its learner up before it votes.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct CatchingUp {
     /// Votes once its learner applied every slot below this one.
     log_start: u64,
     /// When it last asked a peer for slots.
     asked_ms: Option<u64>,
+    /// Who answered the fence, judged again against the configurations learned while catching
+    /// up. `None` after a hot swap (not in the hand-over's format).
+    answered: Option<BTreeSet<NodeId>>,
 }
 
 /// A completed fence's announcement.
@@ -150,6 +172,30 @@ pub struct Rejoin {
     announcement: Option<Announcement>,
 }
 
+/// Whether the fence answers of `answered` (other members) complete a fence of `me` in every
+/// configuration of `membership`: per configuration, `fence_answers_needed` of its voters
+/// other than `me`. A rejoiner's vote counted only where it is a voter, so a configuration
+/// it does not vote in asks nothing of its fence; a voting replica opening an epoch needs a
+/// majority of every configuration holding the epoch (its own promise counts where it votes).
+pub fn fence_complete(me: NodeId, membership: &Membership, adopt: bool, answered: &BTreeSet<NodeId>) -> bool {
+    membership.governing().all(|(_, config)| answers_suffice(me, config, adopt, answered))
+}
+
+fn answers_suffice(me: NodeId, config: &Configuration, adopt: bool, answered: &BTreeSet<NodeId>) -> bool {
+    let voters = config.voters().count();
+    let needed = match (config.is_voter(me), adopt) {
+        (true, _) => fence_answers_needed(voters, adopt),
+        (false, true) => 0,
+        (false, false) => config.quorum(),
+    };
+    config.voters().filter(|v| *v != me && answered.contains(v)).count() >= needed
+}
+
+/// Whether a value holds a membership change.
+fn changes_members(value: &Value) -> bool {
+    matches!(value, Value::Batch(commands) if commands.iter().any(|c| matches!(c.command, crate::types::Command::ChangeMembers(_))))
+}
+
 /// Answers from this many other members complete a fence. A rejoiner's (`adopt`): the
 /// smallest set that meets every quorum of `members` minus the rejoiner (with
 /// `q = members/2 + 1`, `members - q + 1`). A voting replica's, which only opens an epoch:
@@ -168,7 +214,18 @@ impl Rejoin {
 
     /// The slot the learner must reach before this replica votes (fence completed), if any.
     pub fn catching_up_to(&self) -> Option<u64> {
-        self.catching_up.map(|c| c.log_start)
+        self.catching_up.as_ref().map(|c| c.log_start)
+    }
+
+    /// Caught up: whether the fence's answers also complete it in every configuration the
+    /// learner knows now (`membership`). When they do not (the rejoiner started from an older
+    /// roster and learned of a newer configuration while catching up), the replica must not
+    /// vote: it fences again, now against every voter it knows.
+    pub fn fence_still_holds(&self, me: NodeId, membership: &Membership) -> bool {
+        match self.catching_up.as_ref().and_then(|c| c.answered.as_ref()) {
+            Some(answered) => fence_complete(me, membership, true, answered),
+            None => true,
+        }
     }
 
     /// Starts a fence of epoch `epoch`: one `Fence` to every other member's acceptor. Returns
@@ -202,7 +259,7 @@ impl Rejoin {
     pub fn on_fenced(
         &mut self,
         me: NodeId,
-        members: usize,
+        membership: &Membership,
         src: NodeId,
         ballot: Ballot,
         nonce: u64,
@@ -215,7 +272,8 @@ impl Rejoin {
             return None;
         }
         fence.answers.insert(src, FenceAnswer { accepted, log_start });
-        if fence.answers.len() < fence_answers_needed(members, fence.adopt) {
+        let answered: BTreeSet<NodeId> = fence.answers.keys().copied().collect();
+        if !fence_complete(me, membership, fence.adopt, &answered) {
             return None;
         }
         let fence = self.fence.take()?;
@@ -228,10 +286,17 @@ impl Rejoin {
                     adopted.insert(slot, (b, value));
                 }
             }
-            self.catching_up = Some(CatchingUp { log_start, asked_ms: None });
+        }
+        let catch_up_to = adopted
+            .iter()
+            .filter(|(_, (_, value))| changes_members(value))
+            .map(|(slot, _)| slot + 1)
+            .fold(log_start, u64::max);
+        if fence.adopt {
+            self.catching_up = Some(CatchingUp { log_start: catch_up_to, asked_ms: None, answered: Some(answered) });
         }
         self.announcement = Some(Announcement { ballot: fence.ballot, sent_ms: None });
-        Some(FenceDone { ballot: fence.ballot, adopt: fence.adopt, log_start, adopted })
+        Some(FenceDone { ballot: fence.ballot, adopt: fence.adopt, log_start, adopted, catch_up_to })
     }
 
     /// An acceptor refused `ballot`. When it is our fence's, the fence is abandoned, and a
@@ -252,10 +317,11 @@ impl Rejoin {
     /// A hot swap found this replica's fence completed (the hand-over's promise is its own
     /// fence ballot): it only has to catch up to `log_start` before it votes.
     pub fn resume_catching_up(&mut self, log_start: u64) {
-        self.catching_up = Some(CatchingUp { log_start, asked_ms: None });
+        self.catching_up = Some(CatchingUp { log_start, asked_ms: None, answered: None });
     }
 
-    /// The learner reached the fence's `log_start`: the replica votes from now on.
+    /// The learner reached the fence's `log_start`: the replica votes from now on (or, when
+    /// `fence_still_holds` said no, fences again).
     pub fn caught_up(&mut self) {
         self.catching_up = None;
     }
@@ -346,19 +412,20 @@ mod tests {
         let mut rejoin = Rejoin::default();
         let mut out = Vec::new();
         let ballot = rejoin.start_fence(1, &[1, 2, 3, 4, 5], 1, true, 77, 0, &mut out);
+        let five = Membership::initial(crate::membership::voters(&[1, 2, 3, 4, 5])).expect("valid");
         assert_eq!(out.len(), 4);
         let low = Ballot { round: 3, node: 2 };
         let high = Ballot { round: 4, node: 3 };
-        assert!(rejoin.on_fenced(1, 5, 2, ballot, 77, vec![(5, low, Value::Noop)], 2).is_none());
-        assert!(rejoin.on_fenced(1, 5, 2, ballot, 77, vec![], 0).is_none(), "the same acceptor twice counts once");
+        assert!(rejoin.on_fenced(1, &five, 2, ballot, 77, vec![(5, low, Value::Noop)], 2).is_none());
+        assert!(rejoin.on_fenced(1, &five, 2, ballot, 77, vec![], 0).is_none(), "the same acceptor twice counts once");
         assert!(rejoin
-            .on_fenced(1, 5, 3, ballot, 77, vec![(1, high, Value::Noop), (5, high, Value::Noop)], 4)
+            .on_fenced(1, &five, 3, ballot, 77, vec![(1, high, Value::Noop), (5, high, Value::Noop)], 4)
             .is_none());
         assert!(
-            rejoin.on_fenced(1, 5, 4, ballot, 76, vec![], 0).is_none(),
+            rejoin.on_fenced(1, &five, 4, ballot, 76, vec![], 0).is_none(),
             "an answer to another attempt (an earlier life's) does not count"
         );
-        let done = rejoin.on_fenced(1, 5, 4, ballot, 77, vec![], 0).expect("three of four others answered");
+        let done = rejoin.on_fenced(1, &five, 4, ballot, 77, vec![], 0).expect("three of four others answered");
         assert_eq!(done.log_start, 4);
         assert_eq!(done.adopted.keys().copied().collect::<Vec<_>>(), vec![5], "slot 1 is below the log start");
         assert_eq!(done.adopted[&5].0, high);

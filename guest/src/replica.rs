@@ -578,7 +578,9 @@ impl Replica {
     fn start_fence(&mut self, adopt: bool) {
         let epoch = self.proposer.max_seen.epoch().max(self.acceptor.promised.epoch()) + 1;
         let mut out = Vec::new();
-        let members = self.voters_now();
+        // Every voter of every configuration known: the fence must meet a quorum of each
+        // (`rejoin::fence_complete`).
+        let members: Vec<NodeId> = self.learner.membership.all_voters().into_iter().collect();
         // A fresh nonce per attempt (see `Message::Fence`): a wiped replica's clock and seed
         // differ from its earlier life's when it fences again.
         let nonce = crate::rng::Rng::new(self.instance_nonce() ^ self.now_ms.rotate_left(17) ^ epoch).next_u64();
@@ -640,13 +642,30 @@ impl Replica {
             self.start_fence(true);
         }
         let mut out = Vec::new();
-        let members = self.voters_now();
+        let members: Vec<NodeId> = self.learner.membership.all_voters().into_iter().collect();
         let leader_epoch = self.proposer.leader.map(|(_, b)| b.epoch());
         self.rejoin.on_time(self.config.me, &members, leader_epoch, self.now_ms, &mut out);
         self.dispatch(out);
         if let Some(log_start) = self.rejoin.catching_up_to() {
-            if self.learner.next_apply >= log_start {
+            if self.learner.next_apply >= log_start
+                && !self.rejoin.fence_still_holds(self.config.me, &self.learner.membership)
+            {
+                // Caught up, it learned of a configuration its fence's answers do not meet a
+                // quorum of (it fenced against an older roster): fence again, against it too.
                 self.rejoin.caught_up();
+                self.log(format!(
+                    "applied up to slot {}: the fence's answers meet no quorum of a configuration learned meanwhile; fencing again",
+                    self.learner.next_apply
+                ));
+                self.start_fence(true);
+            } else if self.learner.next_apply >= log_start {
+                self.rejoin.caught_up();
+                if log_start > self.acceptor.log_start {
+                    // Caught up past the fence's log start (to a membership change it adopted):
+                    // every slot below is chosen and applied here, and a candidate behind it
+                    // must catch up first, as after a restart.
+                    self.acceptor.forget_below(self.learner.next_apply);
+                }
                 self.voting = true;
                 self.persist(&Record::Voting(true));
                 self.log(format!("fenced and applied up to slot {}: voting again", self.learner.next_apply));
@@ -685,8 +704,8 @@ impl Replica {
                 }
             }
             self.log(format!(
-                "fence {} complete: promised it, adopted {adopted} accepted slots from slot {}; voting once applied up to there",
-                done.ballot, done.log_start
+                "fence {} complete: promised it, adopted {adopted} accepted slots from slot {}; voting once applied up to slot {}",
+                done.ballot, done.log_start, done.catch_up_to
             ));
         } else {
             self.log(format!("fence {} complete: epoch {} is open", done.ballot, done.ballot.epoch()));
@@ -775,7 +794,8 @@ impl Replica {
     fn answer_ready_reads(&mut self) {
         // A follower's ask needs only the confirmation, not the index applied here: the follower
         // waits for its own learner.
-        for read in self.reads.ready(&self.learner.membership, self.learner.next_apply) {
+        let floor = self.proposer.read_floor(&self.learner.membership);
+        for read in self.reads.ready(&self.learner.membership, self.learner.next_apply, floor) {
             match read.remote {
                 Some(RemoteAsk { node, nonce, ask }) => {
                     self.send(node, Role::Proposer, Message::ReadIndexed { nonce, ask, index: read.index })
@@ -1082,10 +1102,15 @@ impl Replica {
                 self.send(src, Role::Proposer, reply);
             }
             Message::Fenced { ballot, nonce, accepted, log_start } => {
-                let members = self.voters_now().len();
-                if let Some(done) =
-                    self.rejoin.on_fenced(self.config.me, members, src, ballot, nonce, accepted, log_start)
-                {
+                if let Some(done) = self.rejoin.on_fenced(
+                    self.config.me,
+                    &self.learner.membership,
+                    src,
+                    ballot,
+                    nonce,
+                    accepted,
+                    log_start,
+                ) {
                     self.finish_fence(done);
                 }
             }
