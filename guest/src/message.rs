@@ -75,6 +75,12 @@ pub enum Value {
     Batch(Vec<ClientCommand>),
 }
 
+/// `CatchUp { from_slot: SNAPSHOT_WANTED }`: a member that joined a running cluster asks for a
+/// snapshot, never the log from slot 0 — its first configuration is the cluster's of the day it
+/// joined, so replaying the log from the cluster's first slot under it would not be the
+/// history the others applied (an `Add` of itself refused as a duplicate, say).
+pub const SNAPSHOT_WANTED: u64 = u64::MAX;
+
 /// A Paxos message.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
@@ -137,7 +143,7 @@ pub enum Message {
     },
     /// A learner missing slots asks the leader for them.
     CatchUp {
-        /// First slot it lacks.
+        /// First slot it lacks; `SNAPSHOT_WANTED` asks for a snapshot (a joining member).
         from_slot: u64,
     },
     /// Part of a state-machine snapshot, for a learner whose missing slots were compacted away.

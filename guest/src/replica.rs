@@ -679,7 +679,7 @@ impl Replica {
                 });
                 if let Some(peer) = ask {
                     self.last_catchup_ms = Some(self.now_ms);
-                    self.send(peer, Role::Learner, Message::CatchUp { from_slot: self.learner.next_apply });
+                    self.send(peer, Role::Learner, Message::CatchUp { from_slot: self.catch_up_from() });
                 }
             }
         }
@@ -1143,7 +1143,7 @@ impl Replica {
                         self.learner.next_apply
                     ));
                     self.last_catchup_ms = Some(self.now_ms);
-                    self.send(src, Role::Learner, Message::CatchUp { from_slot: self.learner.next_apply });
+                    self.send(src, Role::Learner, Message::CatchUp { from_slot: self.catch_up_from() });
                 }
             }
             Message::Accept { ballot, slot, value } => {
@@ -1178,7 +1178,7 @@ impl Replica {
                         self.learner.next_apply
                     ));
                     self.last_catchup_ms = Some(self.now_ms);
-                    self.send(ahead, Role::Learner, Message::CatchUp { from_slot: self.learner.next_apply });
+                    self.send(ahead, Role::Learner, Message::CatchUp { from_slot: self.catch_up_from() });
                 }
                 if outcome == PhaseOne::Won {
                     self.log(format!("node {} leads with ballot {}", self.config.me, ballot));
@@ -1236,7 +1236,7 @@ impl Replica {
                     let due = !receiving && self.last_catchup_ms.is_none_or(|t| self.now_ms >= t + CATCHUP_INTERVAL_MS);
                     if chosen_upto > self.learner.next_apply && due {
                         self.last_catchup_ms = Some(self.now_ms);
-                        self.send(src, Role::Learner, Message::CatchUp { from_slot: self.learner.next_apply });
+                        self.send(src, Role::Learner, Message::CatchUp { from_slot: self.catch_up_from() });
                     }
                 }
             }
@@ -1251,6 +1251,7 @@ impl Replica {
                     self.learn(slot, value);
                 }
             }
+            Message::CatchUp { from_slot: crate::message::SNAPSHOT_WANTED } => self.send_snapshot(src),
             Message::CatchUp { from_slot } => {
                 match self.learner.chosen_from(from_slot, CATCHUP_SLOTS_MAX, CATCHUP_BYTES_MAX) {
                     Some(entries) => {

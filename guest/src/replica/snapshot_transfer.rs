@@ -19,7 +19,20 @@ pub(super) struct IncomingSnapshot {
 }
 
 impl Replica {
-    /// Sends our state machine to a peer whose missing slots we dropped, in bounded chunks.
+    /// Where this replica's catch-up starts: its first unapplied slot, or a snapshot while it
+    /// is a member that joined a running cluster and has applied nothing yet (it starts as a
+    /// learner in its first configuration, which no member of a first start does).
+    pub(super) fn catch_up_from(&self) -> u64 {
+        let joined = self.config.members.iter().any(|m| m.id == self.config.me && !m.voter);
+        if joined && self.learner.next_apply == 0 {
+            crate::message::SNAPSHOT_WANTED
+        } else {
+            self.learner.next_apply
+        }
+    }
+
+    /// Sends our state machine to a peer whose missing slots we dropped (or that joined and
+    /// asked for it), in bounded chunks.
     pub(super) fn send_snapshot(&mut self, dst: NodeId) {
         let recently = self.snapshot_sent_ms.get(&dst).is_some_and(|t| self.now_ms < t + SNAPSHOT_RESEND_MS);
         if recently {
