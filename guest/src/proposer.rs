@@ -362,6 +362,19 @@ impl Proposer {
             return PhaseOne::Pending;
         }
         if self.phase == Phase::Leader {
+            // A late promiser that forgot slots this leader has neither proposed nor learned
+            // (its log starts above them) reports nothing for them, so it must not count
+            // toward covering them: one of them may hold a chosen value only its forgotten
+            // accept knew of. As a candidate would, the leader stands down and catches up
+            // from it first (a second review's break: Noop chosen over an acknowledged write).
+            let mut first_open = self.next_slot;
+            while first_open < log_start && learner.is_chosen(first_open) {
+                first_open += 1;
+            }
+            if log_start > first_open {
+                self.step_down(now_ms);
+                return PhaseOne::Behind(src);
+            }
             if self.phase_one.promised_by.insert(src) {
                 let next_slot = self.next_slot;
                 self.adopt(accepted.iter().filter(|(slot, _, _)| *slot >= next_slot));
