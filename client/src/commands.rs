@@ -34,6 +34,7 @@ pub async fn run(args: Args) -> i32 {
             crate::bench::run(&mut session, &bench, args.json, timeout, args.stale).await
         }
         Some(Cmd::Swap { path }) => swap(&session, &path, args.json).await,
+        Some(Cmd::Member { action }) => crate::members::run(&mut session, action).await,
         None => crate::shell::run(&mut session, args.json).await,
     }
 }
@@ -194,10 +195,10 @@ pub async fn status(session: &mut Session, json: bool) -> i32 {
             Ok(s) => {
                 let guest: serde_json::Value =
                     serde_json::from_str(&s.guest_status_json).unwrap_or(serde_json::Value::Null);
-                serde_json::json!({"id": m.id, "address": m.address, "up": !s.guest_down, "guest": guest, "build": s.guest_build})
+                serde_json::json!({"id": m.id, "address": m.address, "voter": m.voter, "up": !s.guest_down, "guest": guest, "build": s.guest_build})
             }
             Err(e) => {
-                serde_json::json!({"id": m.id, "address": m.address, "up": false, "error": e.message()})
+                serde_json::json!({"id": m.id, "address": m.address, "voter": m.voter, "up": false, "error": e.message()})
             }
         };
         rows.push(row);
@@ -231,7 +232,7 @@ pub async fn status(session: &mut Session, json: bool) -> i32 {
             text(&r["id"]),
             text(&r["address"]),
             if r["up"].as_bool() == Some(true) { "up" } else { "down" },
-            text(&g["role"]),
+            if r["voter"].as_bool() == Some(false) { "learner".to_string() } else { text(&g["role"]) },
             text(&g["ballot"]),
             text(&g["highest_chosen"]),
             text(&g["applied"]),

@@ -29,6 +29,7 @@ pub fn write_stdout(args: std::fmt::Arguments<'_>) {
 
 mod bench;
 mod commands;
+mod members;
 mod security;
 mod session;
 mod shell;
@@ -95,6 +96,12 @@ pub enum Cmd {
     Status,
     /// Load the cluster for a while and print ops/s and latency percentiles.
     Bench(bench::BenchArgs),
+    /// Membership: list, add, promote, remove (operators only for changes).
+    Member {
+        /// What to do.
+        #[command(subcommand)]
+        action: members::MemberCmd,
+    },
     /// Hot-swap this host's guest for the build at PATH, without restarting it. Sends PATH.sig
     /// (from `waxos sign`) with it: hosts run only builds signed by a key they trust.
     Swap {

@@ -159,6 +159,35 @@ impl Session {
         Ok(client.swap_guest(request).await?.into_inner())
     }
 
+    /// `Admin.ChangeMembers` on the current server (a change may take a few seconds to be
+    /// chosen: the deadline is at least 15 s).
+    pub async fn change_members(
+        &self,
+        request: waxos_proto::ChangeMembersRequest,
+    ) -> Result<waxos_proto::ChangeMembersResponse, Status> {
+        let address = self.server().to_string();
+        let timeout = self.timeout.max(Duration::from_secs(15));
+        let endpoint = self.endpoint(&address)?.timeout(timeout);
+        let channel = tokio::time::timeout(self.timeout, endpoint.connect())
+            .await
+            .map_err(|_| Status::unavailable("connect timed out"))?
+            .map_err(|e| Status::unavailable(format!("cannot connect: {e}")))?;
+        let mut request = tonic::Request::new(request);
+        request.set_timeout(timeout);
+        Ok(AdminClient::new(channel).change_members(request).await?.into_inner())
+    }
+
+    /// Moves on to the next known server (after one did not answer).
+    pub fn next_server(&mut self) {
+        self.current = (self.current + 1) % self.servers.len().max(1);
+        self.channel = None;
+    }
+
+    /// This session's client identity (for exactly-once across retries).
+    pub fn client_id(&self) -> u64 {
+        self.client_id
+    }
+
     /// Learns the other members from the first server that answers `Status`, so a failed
     /// request can go elsewhere.
     pub async fn learn_members(&mut self) {

@@ -1,6 +1,6 @@
-//! The `Admin` gRPC service: status, and hot swap of the guest.
+//! The `Admin` gRPC service: status, hot swap of the guest, and membership changes.
 //!
-//! `SwapGuest` is an operator action (a client certificate with the operator role, see `tls`);
+//! `SwapGuest` and `ChangeMembers` are operator actions (a client certificate with the operator role, see `tls`);
 //! `Status` needs any certificate of the cluster's CA. Refusals are `PERMISSION_DENIED` and
 //! logged with the caller; every call is logged with who made it.
 //!
@@ -21,16 +21,18 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 use waxos_proto::admin_server::Admin;
-use waxos_proto::{StatusRequest, StatusResponse, SwapGuestRequest, SwapGuestResponse};
+use waxos_proto::{
+    ChangeMembersRequest, ChangeMembersResponse, StatusRequest, StatusResponse, SwapGuestRequest, SwapGuestResponse,
+};
 
-use crate::bootstrap::Roster;
-use crate::runtime::Runtime;
+use crate::membership::Members;
+use crate::runtime::{Outcome, Runtime};
 use crate::signing::{signature_path, Policy};
 use crate::step_loop::{Input, StepLoopHandle, SwapReport};
 
@@ -114,8 +116,8 @@ pub async fn swap_in(
 pub struct AdminService {
     /// Where status questions and swaps go.
     pub step_loop: StepLoopHandle,
-    /// This host's roster, once known.
-    pub roster: Arc<OnceLock<Roster>>,
+    /// The members as this host knows them (empty until its roster is known).
+    pub members: Members,
     /// Compiles swapped-in builds.
     pub runtime: Arc<Runtime>,
     /// Where swapped-in builds are kept.
@@ -130,7 +132,6 @@ impl Admin for AdminService {
         let started = Instant::now();
         let caller = crate::tls::require_certificate(&request, "status")?;
         tracing::info!("request received op=status caller=\"{caller}\"");
-        let roster = self.roster.get();
         let (guest_status_json, guest_build, guest_down) = if self.step_loop.ready.load(Ordering::Acquire) {
             let (reply, answer) = oneshot::channel();
             self.step_loop.offer(Input::Status(reply));
@@ -143,8 +144,8 @@ impl Admin for AdminService {
             ("{\"starting\":true}".to_string(), String::new(), true)
         };
         let response = StatusResponse {
-            node_id: roster.map_or(0, |r| r.me),
-            members: roster.map(Roster::to_proto).unwrap_or_default(),
+            node_id: self.members.get().map_or(0, |k| k.me),
+            members: self.members.to_proto(),
             guest_status_json,
             guest_down,
             guest_build,
@@ -154,6 +155,36 @@ impl Admin for AdminService {
             started.elapsed().as_secs_f64() * 1e3
         );
         Ok(Response::new(response))
+    }
+
+    async fn change_members(
+        &self,
+        request: Request<ChangeMembersRequest>,
+    ) -> Result<Response<ChangeMembersResponse>, Status> {
+        let started = Instant::now();
+        let caller = crate::tls::require_operator(&request, "membership change")?;
+        let request = request.into_inner();
+        let command = crate::membership::command_of(&request);
+        let shown = command.as_ref().map_or_else(|_| "nothing".to_string(), crate::membership::describe);
+        tracing::info!(
+            "request received op=member change={shown:?} client={:#x} seq={} caller=\"{caller}\"",
+            request.client_id,
+            request.seq
+        );
+        let answer = match command {
+            Ok(command) => self.submit_change(command, request.client_id, request.seq).await,
+            Err(status) => Err(status),
+        };
+        let latency_ms = started.elapsed().as_secs_f64() * 1e3;
+        match &answer {
+            Ok(id) => tracing::info!("response sent op=member change={shown:?} member={id} latency_ms={latency_ms:.2}"),
+            Err(status) => tracing::info!(
+                "response sent op=member change={shown:?} error={:?} {:?} latency_ms={latency_ms:.2}",
+                status.code(),
+                status.message()
+            ),
+        }
+        answer.map(|member_id| Response::new(ChangeMembersResponse { member_id }))
     }
 
     async fn swap_guest(&self, request: Request<SwapGuestRequest>) -> Result<Response<SwapGuestResponse>, Status> {
@@ -213,6 +244,37 @@ impl Admin for AdminService {
         }
     }
 }
+
+impl AdminService {
+    /// Hands a membership change to the guest and waits until it is chosen (or refused).
+    async fn submit_change(&self, command: crate::runtime::Command, client: u64, seq: u64) -> Result<u32, Status> {
+        if !self.step_loop.ready.load(Ordering::Acquire) {
+            return Err(Status::unavailable("the replica is still starting; retry"));
+        }
+        let (reply, outcome) = oneshot::channel();
+        self.step_loop.offer(Input::Request { command, client, seq, reply });
+        match tokio::time::timeout(MEMBER_CHANGE_DEADLINE, outcome).await {
+            Ok(Ok(Outcome::Member(id))) => Ok(id),
+            Ok(Ok(Outcome::Rejected(reason))) if reason.starts_with("membership:") => {
+                Err(Status::failed_precondition(reason))
+            }
+            Ok(Ok(Outcome::Rejected(reason))) if reason.starts_with("reused") => Err(Status::failed_precondition(reason)),
+            Ok(Ok(Outcome::Rejected(reason))) => Err(Status::unavailable(reason)),
+            Ok(Ok(Outcome::Redirect(_))) => Err(Status::unavailable("no leader known yet; retry")),
+            Ok(Ok(other)) => Err(Status::failed_precondition(format!(
+                "reused seq: (client {client:#x}, seq {seq}) was already used for another request ({other:?}): use a new seq"
+            ))),
+            Ok(Err(_)) => Err(Status::unavailable("the replica dropped the request (restarting); retry")),
+            Err(_) => Err(Status::unavailable(format!(
+                "the change was not chosen within {} s (is a majority of the voters up?); retry with the same seq",
+                MEMBER_CHANGE_DEADLINE.as_secs()
+            ))),
+        }
+    }
+}
+
+/// How long a membership change may take to be chosen.
+const MEMBER_CHANGE_DEADLINE: Duration = Duration::from_secs(10);
 
 /// `--watch`: swaps the guest in again whenever the file at `path` (or its signature,
 /// `<path>.sig`) changes. A build whose signature does not verify is refused and logged; the

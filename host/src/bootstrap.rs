@@ -36,8 +36,12 @@ use waxos_proto::{Member, RegisterRequest, RegisterResponse};
 pub struct Roster {
     /// This host's node id.
     pub me: u32,
-    /// Every member, by id.
+    /// Every member of the configuration the guest starts from (`membership`), by id: the
+    /// first start's roster, or the members a joining host was given. Never the current
+    /// members: a restart replays the log from this same starting point.
     pub members: Vec<(u32, String)>,
+    /// Which of `members` are learners (a joining host is one; the first start has none).
+    pub learners: Vec<u32>,
     /// This data dir started without the state its member had (wiped or lost): the guest
     /// rejoins instead of voting from empty state. Never cleared: once the guest has caught up,
     /// its own log says it votes again.
@@ -57,17 +61,34 @@ impl Roster {
         self.members.iter().map(|(id, _)| *id).collect()
     }
 
-    /// As the guest's first configuration: every member a voter.
+    /// The roster of a host that joins a running cluster (`membership::join`).
+    pub fn joined(me: u32, members: Vec<(u32, String)>, learners: Vec<u32>) -> Roster {
+        Roster { me, members, learners, rejoining: false, cluster_id: None, incarnation: rand::random() }
+    }
+
+    /// Whether `id` starts as a learner.
+    pub fn is_learner(&self, id: u32) -> bool {
+        self.learners.contains(&id)
+    }
+
+    /// As the guest's first configuration.
     pub fn guest_members(&self) -> Vec<crate::runtime::GuestMember> {
         self.members
             .iter()
-            .map(|(id, address)| crate::runtime::GuestMember { id: *id, address: address.clone(), voter: true })
+            .map(|(id, address)| crate::runtime::GuestMember {
+                id: *id,
+                address: address.clone(),
+                voter: !self.is_learner(*id),
+            })
             .collect()
     }
 
     /// As gRPC members.
     pub fn to_proto(&self) -> Vec<Member> {
-        self.members.iter().map(|(id, address)| Member { id: *id, address: address.clone() }).collect()
+        self.members
+            .iter()
+            .map(|(id, address)| Member { id: *id, address: address.clone(), voter: !self.is_learner(*id) })
+            .collect()
     }
 
     fn path(data_dir: &Path) -> PathBuf {
@@ -104,7 +125,12 @@ impl Roster {
         match (me, members, cluster_id, incarnation) {
             (Some(me), Some(members), Ok(cluster_id), Ok(incarnation)) if members.iter().any(|(id, _)| *id == me) => {
                 let rejoining = value["rejoining"].as_bool().unwrap_or(false);
-                Ok(Some(Roster { me, members, rejoining, cluster_id, incarnation }))
+                // Absent in a roster written before membership changes: no learners.
+                let learners = value["learners"]
+                    .as_array()
+                    .map(|ids| ids.iter().filter_map(|id| u32::try_from(id.as_u64()?).ok()).collect())
+                    .unwrap_or_default();
+                Ok(Some(Roster { me, members, learners, rejoining, cluster_id, incarnation }))
             }
             _ => bail!("{} is not a valid roster (delete it to register again)", path.display()),
         }
@@ -133,6 +159,7 @@ impl Roster {
             "incarnation": format!("{:016x}", self.incarnation),
             "me": self.me,
             "members": members,
+            "learners": self.learners,
             "rejoining": self.rejoining,
         }))?;
         crate::storage::write_atomically(&Self::path(data_dir), text.as_bytes())
@@ -224,6 +251,7 @@ impl Registry {
                 self.adopted = Some(Roster {
                     me,
                     members: members.clone(),
+                    learners: Vec::new(),
                     rejoining: true,
                     cluster_id: self.cluster_id.clone(),
                     incarnation: 0,
@@ -239,7 +267,7 @@ impl Registry {
         }
         Ok(RegisterResponse {
             assigned_id: from,
-            members: members.iter().map(|(id, a)| Member { id: *id, address: a.clone() }).collect(),
+            members: members.iter().map(|(id, a)| Member { id: *id, address: a.clone(), voter: true }).collect(),
             replicas: members.len() as u32,
             rejoin: false,
             cluster_id: self.cluster_id.clone().unwrap_or_default(),
@@ -282,7 +310,7 @@ impl Registry {
         };
         Ok(RegisterResponse {
             assigned_id: id,
-            members: self.members.iter().map(|(id, a)| Member { id: *id, address: a.clone() }).collect(),
+            members: self.members.iter().map(|(id, a)| Member { id: *id, address: a.clone(), voter: true }).collect(),
             replicas: self.replicas,
             rejoin,
             cluster_id: self.cluster_id.clone().unwrap_or_default(),
@@ -370,6 +398,7 @@ pub async fn roster(
                         break Roster {
                             me: 1,
                             members: reg.members.clone(),
+                            learners: Vec::new(),
                             rejoining: false,
                             cluster_id: reg.cluster_id.clone(),
                             incarnation,
@@ -459,7 +488,14 @@ async fn register_with(
                         None
                     }
                 };
-                return Ok(Roster { me: r.assigned_id, members, rejoining: r.rejoin, cluster_id, incarnation });
+                return Ok(Roster {
+                    me: r.assigned_id,
+                    members,
+                    learners: Vec::new(),
+                    rejoining: r.rejoin,
+                    cluster_id,
+                    incarnation,
+                });
             }
             Ok(r) => {
                 if !logged_wait {
@@ -524,8 +560,14 @@ mod tests {
             "the announcer must be in the roster it announces"
         );
         let answer = registry.announce(2, members(), Some(CLUSTER.into())).expect("adopted");
-        let adopted =
-            Roster { me: 1, members: members(), rejoining: true, cluster_id: Some(CLUSTER.into()), incarnation: 0 };
+        let adopted = Roster {
+            me: 1,
+            members: members(),
+            learners: Vec::new(),
+            rejoining: true,
+            cluster_id: Some(CLUSTER.into()),
+            incarnation: 0,
+        };
         assert_eq!(registry.adopted, Some(adopted));
         assert_eq!(answer.cluster_id, CLUSTER, "the cluster's id, not the one this coordinator made at start");
         // A host registering again (wiped) is handed the adopted cluster id.
@@ -538,6 +580,7 @@ mod tests {
         let roster = Roster {
             me: 2,
             members: members(),
+            learners: Vec::new(),
             rejoining: true,
             cluster_id: Some(CLUSTER.into()),
             incarnation: u64::MAX,
@@ -605,9 +648,16 @@ mod tests {
     #[tokio::test]
     async fn a_data_dir_that_names_another_address_for_this_member_is_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
-        Roster { me: 2, members: members(), rejoining: false, cluster_id: Some(CLUSTER.into()), incarnation: 3 }
-            .save(dir.path())
-            .expect("save");
+        Roster {
+            me: 2,
+            members: members(),
+            learners: Vec::new(),
+            rejoining: false,
+            cluster_id: Some(CLUSTER.into()),
+            incarnation: 3,
+        }
+        .save(dir.path())
+        .expect("save");
         let registry = SharedRegistry::default();
         let error =
             roster(dir.path(), "127.0.0.1:9", Some("127.0.0.1:1"), 3, &registry, &waxos_proto::tls::Dialer::Insecure)

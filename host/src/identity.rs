@@ -257,6 +257,7 @@ mod tests {
         Roster {
             me: 1,
             members: (1..=5).map(|id| (id, format!("127.0.0.1:{id}"))).collect(),
+            learners: Vec::new(),
             rejoining: false,
             cluster_id: cluster_id.map(str::to_string),
             incarnation: 7,

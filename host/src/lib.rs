@@ -22,6 +22,7 @@ pub mod chaos;
 pub mod crash_point;
 pub mod identity;
 pub mod member_dial;
+pub mod membership;
 pub mod net;
 pub mod peer;
 pub mod runtime;

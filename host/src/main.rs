@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::Parser;
@@ -37,6 +37,12 @@ struct Args {
     /// Where the WAL, the roster and the compiled-guest cache live [default: waxos-data/<listen-port>].
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Join a running cluster through the member at this address (`host:port`) instead of
+    /// registering with the coordinator: an operator first adds this host's address with
+    /// `waxos <host> <port> member add <address>`; it then starts as a learner and is promoted
+    /// once caught up. Needed only at the first start (the roster is kept in the data dir).
+    #[arg(long, value_name = "ADDR")]
+    join: Option<String>,
     /// How many replicas the cluster has (the coordinator waits for this many).
     #[arg(long, default_value_t = 5)]
     replicas: u32,
@@ -232,8 +238,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let (handle, inputs) = step_loop::channel();
     let registry = bootstrap::SharedRegistry::default();
-    let members = Arc::new(OnceLock::new());
-    let roster_cell = Arc::new(OnceLock::new());
+    let members = waxos_host::membership::Members::default();
     let identity = Arc::new(identity::Identity::new(&data_dir));
     let peer_service = peer::PeerService {
         step_loop: handle.clone(),
@@ -248,7 +253,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let admin_service = admin::AdminService {
         step_loop: handle.clone(),
-        roster: roster_cell.clone(),
+        members: members.clone(),
         runtime: runtime.clone(),
         guest_dir: guest_dir.clone(),
         signing: signing.clone(),
@@ -295,7 +300,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut server = tokio::spawn(server);
 
     let (mut roster, source) = tokio::select! {
-        roster = bootstrap::roster(&data_dir, &my_address, coordinator.as_deref(), args.replicas, &registry, &security.dialer) => roster?,
+        roster = async {
+            match &args.join {
+                Some(via) => waxos_host::membership::join_or_load(&data_dir, &my_address, via, &registry, &security.dialer).await,
+                None => bootstrap::roster(&data_dir, &my_address, coordinator.as_deref(), args.replicas, &registry, &security.dialer).await,
+            }
+        } => roster?,
         _ = shutdown_signal() => {
             tracing::info!("waxosd stopping (signal) before the roster was complete");
             return Ok(());
@@ -303,8 +313,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     // Identity first: a batch accepted from a member may make it adopt a cluster id.
     identity.start(&roster);
-    let _ = members.set((roster.me, roster.members.clone()));
-    let _ = roster_cell.set(roster.clone());
+    members.start(&roster);
 
     if let Some(why) = storage::lost::marked(&data_dir) {
         // The WAL failed a sync before the last stop: what it holds cannot be trusted.
@@ -344,7 +353,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     } else if rejoining {
         tracing::info!("rejoining (continued after a restart): the log says when this replica votes again");
     }
-    let peers = peer::Peers::start(&roster, identity.clone(), security.dialer.clone());
+    let peers = peer::Peers::start(&roster, identity.clone(), security.dialer.clone(), members.clone());
     let config = runtime::GuestConfig {
         me: roster.me,
         members: roster.guest_members(),

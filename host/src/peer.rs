@@ -51,39 +51,93 @@ const BACKOFF_MAX_MS: u64 = 1_000;
 pub trait Transport: Send {
     /// Sends, or drops when that is not possible; never blocks.
     fn send(&self, envelope: Envelope);
+
+    /// The guest announced its members (`Peers::follow`). Test transports ignore it.
+    fn follow(&self, _members: &[crate::runtime::GuestMember]) {}
 }
 
 impl Transport for Peers {
     fn send(&self, envelope: Envelope) {
         Peers::send(self, envelope)
     }
+
+    fn follow(&self, members: &[crate::runtime::GuestMember]) {
+        Peers::follow(self, members)
+    }
 }
 
-/// Outbound queues, one per peer.
+/// Outbound queues, one per peer; the set follows the members (`set_members`).
 #[derive(Clone)]
 pub struct Peers {
-    queues: HashMap<u32, mpsc::Sender<Envelope>>,
+    queues: std::sync::Arc<std::sync::Mutex<HashMap<u32, (String, mpsc::Sender<Envelope>)>>>,
+    roster: Roster,
+    identity: std::sync::Arc<Identity>,
+    dialer: Dialer,
+    /// The members as this host knows them, shared with the peer service and Admin.
+    known: crate::membership::Members,
+    /// The runtime sender tasks run on: `follow` is called from the step loop's own thread.
+    runtime: tokio::runtime::Handle,
 }
 
 impl Peers {
-    /// Starts one sender task per other member of the roster.
-    pub fn start(roster: &Roster, identity: std::sync::Arc<Identity>, dialer: Dialer) -> Peers {
-        let mut queues = HashMap::new();
-        for (id, address) in &roster.members {
-            if *id == roster.me {
+    /// Starts one sender task per other member of the roster; `known` follows the guest's
+    /// members from then on (`follow`). Called within the tokio runtime.
+    pub fn start(
+        roster: &Roster,
+        identity: std::sync::Arc<Identity>,
+        dialer: Dialer,
+        known: crate::membership::Members,
+    ) -> Peers {
+        known.start(roster);
+        let runtime = tokio::runtime::Handle::current();
+        let peers = Peers { queues: Default::default(), roster: roster.clone(), identity, dialer, known, runtime };
+        peers.dial(&roster.members);
+        peers
+    }
+
+    /// The guest announced its members: the peer service accepts them, and they are dialled.
+    pub fn follow(&self, members: &[crate::runtime::GuestMember]) {
+        if let Some(known) = self.known.update(members) {
+            tracing::info!("members now: {known}");
+            let addresses: Vec<(u32, String)> = members.iter().map(|m| (m.id, m.address.clone())).collect();
+            self.dial(&addresses);
+        }
+    }
+
+    /// Dials every member of `members` but this host (a new one gets its own sender task) and
+    /// no one else (a removed member's queue closes, and its task ends). A member whose
+    /// address changed is dialled at the new one. A member with no address (a guest started
+    /// without them) keeps the roster's.
+    fn dial(&self, members: &[(u32, String)]) {
+        let members: Vec<(u32, String)> = members
+            .iter()
+            .map(|(id, address)| match (address.is_empty(), self.roster.members.iter().find(|(r, _)| r == id)) {
+                (true, Some((_, known))) => (*id, known.clone()),
+                _ => (*id, address.clone()),
+            })
+            .collect();
+        let Ok(mut queues) = self.queues.lock() else {
+            return;
+        };
+        queues.retain(|id, (address, _)| members.iter().any(|(m, a)| m == id && a == address));
+        for (id, address) in &members {
+            if *id == self.roster.me || queues.contains_key(id) || address.is_empty() {
                 continue;
             }
             let (tx, rx) = mpsc::channel(PEER_QUEUE_ENVELOPES_MAX);
-            tokio::spawn(sender(roster.clone(), identity.clone(), dialer.clone(), *id, address.clone(), rx));
-            queues.insert(*id, tx);
+            let (roster, identity, dialer) = (self.roster.clone(), self.identity.clone(), self.dialer.clone());
+            self.runtime.spawn(sender(roster, identity, dialer, *id, address.clone(), rx));
+            queues.insert(*id, (address.clone(), tx));
         }
-        Peers { queues }
     }
 
     /// Queues an envelope for its destination; drops it (logged at debug) when that is not
     /// possible.
     pub fn send(&self, envelope: Envelope) {
-        match self.queues.get(&envelope.dst) {
+        let Ok(queues) = self.queues.lock() else {
+            return;
+        };
+        match queues.get(&envelope.dst).map(|(_, queue)| queue) {
             Some(queue) => {
                 if queue.try_send(envelope).is_err() {
                     tracing::debug!("peer queue full or closed: envelope dropped");
@@ -121,8 +175,18 @@ async fn sender(
                     last_failure = Some(why);
                 }
                 // Drop what queued up meanwhile: stale Paxos messages are useless, and the
-                // proposer re-sends what matters.
-                while queue.try_recv().is_ok() {}
+                // proposer re-sends what matters. A closed queue: the peer is no longer a
+                // member (`Peers::set_members`).
+                loop {
+                    match queue.try_recv() {
+                        Ok(_) => {}
+                        Err(mpsc::error::TryRecvError::Empty) => break,
+                        Err(mpsc::error::TryRecvError::Disconnected) => {
+                            tracing::info!("peer {peer} at {address}: no longer a member; not dialled any more");
+                            return;
+                        }
+                    }
+                }
                 tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
                 backoff_ms = (backoff_ms * 2).min(BACKOFF_MAX_MS);
                 continue;
@@ -220,8 +284,8 @@ pub struct PeerService {
     /// The coordinator's registration book.
     pub registry: SharedRegistry,
     /// This host's id and the members allowed to send, with the address each one's certificate
-    /// must name (filled once the roster is known).
-    pub members: std::sync::Arc<std::sync::OnceLock<MemberAddresses>>,
+    /// must name (filled once the roster is known, then kept as the guest says).
+    pub members: crate::membership::Members,
     /// Whose data dir this is: batches from another cluster are refused.
     pub identity: std::sync::Arc<Identity>,
 }
@@ -245,9 +309,10 @@ impl Peer for PeerService {
                     break;
                 }
             };
-            let Some((me, members)) = self.members.get() else {
+            let Some((me, members)) = self.members.addresses() else {
                 continue;
             };
+            let me = &me;
             let claimed = members.iter().find(|(id, _)| *id == batch.src && batch.src != *me);
             // A member whose certificate is the claimed sender's (with `--insecure`, whoever
             // claims a member id): only such a batch may teach this host its cluster id.

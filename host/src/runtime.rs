@@ -18,7 +18,9 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 wasmtime::component::bindgen!({ world: "replica-node", path: "../wit" });
 
 pub use exports::waxos::replica::replica::Config as GuestConfig;
-pub use waxos::replica::types::{Command, Effect, Envelope, Event, Member as GuestMember, Outcome, Request, Role};
+pub use waxos::replica::types::{
+    Command, Effect, Envelope, Event, Member as GuestMember, MemberChange, Outcome, Request, Role,
+};
 
 /// Voters `ids` with no addresses, as a guest's first configuration (tests, benchmarks).
 pub fn voters(ids: &[u32]) -> Vec<GuestMember> {

@@ -489,13 +489,7 @@ impl StepLoop {
                     }
                 }
                 Effect::Log(line) => tracing::info!("guest: {line}"),
-                Effect::Members(members) => {
-                    let named: Vec<String> = members
-                        .iter()
-                        .map(|m| format!("{}{} at {}", m.id, if m.voter { "" } else { " (learner)" }, m.address))
-                        .collect();
-                    tracing::info!("guest: members known: {}", named.join(", "));
-                }
+                Effect::Members(members) => self.peers.follow(&members),
                 Effect::Persist(_) | Effect::PersistLazy(_) => {}
             }
         }

@@ -115,9 +115,9 @@ fn an_announced_roster_cannot_give_one_certificate_two_ids() {
                     incarnation: 1,
                     member_id: 2,
                     members: vec![
-                        Member { id: 1, address: coordinator.clone() },
-                        Member { id: 2, address: p1.clone() },
-                        Member { id: 3, address: p1.clone() },
+                        Member { id: 1, address: coordinator.clone(), voter: true },
+                        Member { id: 2, address: p1.clone(), voter: true },
+                        Member { id: 3, address: p1.clone(), voter: true },
                     ],
                     cluster_id: "0123456789abcdef0123456789abcdef".into(),
                 };

@@ -145,6 +145,8 @@ pub struct Host {
     pub child: Option<Child>,
     /// Extra environment of this host's next start (a fault shim, a crash point).
     pub env: Vec<(String, String)>,
+    /// Joins through this member (`--join`) instead of registering with the coordinator.
+    pub join: Option<String>,
 }
 
 pub struct Cluster {
@@ -219,7 +221,7 @@ impl Cluster {
         for (i, port) in ports.iter().enumerate() {
             let data_dir = cluster.dir.path().join(format!("data{}", i + 1));
             let log = cluster.dir.path().join(format!("{}.log", i + 1));
-            cluster.hosts.push(Host { port: *port, data_dir, log, child: None, env: Vec::new() });
+            cluster.hosts.push(Host { port: *port, data_dir, log, child: None, env: Vec::new(), join: None });
         }
         for &i in started {
             cluster.spawn(i);
@@ -230,6 +232,18 @@ impl Cluster {
     /// Spawns host `i` (not running).
     pub fn spawn_host(&mut self, i: usize) {
         self.spawn(i);
+    }
+
+    /// A new host on a free port, not started: `start_joining` starts it with `--join` through
+    /// host `via` (an operator adds its address first). Its index.
+    pub fn new_host(&mut self, via: usize) -> usize {
+        let i = self.hosts.len();
+        let port = free_port();
+        let data_dir = self.dir.path().join(format!("data{}", i + 1));
+        let log = self.dir.path().join(format!("{}.log", i + 1));
+        let join = Some(self.addr(via).trim_start_matches("http://").trim_start_matches("https://").to_string());
+        self.hosts.push(Host { port, data_dir, log, child: None, env: Vec::new(), join });
+        i
     }
 
     fn spawn(&mut self, i: usize) {
@@ -249,6 +263,7 @@ impl Cluster {
             .arg("--replicas")
             .arg(replicas.to_string())
             .args(&tls)
+            .args(host.join.iter().flat_map(|via| ["--join".to_string(), via.clone()]))
             .args(&self.extra_args)
             .env("RUST_LOG", "info")
             .envs(host.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
