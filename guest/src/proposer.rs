@@ -435,7 +435,9 @@ impl Proposer {
     }
 
     /// The slot every read index must reach while leading: phase 1's bound (every slot a
-    /// promise reported accepted lies below it). `None` until a majority of every governing
+    /// promise reported accepted lies below it; a read's own index, `next_slot` when it
+    /// arrived, covers what this leader proposed — the bound is not raised to the current
+    /// `next_slot`, or a read under steady writes would chase slots proposed after it). `None` until a majority of every governing
     /// configuration promised this ballot: a value chosen in a slot that a later configuration
     /// governs need not be known to the first slot's majority. Why that suffices: a chosen
     /// slot at or above the bound is governed by a configuration from a change in a slot
@@ -443,9 +445,7 @@ impl Proposer {
     /// or above the bound would itself be reported, raising the bound), and a majority of
     /// that configuration promised, so one of them reported it — a contradiction.
     pub fn read_floor(&self, membership: &Membership) -> Option<u64> {
-        membership
-            .quorum_in_every(|n| self.phase_one.promised_by.contains(&n))
-            .then(|| self.next_slot.max(self.phase_one.reproposal_end))
+        membership.quorum_in_every(|n| self.phase_one.promised_by.contains(&n)).then_some(self.phase_one.reproposal_end)
     }
 
     /// Whether the leader stops at `next_slot` because it does not vote there (removed, or

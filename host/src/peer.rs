@@ -66,10 +66,13 @@ impl Transport for Peers {
     }
 }
 
-/// Outbound queues, one per peer; the set follows the members (`set_members`).
+/// One sender queue per peer, keyed by member id, with the address it dials.
+type Queues = std::sync::Arc<std::sync::Mutex<HashMap<u32, (String, mpsc::Sender<Envelope>)>>>;
+
+/// Outbound queues, one per peer; the set follows the members (`follow`).
 #[derive(Clone)]
 pub struct Peers {
-    queues: std::sync::Arc<std::sync::Mutex<HashMap<u32, (String, mpsc::Sender<Envelope>)>>>,
+    queues: Queues,
     roster: Roster,
     identity: std::sync::Arc<Identity>,
     dialer: Dialer,

@@ -101,10 +101,13 @@ pub enum Kind {
     /// Scenario: an acceptor that promised a new leader's ballot restarts, as the stalled old
     /// leader's accepts reach it.
     RestartAfterPromise,
+    /// Scenario: a lagging replica is elected, and the acceptors it needs compact the slots it
+    /// proposes again before its accepts reach them.
+    CompactedPastLeader,
 }
 
 /// Every kind, in the order the mix is drawn.
-pub const KINDS: [Kind; 17] = [
+pub const KINDS: [Kind; 18] = [
     Kind::Crash,
     Kind::Wipe,
     Kind::Pause,
@@ -122,6 +125,7 @@ pub const KINDS: [Kind; 17] = [
     Kind::SnapshotRejoin,
     Kind::MissedHeartbeats,
     Kind::RestartAfterPromise,
+    Kind::CompactedPastLeader,
 ];
 
 /// The kinds of `KINDS` whose mix (and scenario starts) draw from the run's main stream; the

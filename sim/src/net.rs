@@ -51,6 +51,8 @@ struct InFlight {
     sent_ms: u64,
     /// Long-delayed: already past any cut made after it was sent.
     long: bool,
+    /// Held back as this kind: if the hold was extended meanwhile, it waits for the new end.
+    held: Option<Held>,
 }
 
 /// Messages in flight and the directed links.
@@ -64,10 +66,9 @@ pub struct Net {
     cut_until_ms: Vec<Vec<u64>>,
     /// `slow_until_ms[src][dst]`: every message on src→dst is long-delayed before this time.
     slow_until_ms: Vec<Vec<u64>>,
-    /// `hold_until_ms[src][dst]`: every `Accept` sent on src→dst before this time is held
-    /// back until then (an acceptor whose proposals queue behind a stuck stream while its other
-    /// traffic flows), then delivered unless a cut is in the way.
-    hold_until_ms: Vec<Vec<u64>>,
+    /// `hold_until_ms[kind][src][dst]`: every message of `kind` (`Held`) sent on src→dst
+    /// before this time is held back until then, then delivered unless a cut is in the way.
+    hold_until_ms: [Vec<Vec<u64>>; Held::KINDS],
     /// `replay_fenced[src][dst]`: `(until, at)`: every `Fenced` answer sent on src→dst before
     /// `until` is delivered as usual and once more at `at` (a copy stuck in a buffer, past any
     /// cut by then).
@@ -87,7 +88,7 @@ impl Net {
             next_seq: 0,
             cut_until_ms: vec![vec![0; nodes]; nodes],
             slow_until_ms: vec![vec![0; nodes]; nodes],
-            hold_until_ms: vec![vec![0; nodes]; nodes],
+            hold_until_ms: std::array::from_fn(|_| vec![vec![0; nodes]; nodes]),
             replay_fenced: vec![vec![(0, 0); nodes]; nodes],
             mute_pre_votes_until_ms: vec![0; nodes],
         }
@@ -125,10 +126,10 @@ impl Net {
         }
     }
 
-    /// Holds back every `Accept` sent on src→dst until `until_ms`.
-    pub fn hold_accepts(&mut self, src: usize, dst: usize, until_ms: u64) {
+    /// Holds back every message of `kind` sent on src→dst until `until_ms`.
+    pub fn hold(&mut self, kind: Held, src: usize, dst: usize, until_ms: u64) {
         if src != dst {
-            let hold = &mut self.hold_until_ms[src][dst];
+            let hold = &mut self.hold_until_ms[kind as usize][src][dst];
             *hold = (*hold).max(until_ms);
         }
     }
@@ -149,7 +150,7 @@ impl Net {
     pub fn heal_all(&mut self) {
         let rows = self.cut_until_ms.iter_mut().chain(self.slow_until_ms.iter_mut());
         self.mute_pre_votes_until_ms.iter_mut().for_each(|t| *t = 0);
-        for row in rows.chain(self.hold_until_ms.iter_mut()) {
+        for row in rows.chain(self.hold_until_ms.iter_mut().flatten()) {
             row.iter_mut().for_each(|t| *t = 0);
         }
     }
@@ -171,16 +172,23 @@ impl Net {
         if self.faults && now_ms < replay_until && replay_at > now_ms && is_fenced(&envelope) {
             self.next_seq += 1;
             self.queue.push(Reverse((replay_at, self.next_seq)));
-            self.in_flight.insert(self.next_seq, InFlight { envelope: envelope.clone(), sent_ms: now_ms, long: true });
+            self.in_flight.insert(
+                self.next_seq,
+                InFlight { envelope: envelope.clone(), sent_ms: now_ms, long: true, held: None },
+            );
         }
-        let held_until = self.hold_until_ms[src][dst];
-        if self.faults && now_ms < held_until && is_accept(&envelope) {
+        let any_held = self.hold_until_ms.iter().any(|kind| now_ms < kind[src][dst]);
+        let held = any_held.then(|| Held::of(&envelope)).flatten();
+        let held_until = held.map_or(0, |kind| self.hold_until_ms[kind as usize][src][dst]);
+        if self.faults && now_ms < held_until {
+            // Held confirmations are stuck in a buffer: they arrive past a cut made meanwhile.
+            let long = held == Some(Held::ReadConfirmations);
             for _ in 0..copies {
                 self.next_seq += 1;
                 let at = held_until + rng.range(1, NORMAL_DELAY_MS_MAX);
                 self.queue.push(Reverse((at, self.next_seq)));
-                self.in_flight
-                    .insert(self.next_seq, InFlight { envelope: envelope.clone(), sent_ms: now_ms, long: false });
+                let message = InFlight { envelope: envelope.clone(), sent_ms: now_ms, long, held };
+                self.in_flight.insert(self.next_seq, message);
             }
             return Fate::Sent { copies, long: true };
         }
@@ -198,7 +206,8 @@ impl Net {
             any_long |= long;
             self.next_seq += 1;
             self.queue.push(Reverse((now_ms + delay_ms, self.next_seq)));
-            self.in_flight.insert(self.next_seq, InFlight { envelope: envelope.clone(), sent_ms: now_ms, long });
+            let message = InFlight { envelope: envelope.clone(), sent_ms: now_ms, long, held: None };
+            self.in_flight.insert(self.next_seq, message);
         }
         Fate::Sent { copies, long: any_long }
     }
@@ -214,6 +223,15 @@ impl Net {
             self.queue.pop();
             let Some(message) = self.in_flight.remove(&seq) else { continue };
             let (src, dst) = (message.envelope.src as usize - 1, message.envelope.dst as usize - 1);
+            if let Some(kind) = message.held {
+                let until = self.hold_until_ms[kind as usize][src][dst];
+                if until > at {
+                    // The hold was extended: wait for its new end.
+                    self.queue.push(Reverse((until + (at % NORMAL_DELAY_MS_MAX), seq)));
+                    self.in_flight.insert(seq, message);
+                    continue;
+                }
+            }
             if !message.long && self.faults && !self.link_up(src, dst, now_ms) {
                 return Some(Err(message.envelope));
             }
@@ -227,17 +245,46 @@ impl Net {
     }
 }
 
-/// Whether the envelope carries a phase 2a `Accept`.
-fn is_accept(envelope: &Envelope) -> bool {
-    use waxos_guest::message::{self, Message};
-    envelope.role == waxos_host::runtime::Role::Acceptor
-        && matches!(message::decode::<Message>(&envelope.payload), Ok(Message::Accept { .. }))
+/// The kinds of message a link can hold back (`Net::hold`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Held {
+    /// Phase 2a `Accept`s: an acceptor whose proposals queue behind a stuck stream while its
+    /// other traffic flows.
+    Accepts,
+    /// What teaches a learner chosen slots (`Chosen` announcements, catch-up answers,
+    /// `SnapshotChunk`s): a follower that accepts and answers heartbeats but learns nothing.
+    Learned,
+    /// An acceptor's answers to read confirmation rounds (`ReadConfirmed`): late answers,
+    /// all at once, past any cut made meanwhile.
+    ReadConfirmations,
+}
+
+impl Held {
+    const KINDS: usize = 3;
+
+    /// The kind of `envelope`, if it is one a link can hold back.
+    fn of(envelope: &Envelope) -> Option<Held> {
+        use waxos_guest::message::{self, Message};
+        match message::decode::<Message>(&envelope.payload).ok()? {
+            Message::Accept { .. } => Some(Held::Accepts),
+            Message::Chosen { .. } | Message::SnapshotChunk { .. } => Some(Held::Learned),
+            Message::ReadConfirmed { .. } => Some(Held::ReadConfirmations),
+            _ => None,
+        }
+    }
 }
 
 /// Whether the envelope carries a rejoiner's fence answer (`Fenced`).
 fn is_fenced(envelope: &Envelope) -> bool {
     use waxos_guest::message::{self, Message};
     matches!(message::decode::<Message>(&envelope.payload), Ok(Message::Fenced { .. }))
+}
+
+/// Whether the envelope carries an acceptor's `Forgotten` answer.
+pub(crate) fn is_forgotten(envelope: &Envelope) -> bool {
+    use waxos_guest::message::{self, Message};
+    envelope.role == waxos_host::runtime::Role::Proposer
+        && matches!(message::decode::<Message>(&envelope.payload), Ok(Message::Forgotten { .. }))
 }
 
 /// Whether the envelope carries a `PreVote`.

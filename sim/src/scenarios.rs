@@ -33,12 +33,18 @@
 //!   check: without pre-vote the follower's own acceptor deposes it);
 //! - *restart after promise*: the leader's accepts to three followers are held back, it stalls
 //!   cut off with the fourth, the three elect another leader that fills the slot, and one of
-//!   them restarts from its WAL just as the held accepts reach it (it must refuse them).
+//!   them restarts from its WAL just as the held accepts reach it (it must refuse them);
+//! - *compacted past the leader*: one follower stops hearing the leader (its learner falls
+//!   behind) while two others accept but learn late; the leader crashes, the fifth replica is
+//!   cut off and the lagging follower is elected by the two; they learn and forget the slots
+//!   it proposes again before its accepts reach them: they must say so (`Forgotten`), so that
+//!   it catches up from them instead of waiting for answers that never come.
 //!
 //! The scenarios added after the first three draw whether they start from their own random
 //! stream, so the seeds of runs without them play out as before.
 
 use crate::faults::Kind;
+use crate::net::Held;
 use crate::world::World;
 
 /// One fault of a scenario, due at a time.
@@ -72,8 +78,9 @@ pub enum Action {
     Compact { node: usize, hold_ms: u64 },
     /// Every `PreVote` the node sends is lost for `ms`.
     MutePreVotes { node: usize, ms: u64 },
-    /// Every `Accept` src→dst held back for `ms`, then delivered (unless cut off by then).
-    HoldAccepts { src: usize, dst: usize, ms: u64 },
+    /// Every message of a kind src→dst held back for `ms`, then delivered (unless cut off by
+    /// then).
+    HoldBack { kind: Held, src: usize, dst: usize, ms: u64 },
     /// Messages src→dst long-delayed for `ms`.
     Slow { src: usize, dst: usize, ms: u64 },
     /// Hot swap of the node.
@@ -85,6 +92,9 @@ pub enum Action {
     Hold { client: usize, until_ms: u64 },
     /// The client's read in progress is sent again at once, as a first attempt.
     Retry { client: usize },
+    /// Nothing: random faults wait until this step (and `QUIET_AFTER_MS` more), so that what
+    /// the scenario set up plays out in a healthy cluster, where a stall shows as one.
+    Calm,
 }
 
 /// Random crashes, wipes, pauses and cuts wait this long after a scenario's last step.
@@ -122,6 +132,7 @@ impl World<'_> {
             (Kind::SnapshotRejoin, 1.0),
             (Kind::MissedHeartbeats, 1.0),
             (Kind::RestartAfterPromise, 1.0),
+            (Kind::CompactedPastLeader, 1.0),
         ] {
             if self.later_rng.chance(self.mix.rate(kind, SCENARIO_RATE * weight)) {
                 self.plan(kind);
@@ -166,7 +177,7 @@ impl World<'_> {
                 let pause_at = now + self.rng.range(2_800, 3_800);
                 let release_ms = pause_at - now + self.rng.range(20, 300);
                 for x in [b, d, e] {
-                    self.schedule(now, Action::HoldAccepts { src: leader, dst: x, ms: release_ms });
+                    self.schedule(now, Action::HoldBack { kind: Held::Accepts, src: leader, dst: x, ms: release_ms });
                 }
                 let down_ms = self.rng.range(50, 400);
                 self.later((300, 900), Action::Wipe { node: c, down_ms });
@@ -183,9 +194,12 @@ impl World<'_> {
                 // the question); the leader is cut off with one follower and swapped again (the
                 // rounds start over once more) while the rest elect another leader and write;
                 // then the reader reads at the old leader once more, as late answers arrive.
-                let first_at = self.now + self.rng.range(50, 300);
-                let cut_at = first_at + self.rng.range(800, 1_300);
-                let late_read_at = cut_at + self.rng.range(1_500, 3_000);
+                // On ticks: the leader must resume on the very tick it is swapped (a paused
+                // replica is not swapped; one tick later its CheckQuorum, stale from the pause,
+                // deposes it).
+                let first_at = on_tick(self.now + self.rng.range(50, 300));
+                let cut_at = on_tick(first_at + self.rng.range(800, 1_300));
+                let late_read_at = on_tick(cut_at + self.rng.range(1_500, 3_000));
                 let cut_ms = late_read_at + 1_000 - cut_at;
                 let slow_ms = late_read_at + 1_000 - self.now;
                 self.schedule(self.now, Action::Slow { src: c, dst: leader, ms: slow_ms });
@@ -214,6 +228,15 @@ impl World<'_> {
                 };
                 self.schedule(cut_at, idle);
                 self.schedule(late_read_at, Action::Swap { node: leader });
+                // c's answers to the read rounds are also held back and arrive all at once just
+                // after the late read (past the cut, as a stuck buffer's would): the first hold
+                // covers the wait for an idle leader, the second (after the cut, so it moves
+                // with the scenario) ends at the late read.
+                let confirmations = Held::ReadConfirmations;
+                self.schedule(first_at, Action::HoldBack { kind: confirmations, src: c, dst: leader, ms: 1_000 });
+                let after_cut = cut_at + crate::world::TICK_MS;
+                let ms = late_read_at - after_cut;
+                self.schedule(after_cut, Action::HoldBack { kind: confirmations, src: c, dst: leader, ms });
             }
             Kind::LaggingMajority => {
                 // The leader's messages to three followers are slowed (accepts and chosen
@@ -316,13 +339,63 @@ impl World<'_> {
                 let release_at = back_at + 2 * crate::world::TICK_MS;
                 let resume_at = release_at + self.rng.range(50, 400);
                 for x in [c, d, e] {
-                    self.schedule(now, Action::HoldAccepts { src: leader, dst: x, ms: release_at - now });
+                    self.schedule(
+                        now,
+                        Action::HoldBack { kind: Held::Accepts, src: leader, dst: x, ms: release_at - now },
+                    );
                 }
                 self.schedule(pause_at, Action::Pause { node: leader, ms: resume_at - pause_at });
                 let end_ms = resume_at + self.rng.range(800, 1_500) - pause_at;
                 self.schedule(pause_at, Action::Cut { a: vec![leader, b], b: vec![d, e], ms: end_ms });
                 self.schedule(pause_at, Action::Cut { a: vec![leader, b], b: vec![c], ms: back_at - pause_at });
                 self.schedule(crash_at, Action::Crash { node: c, down_ms });
+            }
+            Kind::CompactedPastLeader => {
+                // b (the follower that applied most) stops hearing the leader x; what x has
+                // chosen since is held back on its way to c's and d's learners (they accept
+                // and answer heartbeats, but learn nothing, so their logs start where b's
+                // learner stands); x crashes and e is cut off; only b's pre-votes count, so c
+                // and d elect b, which proposes again what they accepted; its accepts to them
+                // are held back until x's announcements have reached them and they have
+                // applied and forgotten those slots.
+                let applied = |w: &mut Self, i: usize| {
+                    w.status(i).and_then(|s| crate::world::status_number(&s, "applied")).unwrap_or(0)
+                };
+                let leader_applied = applied(self, leader);
+                let Some((k, most)) = (0..4).map(|k| (k, applied(self, others[k]))).max_by_key(|&(_, a)| a) else {
+                    return;
+                };
+                if most + 2 < leader_applied {
+                    return;
+                }
+                others.swap(0, k);
+                let (b, c, d, e) = (others[0], others[1], others[2], others[3]);
+                let now = self.now;
+                let crash_at = now + self.rng.range(1_500, 3_000);
+                let learned_at = crash_at + self.rng.range(1_100, 1_400);
+                let accepts_at = learned_at + self.rng.range(100, 300);
+                self.schedule(now, Action::CutOneWay { src: leader, dst: b, ms: crash_at - now });
+                for x in [c, d] {
+                    self.schedule(
+                        now,
+                        Action::HoldBack { kind: Held::Learned, src: leader, dst: x, ms: learned_at - now },
+                    );
+                    self.schedule(crash_at, Action::MutePreVotes { node: x, ms: learned_at - crash_at });
+                    self.schedule(
+                        crash_at,
+                        Action::HoldBack { kind: Held::Accepts, src: b, dst: x, ms: accepts_at - crash_at },
+                    );
+                }
+                let reader = self.rng.range(0, self.clients.len() as u64) as usize;
+                let steer = Action::Steer { avoid: vec![b], reader, reader_node: leader, until_ms: crash_at };
+                self.schedule(now, steer);
+                let down_ms = self.rng.range(1_500, 3_000);
+                self.schedule(crash_at, Action::Crash { node: leader, down_ms });
+                let isolated_ms = accepts_at - crash_at + self.rng.range(500, 1_500);
+                self.schedule(crash_at, Action::Isolate { side: vec![e], ms: isolated_ms });
+                // A leader stuck on slots nobody answers for must show as a stall (the
+                // progress check needs seconds of a healthy majority).
+                self.schedule(accepts_at + 6_000, Action::Calm);
             }
             _ => return,
         }
@@ -360,6 +433,13 @@ impl World<'_> {
                     const POLL_MS: u64 = 20;
                     for (at, _) in self.script.iter_mut() {
                         *at += POLL_MS;
+                    }
+                    // The clients it holds back and steers move with it.
+                    for client in self.clients.iter_mut().filter(|c| c.idle_until > self.now) {
+                        client.idle_until += POLL_MS;
+                    }
+                    if let Some(steer) = self.steer.as_mut() {
+                        steer.until_ms += POLL_MS;
                     }
                     self.quiet_until_ms += POLL_MS;
                     let retry = Action::IsolateIdle { side, ms, leader, give_up_ms, pause };
@@ -411,10 +491,10 @@ impl World<'_> {
                 }
                 self.note(|| format!("fence answers to node {} replayed in {after_ms} ms", dst + 1));
             }
-            Action::HoldAccepts { src, dst, ms } => {
-                self.net.hold_accepts(src, dst, self.now + ms);
+            Action::HoldBack { kind, src, dst, ms } => {
+                self.net.hold(kind, src, dst, self.now + ms);
                 self.stats.slow_links += 1;
-                self.note(|| format!("accepts {} -> {} held back for {ms} ms", src + 1, dst + 1));
+                self.note(|| format!("{kind:?} {} -> {} held back for {ms} ms", src + 1, dst + 1));
             }
             Action::Swap { node } => self.swap(node),
             Action::Steer { avoid, reader, reader_node, until_ms } => {
@@ -436,8 +516,14 @@ impl World<'_> {
                 let idle = &mut self.clients[client].idle_until;
                 *idle = (*idle).max(until_ms);
             }
+            Action::Calm => {}
         }
     }
+}
+
+/// `ms` rounded up to a tick of virtual time.
+fn on_tick(ms: u64) -> u64 {
+    ms.div_ceil(crate::world::TICK_MS) * crate::world::TICK_MS
 }
 
 /// The `"ballot":"…"` of a status JSON.

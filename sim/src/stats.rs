@@ -49,6 +49,9 @@ pub struct Stats {
     pub leader_swaps: u64,
     /// Messages sent before their receiver was hot-swapped and delivered after.
     pub late_after_swap: u64,
+    /// Accepts refused because the acceptor had compacted the slot away (`Forgotten`): a
+    /// proposer behind the acceptor's log, the case a silent refusal would stall.
+    pub forgotten: u64,
     /// Records lost in crashes (appended, not yet durable).
     pub records_lost: u64,
     /// Steps whose held effects a crash dropped (they never left).
@@ -84,6 +87,7 @@ impl Stats {
             scenarios,
             leader_swaps,
             late_after_swap,
+            forgotten,
             records_lost,
             held_steps_lost,
             completed,
@@ -110,6 +114,7 @@ impl Stats {
         self.scenarios += scenarios;
         self.leader_swaps += leader_swaps;
         self.late_after_swap += late_after_swap;
+        self.forgotten += forgotten;
         self.records_lost += records_lost;
         self.held_steps_lost += held_steps_lost;
         self.completed += completed;
@@ -138,7 +143,7 @@ impl fmt::Display for Stats {
             f,
             "faults: {} crashes, {} wipes, {} pauses, {} partitions, {} asymmetric partitions, {} one-way cuts, \
              {} deaf leaders, {} slow links, {} acceptor outages, {} hot swaps ({} at the leader), {} composed scenarios; \
-             network: {} delivered, {} lost, {} duplicated, {} long-delayed, {} late after a swap; \
+             network: {} delivered, {} lost, {} duplicated, {} long-delayed, {} late after a swap, {} accepts refused as forgotten; \
              disk: {} compactions, {} restarts from a snapshot, {} snapshot installs, {} records lost in crashes, \
              {} steps' held effects dropped",
             self.crashes,
@@ -158,6 +163,7 @@ impl fmt::Display for Stats {
             self.duplicated,
             self.long_delays,
             self.late_after_swap,
+            self.forgotten,
             self.compactions,
             self.snapshot_restarts,
             self.snapshot_installs,

@@ -371,6 +371,9 @@ impl<'a> World<'a> {
                 self.stats.late_after_swap += 1;
             }
             self.stats.delivered += 1;
+            if crate::net::is_forgotten(&envelope) {
+                self.stats.forgotten += 1;
+            }
             node.inbox.push(Event::Message(envelope));
         }
     }
@@ -385,14 +388,19 @@ impl<'a> World<'a> {
                 && self.clients[c].done < self.config.ops_per_client
                 && self.now >= self.clients[c].idle_until
             {
-                let key = format!("k{}", self.rng.range(0, u64::from(self.config.keys)));
+                let mut key = format!("k{}", self.rng.range(0, u64::from(self.config.keys)));
                 let mut op = match self.rng.range(0, 10) {
                     0..=3 => Op::Put(format!("c{c}-{}", self.clients[c].done).into_bytes()),
                     4..=7 => Op::Get,
                     _ => Op::Delete,
                 };
                 if self.steer.as_ref().is_some_and(|s| s.reader == c && self.now < s.until_ms) {
+                    // The steered reader reads what was written last (on the side it is cut off
+                    // from, while a scenario runs): a stale answer then shows, whatever the key.
                     op = Op::Get;
+                    if let Some(last) = self.last_acknowledged_put(c) {
+                        key = last;
+                    }
                 }
                 let seq = u64::from(self.clients[c].done) + 1;
                 self.history.push(Entry {
@@ -496,7 +504,9 @@ impl<'a> World<'a> {
         }
         self.clients[c].current = None;
         self.clients[c].done += 1;
-        self.clients[c].idle_until = self.now + self.rng.range(0, 2 * THINK_MS);
+        // Think time, unless a scenario holds the client back for longer.
+        let think = self.now + self.rng.range(0, 2 * THINK_MS);
+        self.clients[c].idle_until = self.clients[c].idle_until.max(think);
         self.stats.completed += 1;
         self.progress_ms = self.now;
     }
@@ -679,6 +689,15 @@ impl<'a> World<'a> {
         } else {
             current.give_up_at = self.now;
         }
+    }
+
+    /// The key of the latest acknowledged PUT by a client other than `c`.
+    fn last_acknowledged_put(&self, c: usize) -> Option<String> {
+        self.history
+            .iter()
+            .filter(|e| e.client as usize != c && matches!(e.op, Op::Put(_)) && e.ret.is_some())
+            .max_by_key(|e| e.ret.as_ref().map(|(t, _)| *t))
+            .map(|e| e.key.clone())
     }
 
     /// Every client key name of this run.
