@@ -624,10 +624,19 @@ impl Proposer {
         self.advance(now_ms, learner, out);
     }
 
-    /// Moves past slots a learner learned from elsewhere (never propose into a chosen slot).
+    /// A slot was learned chosen (from this leader's accepts, a peer's announcement or the
+    /// records at start). A follower moves `next_slot` past it (its status shows where the log
+    /// stands; a win resets it anyway). A leader never jumps: slots between `next_slot` and a
+    /// slot learned from elsewhere (a previous leader's late announcement) may be open, chosen
+    /// or not, and must still be proposed (phase 1's value or a no-op) — jumping left a hole
+    /// its learner never filled and gave reads an index past it. Instead phase 1's bound
+    /// rises, so `advance` fills the gap and every read index covers the learned slot
+    /// (`read_floor`); `advance` itself skips chosen slots.
     pub fn note_chosen(&mut self, slot: u64) {
         self.in_flight.remove(&slot);
-        if self.next_slot <= slot {
+        if self.is_leader() {
+            self.phase_one.reproposal_end = self.phase_one.reproposal_end.max(slot + 1);
+        } else if self.next_slot <= slot {
             self.next_slot = slot + 1;
         }
     }

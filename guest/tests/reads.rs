@@ -112,3 +112,26 @@ fn a_stale_read_answers_from_local_state_even_when_isolated() {
     let stale = sim.call(follower, 2, 1, Command::GetStale("k".into()));
     assert_eq!(stale, Outcome::Value(Some(b"v1".to_vec())), "the isolated follower's own (stale) value");
 }
+
+/// A leader that learns a slot chosen elsewhere (a previous leader's late announcement) past
+/// a slot it has not learned must still fill that slot, and a read after it must see the
+/// learned write. Before, `note_chosen` moved `next_slot` past the hole: the leader never
+/// proposed there, its learner stalled, and a read index was given past the hole (a review
+/// found the interleaving with a membership change; here the announcement is delivered by hand).
+#[test]
+fn a_leader_fills_the_slot_below_one_it_learned_from_elsewhere_and_reads_see_it() {
+    use waxos_guest::message::{self, ClientCommand, Message, Value};
+    use waxos_guest::types::{Envelope, Role};
+    let mut sim = Sim::new(3, 33);
+    let leader = sim.wait_for_stable_leader();
+    assert_eq!(sim.call(leader, 1, 1, put("k", "v1")), Outcome::Done);
+    let hole = sim.nodes[&leader].proposer.next_slot;
+    let other = (1..=3).find(|&n| n != leader).expect("a follower");
+    let write = ClientCommand { origin: other, request_id: 0, client: 7, seq: 1, command: put("k", "v2") };
+    let chosen = Message::Chosen { entries: vec![(hole + 1, Value::Batch(vec![write]))] };
+    sim.deliver(Envelope { src: other, dst: leader, role: Role::Learner, payload: message::encode(&chosen) });
+    sim.run_for(50);
+    assert!(sim.nodes[&leader].proposer.is_leader(), "precondition: it still leads");
+    assert_eq!(sim.call(leader, 1, 2, get("k")), Outcome::Value(Some(b"v2".to_vec())));
+    assert!(sim.nodes[&leader].learner.next_apply > hole + 1, "the hole at slot {hole} was filled");
+}
