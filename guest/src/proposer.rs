@@ -635,7 +635,12 @@ impl Proposer {
     pub fn note_chosen(&mut self, slot: u64) {
         self.in_flight.remove(&slot);
         if self.is_leader() {
-            self.phase_one.reproposal_end = self.phase_one.reproposal_end.max(slot + 1);
+            // Only a slot at or past `next_slot` was learned from elsewhere: below it, this
+            // leader proposed it or skipped it as chosen, and a read index covers it already
+            // (raising the bound for its own chosen slots would make reads chase new writes).
+            if slot >= self.next_slot {
+                self.phase_one.reproposal_end = self.phase_one.reproposal_end.max(slot + 1);
+            }
         } else if self.next_slot <= slot {
             self.next_slot = slot + 1;
         }

@@ -132,7 +132,7 @@ impl World<'_> {
             (Kind::SnapshotRejoin, 1.0),
             (Kind::MissedHeartbeats, 1.0),
             (Kind::RestartAfterPromise, 1.0),
-            (Kind::CompactedPastLeader, 1.0),
+            (Kind::CompactedPastLeader, 2.0),
         ] {
             if self.later_rng.chance(self.mix.rate(kind, SCENARIO_RATE * weight)) {
                 self.plan(kind);
