@@ -10,7 +10,8 @@
 //!   accept; that follower is wiped and rejoins; the leader stalls (paused) and is cut off with
 //!   one follower, which gets the held accepts, while the other side elects and writes (a
 //!   rejoined acceptor whose old vote still counts lets both succeed);
-//! - *read across a swap*: one follower's answers to the leader are slowed, the leader is
+//! - *read across a swap*: one follower's answers to the leader are slowed (its answers to
+//!   read rounds held back until just after the late read below), the leader is
 //!   hot-swapped, then stalls (paused, with one follower) cut off with that follower while the
 //!   rest elect another leader and write; it is swapped again as it resumes (a swap's
 //!   CheckQuorum grace keeps it leading) and a client reads there at once (a late confirmation
