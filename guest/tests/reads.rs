@@ -135,3 +135,47 @@ fn a_leader_fills_the_slot_below_one_it_learned_from_elsewhere_and_reads_see_it(
     assert_eq!(sim.call(leader, 1, 2, get("k")), Outcome::Value(Some(b"v2".to_vec())));
     assert!(sim.nodes[&leader].learner.next_apply > hole + 1, "the hole at slot {hole} was filled");
 }
+
+/// A read at the leader waits only for what was proposed before it arrived: in a steady stream
+/// of writes whose accepts take an extra tick (so some are always in flight), it is answered
+/// within a few ticks, long before the 200 ms after which a read goes through the log (a read
+/// index raised to the leader's current `next_slot` chased every later write until then).
+#[test]
+fn a_read_in_a_stream_of_writes_does_not_wait_for_writes_that_arrived_after_it() {
+    use waxos_guest::message::{self, Message};
+    let mut sim = Sim::new(3, 44);
+    let leader = sim.wait_for_stable_leader();
+    assert_eq!(sim.call(leader, 1, 1, put("k", "before")), Outcome::Done);
+    sim.filter = Some(Box::new(|env: &waxos_guest::types::Envelope| match message::decode::<Message>(&env.payload) {
+        Ok(Message::Accepted { .. }) => common::Fate::Hold,
+        _ => common::Fate::Deliver,
+    }));
+    let (mut writes, mut read, mut answered_after, mut late) = (Vec::new(), None, None, Vec::new());
+    for tick in 0..60u64 {
+        for w in 0..3 {
+            writes.push(sim.request(leader, 100 + tick * 3 + w, 1, put(&format!("w{tick}-{w}"), "x")));
+        }
+        if tick == 10 {
+            read = Some(sim.request(leader, 1, 2, get("k")));
+        }
+        // What was held back in the tick before is delivered now: one tick late.
+        for envelope in std::mem::take(&mut late) {
+            sim.deliver(envelope);
+        }
+        late = std::mem::take(&mut sim.held);
+        sim.tick();
+        if answered_after.is_none() && read.is_some_and(|id| sim.replies.contains_key(&id)) {
+            answered_after = Some(tick - 10);
+        }
+    }
+    assert!(sim.nodes[&leader].proposer.is_leader(), "precondition: it still leads");
+    let read = read.expect("sent");
+    assert_eq!(sim.replies.get(&read), Some(&Outcome::Value(Some(b"before".to_vec()))));
+    let limit = waxos_guest::reads::READ_CONFIRM_TIMEOUT_MS / common::TICK_MS / 2;
+    assert!(answered_after.is_some_and(|t| t < limit), "the read was answered after {answered_after:?} ticks");
+    sim.filter = None;
+    for envelope in late {
+        sim.deliver(envelope);
+    }
+    assert!(sim.run_until(30_000, |s| writes.iter().all(|id| s.replies.contains_key(id))));
+}
