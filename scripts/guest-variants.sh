@@ -33,6 +33,7 @@ else
   build bug-no-pre-vote bug-no-pre-vote bug-no-pre-vote
   build bug-fence-without-nonce bug-fence-without-nonce bug-fence-without-nonce
   build bug-snapshot-forgets-rejoin bug-snapshot-forgets-rejoin bug-snapshot-forgets-rejoin
+  build bug-reconfig-at-once bug-reconfig-at-once bug-reconfig-at-once
   # Last: its timestamp is what "up to date" is judged by.
   build trap-on-start trap-on-start test-trap-on-start
 fi

@@ -315,7 +315,9 @@ impl Membership {
                 *id
             }
         };
-        let from = slot.saturating_add(ALPHA);
+        // The planted bug: the new configuration governs the next slot at once, without the
+        // window (slots proposed meanwhile under the old one get counted under the new one).
+        let from = if cfg!(feature = "bug-reconfig-at-once") { slot + 1 } else { slot.saturating_add(ALPHA) };
         match self.configs.last_mut() {
             // Two changes within one window's reach of each other land in the same slot when
             // chosen in the same slot: the later one replaces the earlier's result.

@@ -557,6 +557,15 @@ impl Proposer {
         true
     }
 
+    /// A candidate whose election timed out gives its candidacy up (it asks again by
+    /// pre-vote): else its ballot, above a live leader's, would have it ignore that leader's
+    /// heartbeats for good while every pre-vote is refused.
+    pub fn abandon_candidacy(&mut self, now_ms: u64) {
+        if matches!(self.phase, Phase::Candidate { .. }) {
+            self.step_down(now_ms);
+        }
+    }
+
     fn step_down(&mut self, now_ms: u64) {
         self.phase = Phase::Follower;
         self.leader = None;

@@ -481,6 +481,7 @@ impl Replica {
         }
         self.rejoin_on_time();
         self.check_quorum();
+        self.catch_up_if_leaderless();
         let mut out = Vec::new();
         if self.voting && self.votes_now() && self.proposer.election_due(self.now_ms) {
             if cfg!(feature = "bug-no-pre-vote") {
@@ -490,6 +491,9 @@ impl Replica {
                     self.elect_or_open_epoch();
                 }
             } else {
+                // A candidate whose prepares were all lost (found by the simulator: one stuck
+                // for 20 s, deaf to the live leader's lower ballot) asks again as a follower.
+                self.proposer.abandon_candidacy(self.now_ms);
                 self.proposer.defer_election(self.now_ms);
                 self.start_pre_vote();
             }

@@ -81,20 +81,23 @@ impl World<'_> {
     /// to the same slot, then compares every key across them.
     pub(crate) fn converge_and_compare(&mut self) -> Result<(), Failure> {
         let deadline_ms = self.now + CONVERGE_MS;
-        let n = self.nodes.len();
+        // The members: not the hosts stopped for good (dead, or removed by the operator).
+        self.retire_removed();
+        let members: Vec<usize> = (0..self.nodes.len()).filter(|&i| !self.nodes[i].retired).collect();
         loop {
             if let Some(problem) = self.divergence.take() {
                 return Err(Failure::Divergence(problem));
             }
             let applied: Vec<Option<u64>> =
-                (0..n).map(|i| self.status(i).and_then(|s| status_number(&s, "applied"))).collect();
+                members.iter().map(|&i| self.status(i).and_then(|s| status_number(&s, "applied"))).collect();
             let first = applied[0];
             if first.is_some() && applied.iter().all(|a| *a == first) {
                 break;
             }
             if self.now >= deadline_ms {
+                let named: Vec<u32> = members.iter().map(|&i| i as u32 + 1).collect();
                 return Err(Failure::Liveness(format!(
-                    "replicas did not converge within {CONVERGE_MS} ms after the clients finished: applied {applied:?}"
+                    "replicas did not converge within {CONVERGE_MS} ms after the clients finished: nodes {named:?} applied {applied:?}"
                 )));
             }
             for _ in 0..CONVERGE_POLL_MS / TICK_MS {
@@ -102,21 +105,22 @@ impl World<'_> {
             }
         }
         let keys = self.key_names();
-        let mut states = Vec::with_capacity(n);
-        for i in 0..n {
+        let mut states = Vec::with_capacity(members.len());
+        for &i in &members {
             states.push(self.read_stale(i, &keys)?);
         }
         if let Some(problem) = self.divergence.take() {
             return Err(Failure::Divergence(problem));
         }
-        for i in 1..n {
+        for (m, &i) in members.iter().enumerate().skip(1) {
             for (k, key) in keys.iter().enumerate() {
-                if states[i][k] != states[0][k] {
+                if states[m][k] != states[0][k] {
                     return Err(Failure::Divergence(format!(
-                        "replicas applied the same slots but differ on {key}: node 1 has {:?}, node {} has {:?}",
+                        "replicas applied the same slots but differ on {key}: node {} has {:?}, node {} has {:?}",
+                        members[0] + 1,
                         states[0][k].as_deref().map(String::from_utf8_lossy),
                         i + 1,
-                        states[i][k].as_deref().map(String::from_utf8_lossy)
+                        states[m][k].as_deref().map(String::from_utf8_lossy)
                     )));
                 }
             }

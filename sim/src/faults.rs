@@ -208,8 +208,7 @@ impl World<'_> {
         }
         if self.rng.chance(self.mix.rate(Kind::Wipe, rate::WIPE)) {
             let i = self.rng.range(0, n as u64) as usize;
-            let without_state = self.nodes.iter().filter(|node| node.rejoining).count();
-            if !self.nodes[i].rejoining && without_state < (n - 1) / 2 {
+            if self.may_wipe(i) {
                 self.crash(i, true);
             }
         }
@@ -462,6 +461,24 @@ impl World<'_> {
         Ok(())
     }
 
+    /// Whether node `i` may lose its disk now: afterwards, at most a minority of each voter set
+    /// that may govern is without state (a host dead for good counts as one).
+    pub(crate) fn may_wipe(&self, i: usize) -> bool {
+        if self.nodes[i].rejoining || self.nodes[i].retired || !self.roster_can_fence(i) {
+            return false;
+        }
+        self.may_lose(i)
+    }
+
+    /// Whether node `i` may be without its state (wiped, or dead for good) on top of those that
+    /// are: a minority of each voter set that may govern, at most.
+    pub(crate) fn may_lose(&self, i: usize) -> bool {
+        self.voter_sets().iter().all(|set| {
+            let without_state = set.iter().filter(|&&v| self.nodes[v].rejoining || self.nodes[v].retired).count();
+            without_state + usize::from(set.contains(&i)) <= set.len().saturating_sub(1) / 2
+        })
+    }
+
     /// Whether node `i` could take part in a quorum right now.
     fn healthy(&self, i: usize) -> bool {
         let node = &self.nodes[i];
@@ -510,11 +527,16 @@ impl World<'_> {
         }
         // Each majority's own clock: since when it has been healthy and connected without a
         // break. The longest-standing one, measured from the last progress, is the stall.
+        // A majority of every voter set that may govern (five replicas, no reconfiguration: any
+        // three of them).
         let n = self.nodes.len();
-        let majority = n / 2 + 1;
+        let voter_sets = self.voter_sets();
+        let candidates: usize = voter_sets.iter().flatten().fold(0, |mask, &i| mask | (1 << i));
         let mut longest: Option<(u64, Vec<usize>)> = None;
         for mask in 1..(1usize << n) {
-            if (mask.count_ones() as usize) < majority {
+            let majority_of_each =
+                voter_sets.iter().all(|set| set.iter().filter(|&&i| mask & (1 << i) != 0).count() > set.len() / 2);
+            if mask & !candidates != 0 || !majority_of_each {
                 continue;
             }
             let set: Vec<usize> = (0..n).filter(|i| mask & (1 << i) != 0).collect();

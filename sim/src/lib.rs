@@ -11,6 +11,7 @@
 //! - `faults`: the fault schedule (crashes, wipes, pauses, partitions of every shape, acceptor
 //!   outages, hot swaps) and the progress check while a majority is healthy.
 //! - `scenarios`: composed faults around the leader, in the shapes known to break Paxos.
+//! - `membership`: an operator that adds, promotes, removes and replaces members meanwhile.
 //! - `checker`: linearizability of the resulting key-value history.
 //! - `agreement`: no slot chosen with two values; replicas converge on one state.
 //! - `stats`: what a run did, fault by fault kind.
@@ -20,6 +21,7 @@ pub mod agreement;
 pub mod checker;
 pub mod disk;
 pub mod faults;
+pub mod membership;
 pub mod net;
 pub mod rng;
 pub mod scenarios;

@@ -94,6 +94,20 @@ impl Net {
         }
     }
 
+    /// One more host (a member added to the cluster), its links up.
+    pub fn add_node(&mut self) {
+        self.nodes += 1;
+        let n = self.nodes;
+        let square: [&mut Vec<Vec<u64>>; 2] = [&mut self.cut_until_ms, &mut self.slow_until_ms];
+        for matrix in square.into_iter().chain(self.hold_until_ms.iter_mut()) {
+            matrix.iter_mut().for_each(|row| row.resize(n, 0));
+            matrix.push(vec![0; n]);
+        }
+        self.replay_fenced.iter_mut().for_each(|row| row.resize(n, (0, 0)));
+        self.replay_fenced.push(vec![(0, 0); n]);
+        self.mute_pre_votes_until_ms.push(0);
+    }
+
     /// Whether src→dst (node indexes) carries messages at `now_ms`.
     pub fn link_up(&self, src: usize, dst: usize, now_ms: u64) -> bool {
         src == dst || now_ms >= self.cut_until_ms[src][dst]

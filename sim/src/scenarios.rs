@@ -113,7 +113,8 @@ impl World<'_> {
             self.act(action);
         }
         // Late enough in the window, a scenario could not play out before everything heals.
-        let busy = !self.script.is_empty() || self.now < self.quiet_until_ms;
+        // Nor in a seed whose members change (see `membership`).
+        let busy = !self.script.is_empty() || self.now < self.quiet_until_ms || self.reconfiguring();
         if busy || self.now + 6_000 > self.config.fault_window_ms {
             return;
         }
@@ -410,8 +411,7 @@ impl World<'_> {
         match action {
             Action::Outage { node, ms } => self.outage(node, ms),
             Action::Wipe { node, down_ms } => {
-                let without_state = self.nodes.iter().filter(|node| node.rejoining).count();
-                if !self.nodes[node].rejoining && without_state < (self.nodes.len() - 1) / 2 {
+                if self.may_wipe(node) {
                     self.crash_for(node, true, down_ms);
                 }
             }

@@ -56,6 +56,12 @@ pub struct Stats {
     pub records_lost: u64,
     /// Steps whose held effects a crash dropped (they never left).
     pub held_steps_lost: u64,
+    /// Membership changes the operator saw chosen (adds, promotions, removals).
+    pub member_changes: u64,
+    /// New members started (joined as learners).
+    pub members_joined: u64,
+    /// Removals of the member that led at the time.
+    pub leader_removals: u64,
     /// Client operations completed.
     pub completed: u64,
     /// Client operations given up on (outcome unknown).
@@ -90,6 +96,9 @@ impl Stats {
             forgotten,
             records_lost,
             held_steps_lost,
+            member_changes,
+            members_joined,
+            leader_removals,
             completed,
             unknown,
         } = s;
@@ -117,6 +126,9 @@ impl Stats {
         self.forgotten += forgotten;
         self.records_lost += records_lost;
         self.held_steps_lost += held_steps_lost;
+        self.member_changes += member_changes;
+        self.members_joined += members_joined;
+        self.leader_removals += leader_removals;
         self.completed += completed;
         self.unknown += unknown;
     }
@@ -145,7 +157,7 @@ impl fmt::Display for Stats {
              {} deaf leaders, {} slow links, {} acceptor outages, {} hot swaps ({} at the leader), {} composed scenarios; \
              network: {} delivered, {} lost, {} duplicated, {} long-delayed, {} late after a swap, {} accepts refused as forgotten; \
              disk: {} compactions, {} restarts from a snapshot, {} snapshot installs, {} records lost in crashes, \
-             {} steps' held effects dropped",
+             {} steps' held effects dropped; membership: {} changes chosen, {} members joined, {} leaders removed",
             self.crashes,
             self.wipes,
             self.pauses,
@@ -169,6 +181,9 @@ impl fmt::Display for Stats {
             self.snapshot_installs,
             self.records_lost,
             self.held_steps_lost,
+            self.member_changes,
+            self.members_joined,
+            self.leader_removals,
         )
     }
 }

@@ -83,6 +83,37 @@ pub(crate) struct Node {
     pub(crate) swapped_at_ms: Option<u64>,
     /// No compaction before this time (a scenario keeps an early snapshot on the disk).
     pub(crate) compact_hold_until_ms: u64,
+    /// Stopped for good (dead for good, or removed and stopped by its operator, or an id
+    /// given to a member that never started): never stepped or restarted again.
+    pub(crate) retired: bool,
+    /// The members its guest last announced (`Effect::Members`): what a joining host is given.
+    pub(crate) known_members: Vec<waxos_host::runtime::GuestMember>,
+}
+
+impl Node {
+    /// A host not started yet, with an empty disk.
+    pub(crate) fn new(config: GuestConfig, snapshot_every_records: u64) -> Node {
+        Node {
+            guest: None,
+            build: 0,
+            config,
+            disk: Disk::default(),
+            snapshot_every_records,
+            inbox: Vec::new(),
+            loopback: Vec::new(),
+            down_until_ms: None,
+            back_at_ms: 0,
+            paused_until_ms: 0,
+            acceptor_out_until_ms: 0,
+            wiped: false,
+            rejoining: false,
+            crash_at_ms: None,
+            swapped_at_ms: None,
+            compact_hold_until_ms: 0,
+            retired: false,
+            known_members: Vec::new(),
+        }
+    }
 }
 
 struct ClientOp {
@@ -148,7 +179,9 @@ pub struct World<'a> {
     pub(crate) steer: Option<Steer>,
     /// request id -> (client index, seq).
     requests: std::collections::BTreeMap<u64, (usize, u64)>,
-    next_request: u64,
+    pub(crate) next_request: u64,
+    /// The operator reconfiguring the cluster, in a seed that does (see `membership`).
+    pub(crate) operator: Option<crate::membership::Operator>,
     history: Vec<Entry>,
     pub(crate) stats: Stats,
     trace: Option<Vec<String>>,
@@ -188,7 +221,7 @@ const THINK_MS: u64 = 150;
 const STEP_EVENTS_MAX: usize = 4_096;
 /// Compaction every `SNAPSHOT_EVERY_RECORDS` records (drawn per replica): small, so restarts
 /// from a snapshot are common.
-const SNAPSHOT_EVERY_RECORDS: (u64, u64) = (20, 61);
+pub(crate) const SNAPSHOT_EVERY_RECORDS: (u64, u64) = (20, 61);
 /// Retained applied slots (drawn per run): small, so catch-up by snapshot transfer happens.
 const RETAIN_SLOTS: (u64, u64) = (8, 41);
 /// Retained applied slots in a run with the lagging-majority scenario, and in half the others.
@@ -224,30 +257,14 @@ impl<'a> World<'a> {
             };
             let snapshot_every_records =
                 if config.faults { rng.range(SNAPSHOT_EVERY_RECORDS.0, SNAPSHOT_EVERY_RECORDS.1) } else { u64::MAX };
-            nodes.push(Node {
-                guest: None,
-                build: 0,
-                config: guest_config,
-                disk: Disk::default(),
-                snapshot_every_records,
-                inbox: Vec::new(),
-                loopback: Vec::new(),
-                down_until_ms: None,
-                back_at_ms: 0,
-                paused_until_ms: 0,
-                acceptor_out_until_ms: 0,
-                wiped: false,
-                rejoining: false,
-                crash_at_ms: None,
-                swapped_at_ms: None,
-                compact_hold_until_ms: 0,
-            });
+            nodes.push(Node::new(guest_config, snapshot_every_records));
         }
         let clients = (0..config.clients)
             .map(|_| Client { done: 0, idle_until: 0, current: None, history_index: None })
             .collect();
         // One clock per set of replicas for the progress check (five replicas: 32 sets).
         let sets = 1usize << nodes.len().min(16);
+        let operator = crate::membership::Operator::draw(seed, nodes.len());
         let mut world = World {
             builds,
             net: Net::new(nodes.len(), config.faults),
@@ -259,6 +276,7 @@ impl<'a> World<'a> {
             steer: None,
             requests: std::collections::BTreeMap::new(),
             next_request: 1,
+            operator,
             history: Vec::new(),
             stats: Stats::default(),
             trace: trace.then(Vec::new),
@@ -276,6 +294,9 @@ impl<'a> World<'a> {
         };
         let mix = world.mix.to_string();
         world.note(|| format!("retain_slots {retain_slots}; faults: {mix}"));
+        if let Some(program) = world.operator.as_ref().map(|o| o.to_string()) {
+            world.note(|| format!("membership: {program}"));
+        }
         for i in 0..world.nodes.len() {
             world.boot(i)?;
         }
@@ -439,13 +460,16 @@ impl<'a> World<'a> {
             if now >= current.attempt_deadline {
                 // The first attempt goes to the client's own replica (as a client process bound
                 // to one host); retries to a random one.
+                // Hosts stopped for good are gone from the clients' lists too (the members known).
                 let first = current.attempt_deadline == 0;
-                let mut node = if first { c % n as usize } else { self.rng.range(0, n) as usize };
+                let live: Vec<usize> = (0..n as usize).filter(|&i| !self.nodes[i].retired).collect();
+                let mut node =
+                    if first { live[c % live.len()] } else { live[self.rng.range(0, live.len() as u64) as usize] };
                 if let Some(steer) = self.steer.as_ref().filter(|s| now < s.until_ms) {
                     if first && c == steer.reader {
                         node = steer.reader_node;
                     } else if steer.avoid.contains(&node) {
-                        let allowed: Vec<usize> = (0..n as usize).filter(|i| !steer.avoid.contains(i)).collect();
+                        let allowed: Vec<usize> = live.iter().copied().filter(|i| !steer.avoid.contains(i)).collect();
                         node = allowed[(c + self.rng.range(0, allowed.len() as u64) as usize) % allowed.len()];
                     }
                 }
@@ -475,6 +499,10 @@ impl<'a> World<'a> {
     }
 
     fn on_reply(&mut self, node: usize, id: u64, outcome: Outcome) {
+        if self.operator.as_ref().is_some_and(|o| o.asked(id)) {
+            self.on_operator_reply(node, id, outcome);
+            return;
+        }
         let Some((c, seq)) = self.requests.remove(&id) else { return };
         let Some(current) = self.clients[c].current.as_ref() else { return };
         if current.seq != seq {
@@ -487,7 +515,7 @@ impl<'a> World<'a> {
             Outcome::Removed(b) => Ret::Removed(b),
             // Refused (overloaded, leader unknown...): the client's next attempt retries.
             Outcome::Redirect(_) | Outcome::Rejected(_) => return,
-            // The simulated clients send no membership changes.
+            // Only the operator (`membership`) sends membership changes.
             Outcome::Member(_) => return,
         };
         if let Some(index) = self.clients[c].history_index.take() {
@@ -518,7 +546,8 @@ impl<'a> World<'a> {
                 Effect::Send(envelope) => self.send(envelope),
                 Effect::Reply((id, outcome)) => self.on_reply(i, id, outcome),
                 Effect::Log(line) => self.note(|| format!("node {}: {line}", i + 1)),
-                Effect::Persist(_) | Effect::PersistLazy(_) | Effect::Members(_) => {}
+                Effect::Members(members) => self.nodes[i].known_members = members,
+                Effect::Persist(_) | Effect::PersistLazy(_) => {}
             }
         }
     }
@@ -607,6 +636,7 @@ impl<'a> World<'a> {
         self.now += TICK_MS;
         self.heal()?;
         self.inject_faults();
+        self.operate();
         self.deliver_due();
         self.drive_clients();
         self.step_nodes()?;
@@ -626,6 +656,7 @@ impl<'a> World<'a> {
                 return Err((Failure::Liveness(problem), self.trace.unwrap_or_default()));
             }
             if self.now > end {
+                self.note_statuses();
                 let pending =
                     self.clients.iter().filter(|c| c.current.is_some() || c.done < self.config.ops_per_client).count();
                 let failure = Failure::Liveness(format!(

@@ -1,15 +1,40 @@
 //! The replica's side of membership changes (`crate::membership` holds the rules): whom each
 //! message goes to when the voters differ from slot to slot, who may vote and lead now, telling
-//! the host when the members it knows change, and a leader that is no longer a voter standing
-//! down once its last slots are chosen.
+//! the host when the members it knows change, a leader that is no longer a voter standing
+//! down once its last slots are chosen, and a member that hears no leader asking the members it
+//! knows to catch it up (the leader may be one it does not know yet).
 
 use std::collections::BTreeSet;
 
-use super::Replica;
+use super::{Replica, CATCHUP_INTERVAL_MS};
 use crate::message::Message;
-use crate::types::{Effect, NodeId, Outcome};
+use crate::proposer::ELECTION_TIMEOUT_MIN_MS;
+use crate::types::{Effect, NodeId, Outcome, Role};
 
 impl Replica {
+    /// No live leader heard for an election timeout: the leader may be a member this replica
+    /// does not know yet, added by a change it has not learned. Its messages are dropped here
+    /// (and its host refuses the stream), so its heartbeats never say that this replica is
+    /// behind, and nothing else would catch it up (the simulator found such a member stuck for
+    /// good, its pre-votes refused by members that hear the leader). So ask a member known here,
+    /// another one each time, as a rejoiner does; one that applied more answers with the
+    /// chosen slots or a snapshot, and the change that added the leader comes with them.
+    pub(super) fn catch_up_if_leaderless(&mut self) {
+        let quiet_ms = ELECTION_TIMEOUT_MIN_MS;
+        let due = self.last_catchup_ms.is_none_or(|t| self.now_ms >= t + quiet_ms.max(CATCHUP_INTERVAL_MS));
+        let leaderless_for_long = self.last_heartbeat_ms.is_none_or(|t| self.now_ms >= t + quiet_ms);
+        if !self.voting || self.proposer.is_leader() || !leaderless_for_long || !due || self.now_ms < quiet_ms {
+            return;
+        }
+        let peers = self.peers_now();
+        if peers.is_empty() {
+            return;
+        }
+        let peer = peers[(self.now_ms / quiet_ms) as usize % peers.len()];
+        self.last_catchup_ms = Some(self.now_ms);
+        self.send(peer, Role::Learner, Message::CatchUp { from_slot: self.catch_up_from() });
+    }
+
     /// The voters of the configuration in effect at the first slot not applied: who runs
     /// pre-votes, elections and fences with whom, and whose majority CheckQuorum wants.
     pub(super) fn voters_now(&self) -> Vec<NodeId> {
