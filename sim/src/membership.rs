@@ -8,7 +8,13 @@
 //!   promoted, and the dead one removed;
 //! - *shrink and grow*: 5 → 3 → 5; *grow and shrink*: 5 → 7 → 5; *the whole tour*:
 //!   5 → 3 → 7 → 5;
-//! - each removal takes the leader a third of the time (leadership must move on).
+//! - each removal takes the leader a third of the time (leadership must move on);
+//! - half the time a shrink's two removals are a *split*: what the leader chooses is held back
+//!   from the learners of every member but one (they accept, but learn nothing), both removals
+//!   go to the leader, and once the second is chosen the leader and that one member are cut off
+//!   from the rest, clients writing on both sides. The leader's side has a majority of the new
+//!   voters and the rest a majority of the old ones, none of which applied a removal: a change
+//!   that governed at once, without α, would let each side choose a slot on its own.
 //!
 //! Each change is a request with the operator's own (client, seq), sent to a random member and
 //! sent again, to the leader it names or to another member, until it is answered: a retry is
@@ -51,6 +57,12 @@ const CATCH_UP_MS_MAX: u64 = 3_000;
 const OPERATOR_CLIENT: u64 = 9_000;
 /// Removals take the leader this often.
 const REMOVE_LEADER_CHANCE: f64 = 1.0 / 3.0;
+/// A shrink's two removals are a split this often.
+const SPLIT_CHANCE: f64 = 0.5;
+/// A split holds back the leader's chosen values from the other side for this long…
+const SPLIT_HOLD_MS: u64 = 4_000;
+/// …and cuts the sides apart for this long once the second removal is chosen.
+const SPLIT_CUT_MS: (u64, u64) = (800, 2_000);
 
 /// One step of a program.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,6 +75,16 @@ enum Step {
     Promote,
     /// A voter leaves: a dead one if any, else the leader or a random one.
     Remove,
+    /// The next two removals are a split (see the module doc).
+    Split,
+}
+
+/// A split in progress: the leader, the member on its side, and the two to remove.
+struct Split {
+    leader: usize,
+    buddy: usize,
+    victims: Vec<usize>,
+    chosen: usize,
 }
 
 /// A change asked for and not answered yet.
@@ -104,6 +126,7 @@ pub(crate) struct Operator {
     to_stop: Vec<(usize, u64)>,
     /// Every member removed (or asked to be: it may be chosen any moment).
     removed: Vec<usize>,
+    split: Option<Split>,
 }
 
 impl std::fmt::Display for Operator {
@@ -130,6 +153,10 @@ impl Operator {
                 vec![Remove, Remove, Add, Promote, Add, Promote, Add, Promote, Add, Promote, Remove, Remove],
             ),
         };
+        let mut program = program;
+        if program.starts_with(&[Remove, Remove]) && rng.chance(SPLIT_CHANCE) {
+            program.insert(0, Split);
+        }
         let next_at_ms = rng.range(START_MS.0, START_MS.1);
         let all: Vec<usize> = (0..voters).collect();
         Some(Operator {
@@ -146,6 +173,7 @@ impl Operator {
             dead: Vec::new(),
             to_stop: Vec::new(),
             removed: Vec::new(),
+            split: None,
         })
     }
 
@@ -256,6 +284,10 @@ impl World<'_> {
             operator.next_at_ms = self.now + 200;
             return;
         }
+        if step == Step::Split {
+            self.start_split(operator);
+            return;
+        }
         operator.program.pop_front();
         let leader = self.leader().filter(|l| operator.voters.contains(l));
         let (change, voters_after, of_leader) = match step {
@@ -286,8 +318,12 @@ impl World<'_> {
                 after.sort_unstable();
                 (MemberChange::Promote(added as u32 + 1), Some(after), false)
             }
+            Step::Split => return,
             Step::Remove => {
-                let victim = if let Some(dead) = operator.dead.pop() {
+                let split_victim = operator.split.as_ref().and_then(|split| split.victims.get(split.chosen).copied());
+                let victim = if let Some(victim) = split_victim {
+                    victim
+                } else if let Some(dead) = operator.dead.pop() {
                     dead
                 } else {
                     match leader.filter(|_| operator.rng.chance(REMOVE_LEADER_CHANCE)) {
@@ -310,7 +346,9 @@ impl World<'_> {
             seq: operator.seq,
             request_id: 0,
             retry_at_ms: self.now,
-            to: None,
+            // A split's removals go to its leader (an answer from the other side would wait for
+            // the held-back values).
+            to: operator.split.as_ref().map(|split| split.leader),
             voters_after,
             of_leader,
         });
@@ -380,6 +418,7 @@ impl World<'_> {
                     MemberChange::Remove(removed) => {
                         let index = removed as usize - 1;
                         self.stats.leader_removals += u64::from(asked.of_leader);
+                        self.split_removal_chosen(operator);
                         if !self.nodes[index].retired {
                             let at = self.now + operator.rng.range(0, STOP_REMOVED_MS);
                             operator.to_stop.push((index, at));
@@ -387,7 +426,8 @@ impl World<'_> {
                     }
                     MemberChange::Promote(_) => {}
                 }
-                operator.next_at_ms = self.now + operator.rng.range(BETWEEN_STEPS_MS.0, BETWEEN_STEPS_MS.1);
+                let pause_ms = operator.rng.range(BETWEEN_STEPS_MS.0, BETWEEN_STEPS_MS.1);
+                operator.next_at_ms = self.now + if operator.split.is_some() { 0 } else { pause_ms };
             }
             Outcome::Rejected(reason) if reason.starts_with("membership:") => {
                 // It makes no sense against the members (a removal of the last voter…): this
@@ -405,6 +445,58 @@ impl World<'_> {
             // Not now (no leader, overloaded, a removed host…): again soon, elsewhere.
             _ => asked.retry_at_ms = self.now + 50,
         }
+    }
+
+    /// Sets a split up: the leader and one voter on one side, the others' learners cut off
+    /// from what the leader chooses (they still accept), two victims among them.
+    fn start_split(&mut self, operator: &mut Operator) {
+        let leader = self.leader().filter(|l| operator.voters.contains(l) && !self.nodes[*l].retired);
+        let Some(leader) = leader.filter(|_| operator.voters.len() >= 5 && operator.dead.is_empty()) else {
+            // No leader to split around (or nothing to split): plain removals.
+            operator.program.pop_front();
+            return;
+        };
+        operator.program.pop_front();
+        let others: Vec<usize> = operator.voters.iter().copied().filter(|&v| v != leader).collect();
+        let buddy = others[operator.rng.range(0, others.len() as u64) as usize];
+        let mut rest: Vec<usize> = others.iter().copied().filter(|&v| v != buddy).collect();
+        let mut victims = Vec::new();
+        for _ in 0..2 {
+            victims.push(rest.remove(operator.rng.range(0, rest.len() as u64) as usize));
+        }
+        let until = self.now + SPLIT_HOLD_MS;
+        let far: Vec<usize> = (0..self.nodes.len()).filter(|&i| i != leader && i != buddy).collect();
+        for &dst in &far {
+            self.net.hold(crate::net::Held::Learned, leader, dst, until);
+        }
+        // Random faults would only blur it.
+        self.quiet_until_ms = self.quiet_until_ms.max(until);
+        let names = |v: &[usize]| v.iter().map(|i| i + 1).collect::<Vec<_>>();
+        self.note(|| {
+            format!(
+                "operator: split around leader {} and node {}: {:?} learn nothing from the leader; removing {:?}",
+                leader + 1,
+                buddy + 1,
+                names(&far),
+                names(&victims)
+            )
+        });
+        operator.split = Some(Split { leader, buddy, victims, chosen: 0 });
+        operator.next_at_ms = self.now;
+    }
+
+    /// A removal of a split was chosen: after the second, the sides are cut apart.
+    fn split_removal_chosen(&mut self, operator: &mut Operator) {
+        let Some(split) = operator.split.as_mut() else { return };
+        split.chosen += 1;
+        if split.chosen < split.victims.len() {
+            return;
+        }
+        let (leader, buddy) = (split.leader, split.buddy);
+        operator.split = None;
+        let sides: Vec<u8> = (0..self.nodes.len()).map(|i| u8::from(i == leader || i == buddy)).collect();
+        let ms = operator.rng.range(SPLIT_CUT_MS.0, SPLIT_CUT_MS.1);
+        self.partition_sides(sides, ms);
     }
 
     /// Starts the member just added as node `index` (id `index + 1`), as `waxosd --join` does:
