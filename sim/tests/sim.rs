@@ -46,14 +46,19 @@ fn the_shipped_build_survives_faults_and_hot_swaps() {
     let runtime = runtime();
     let builds = vec![load(&runtime, shipped()), load(&runtime, variant("relabeled"))];
     let config = SimConfig::default();
-    let mut faults = 0;
+    let (mut faults, mut member_changes, mut joined) = (0, 0, 0);
     for seed in 1..=40 {
         match run_seed(&builds, &config, seed, false) {
-            Ok(run) => faults += run.stats.faults(),
+            Ok(run) => {
+                faults += run.stats.faults();
+                member_changes += run.stats.member_changes;
+                joined += run.stats.members_joined;
+            }
             Err((failure, _)) => panic!("seed {seed}: {failure}\nreplay: just sim --seed {seed} --trace"),
         }
     }
     assert!(faults > 100, "the runs must actually inject faults ({faults})");
+    assert!(member_changes > 20 && joined > 5, "the runs must change members ({member_changes} changes, {joined} joined)");
 }
 
 /// Each planted bug must be caught within the default 1000 seeds. The build is hot-swapped
@@ -119,4 +124,9 @@ fn catches_a_fence_that_counts_answers_from_an_earlier_life() {
 #[test]
 fn catches_a_rejoiner_restarted_from_a_snapshot_that_forgets_its_fence_log_start() {
     eprintln!("caught at seed {}", caught_within_default_seeds("bug-snapshot-forgets-rejoin"));
+}
+
+#[test]
+fn catches_a_membership_change_that_governs_at_once_without_the_window() {
+    eprintln!("caught at seed {}", caught_within_default_seeds("bug-reconfig-at-once"));
 }
