@@ -35,6 +35,7 @@ pub async fn run(args: Args) -> i32 {
         }
         Some(Cmd::Swap { path }) => swap(&session, &path, args.json).await,
         Some(Cmd::Member { action }) => crate::members::run(&mut session, action).await,
+        Some(Cmd::Snapshot { action }) => crate::backup::run(&session, action, args.json).await,
         None => crate::shell::run(&mut session, args.json).await,
     }
 }

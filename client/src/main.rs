@@ -5,6 +5,7 @@
 //!   members it can fail over to) and the request/timeout/retry logic.
 //! - `commands`: what each command does and prints.
 //! - `shell`: the interactive shell; `bench`: the load generator.
+//! - `members`: membership changes; `backup`: `snapshot save`, a consistent backup to a file.
 //! - `signing`: `waxos keygen` and `waxos sign` (offline: no host, so no HOST PORT before them).
 //! - `security`: TLS to the hosts (`--cacert`, `--cert`, `--key`, `--insecure`, `WAXOS_PKI`) and
 //!   `waxos dev-pki` (offline).
@@ -27,6 +28,7 @@ pub fn write_stdout(args: std::fmt::Arguments<'_>) {
     }
 }
 
+mod backup;
 mod bench;
 mod commands;
 mod members;
@@ -101,6 +103,13 @@ pub enum Cmd {
         /// What to do.
         #[command(subcommand)]
         action: members::MemberCmd,
+    },
+    /// Backups: `snapshot save FILE` writes a consistent state (operators only); `waxosd …
+    /// --restore FILE` starts a new cluster from it.
+    Snapshot {
+        /// What to do.
+        #[command(subcommand)]
+        action: backup::SnapshotCmd,
     },
     /// Hot-swap this host's guest for the build at PATH, without restarting it. Sends PATH.sig
     /// (from `waxos sign`) with it: hosts run only builds signed by a key they trust.

@@ -10,6 +10,7 @@
 //! - `follower_reads`: linearizable reads at a follower, with the leader's read index.
 //! - `rejoin`: how a replica that lost its disk earns its vote back (the fence), and ballot
 //!   epochs.
+//! - `backup`: a replica of a new cluster restored from another cluster's backed-up state.
 //! - `kv`: the replicated state machine with exactly-once client sessions.
 //! - `replica`: the sans-IO `step(now, events) -> effects` that ties them together.
 //! - this file: the WIT glue, compiled for wasm32 only, so everything else runs natively in
@@ -17,6 +18,7 @@
 #![deny(missing_docs)]
 
 pub mod acceptor;
+pub mod backup;
 pub mod follower_reads;
 pub mod kv;
 pub mod learner;

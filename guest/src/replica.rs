@@ -286,7 +286,16 @@ impl Replica {
         // Whether this disk once rejoined: its log (or the snapshot that covers the start of it)
         // said "not voting" at some point.
         let mut rejoined_before = false;
-        if let Some(bytes) = snapshot {
+        if let Some(backed_up) = snapshot.and_then(crate::backup::requested) {
+            // A restore (`backup`): only the state machine and its slot come along.
+            let (state, _old_members, _) = decode_snapshot(backed_up).map_err(|e| format!("backup refused: {e}"))?;
+            crate::backup::install(
+                &mut replica.learner,
+                &mut replica.acceptor,
+                state.next_apply,
+                state.kv.into_owned(),
+            );
+        } else if let Some(bytes) = snapshot {
             let (state, membership, trailer) = decode_snapshot(bytes).map_err(|e| format!("snapshot refused: {e}"))?;
             if let Some(membership) = membership {
                 replica.learner.membership.replace_with(membership);

@@ -1,6 +1,7 @@
-//! The `Admin` gRPC service: status, hot swap of the guest, and membership changes.
+//! The `Admin` gRPC service: status, hot swap of the guest, membership changes, and backups
+//! (`SaveSnapshot`, whose work is `backup`'s).
 //!
-//! `SwapGuest` and `ChangeMembers` are operator actions (a client certificate with the operator role, see `tls`);
+//! `SwapGuest`, `ChangeMembers` and `SaveSnapshot` are operator actions (a client certificate with the operator role, see `tls`);
 //! `Status` needs any certificate of the cluster's CA. Refusals are `PERMISSION_DENIED` and
 //! logged with the caller; every call is logged with who made it.
 //!
@@ -28,7 +29,8 @@ use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 use waxos_proto::admin_server::Admin;
 use waxos_proto::{
-    ChangeMembersRequest, ChangeMembersResponse, StatusRequest, StatusResponse, SwapGuestRequest, SwapGuestResponse,
+    ChangeMembersRequest, ChangeMembersResponse, SaveSnapshotRequest, SnapshotChunk, StatusRequest, StatusResponse,
+    SwapGuestRequest, SwapGuestResponse,
 };
 
 use crate::membership::Members;
@@ -124,6 +126,8 @@ pub struct AdminService {
     pub guest_dir: PathBuf,
     /// Which builds may be swapped in.
     pub signing: Arc<Policy>,
+    /// Whose data dir this is: the cluster id a backup names as its origin.
+    pub identity: Arc<crate::identity::Identity>,
 }
 
 #[tonic::async_trait]
@@ -185,6 +189,34 @@ impl Admin for AdminService {
             ),
         }
         answer.map(|member_id| Response::new(ChangeMembersResponse { member_id }))
+    }
+
+    type SaveSnapshotStream = tokio_stream::wrappers::ReceiverStream<Result<SnapshotChunk, Status>>;
+
+    async fn save_snapshot(
+        &self,
+        request: Request<SaveSnapshotRequest>,
+    ) -> Result<Response<Self::SaveSnapshotStream>, Status> {
+        let started = Instant::now();
+        // A backup holds every value of the store: operators only, like the other actions.
+        let caller = crate::tls::require_operator(&request, "snapshot save")?;
+        tracing::info!("request received op=snapshot-save caller=\"{caller}\"");
+        let cluster_id = self.identity.cluster_id().unwrap_or_default().to_string();
+        match crate::backup::save(&self.step_loop, &cluster_id).await {
+            Ok(saved) => {
+                let chunks = crate::backup::stream(saved, started);
+                Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(chunks)))
+            }
+            Err(status) => {
+                tracing::info!(
+                    "response sent op=snapshot-save error={:?} {:?} latency_ms={:.2}",
+                    status.code(),
+                    status.message(),
+                    started.elapsed().as_secs_f64() * 1e3
+                );
+                Err(status)
+            }
+        }
     }
 
     async fn swap_guest(&self, request: Request<SwapGuestRequest>) -> Result<Response<SwapGuestResponse>, Status> {

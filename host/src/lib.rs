@@ -9,7 +9,8 @@
 //! - `net`: socket and HTTP/2 settings of every connection (TCP_NODELAY, flow-control windows).
 //! - `peer`: host-to-host envelope streams and the `Peer` gRPC service.
 //! - `service`: the client-facing `KeyValue` gRPC service.
-//! - `admin`: the `Admin` gRPC service (status, hot swap) and `--watch`.
+//! - `admin`: the `Admin` gRPC service (status, hot swap, members, backups) and `--watch`.
+//! - `backup`: `snapshot save` (a consistent state, streamed) and `--restore` (a new cluster).
 //! - `signing`: which guest builds may run: signature checks at start, swap and `--watch`.
 //! - `bootstrap`: the roster, via the coordinator at start-up, persisted afterwards.
 //! - `crash_point`: named points between storage actions where a test build can be made to die.
@@ -17,6 +18,7 @@
 
 pub mod admin;
 pub mod admission;
+pub mod backup;
 pub mod bootstrap;
 pub mod chaos;
 pub mod crash_point;

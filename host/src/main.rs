@@ -12,7 +12,7 @@ use clap::Parser;
 use rand::RngExt;
 use tonic::service::interceptor::InterceptedService;
 use waxos_host::{
-    admin, admission, bootstrap, chaos, identity, net, peer, runtime, service, signing, step_loop, storage, tls,
+    admin, admission, backup, bootstrap, chaos, identity, net, peer, runtime, service, signing, step_loop, storage, tls,
 };
 use waxos_proto::admin_server::AdminServer;
 use waxos_proto::key_value_server::KeyValueServer;
@@ -43,6 +43,12 @@ struct Args {
     /// once caught up. Needed only at the first start (the roster is kept in the data dir).
     #[arg(long, value_name = "ADDR")]
     join: Option<String>,
+    /// Start a member of a new cluster from this backup file (`waxos … snapshot save FILE`):
+    /// every member of the new cluster starts with the same file and an empty data dir, and
+    /// the cluster gets a new id (the old cluster's peers are refused). The file's checksum is
+    /// checked first; a damaged one is refused. Harmless on later restarts of the same data dir.
+    #[arg(long, value_name = "FILE", conflicts_with = "join")]
+    restore: Option<PathBuf>,
     /// How many replicas the cluster has (the coordinator waits for this many).
     #[arg(long, default_value_t = 5)]
     replicas: u32,
@@ -192,6 +198,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let data_dir = args.data_dir.clone().unwrap_or_else(|| Path::new("waxos-data").join(args.listen_port.to_string()));
     let guest_dir = data_dir.join("guest");
+    // A backup to restore is checked before anything listens or registers.
+    let restore = args.restore.as_deref().map(|file| backup::plan(&data_dir, file)).transpose()?;
     let watched_path = args.guest.clone().unwrap_or_else(default_guest);
     let listen = resolve(&args.host, args.listen_port).await?;
     // An IPv6 literal needs brackets in host:port form.
@@ -257,6 +265,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         runtime: runtime.clone(),
         guest_dir: guest_dir.clone(),
         signing: signing.clone(),
+        identity: identity.clone(),
     };
 
     let (descriptors, descriptor_note) = admission::raise_descriptor_limit();
@@ -326,7 +335,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
             aside.display()
         );
     }
-    let (storage, durable) = storage::Storage::open(&data_dir, args.wal_segment_bytes)?;
+    let (mut storage, mut durable) = storage::Storage::open(&data_dir, args.wal_segment_bytes)?;
+    if let Some(backup::Plan::Restore(backup)) = &restore {
+        if roster.rejoining {
+            tracing::warn!(
+                "this host rejoins (it lost its state): --restore is not applied; it catches up from its peers"
+            );
+        } else {
+            let config = runtime::GuestConfig {
+                me: roster.me,
+                members: roster.guest_members(),
+                seed: rand::rng().random(),
+                test_hooks: args.test_hooks,
+                retain_slots: args.retain_slots,
+                rejoining: false,
+            };
+            let cluster_id = identity.cluster_id().unwrap_or("unknown").to_string();
+            durable = backup::restore(backup, &data_dir, &mut storage, &build, &config, &cluster_id)?;
+        }
+    }
     let has_state = durable.snapshot.is_some() || !durable.records.is_empty();
     if roster.rejoining && source == bootstrap::RosterSource::Registered && has_state {
         bail!(

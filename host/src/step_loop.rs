@@ -62,6 +62,9 @@ pub enum Input {
     Message(crate::runtime::Envelope),
     /// The guest's status JSON and build hash (or why there is none).
     Status(oneshot::Sender<Result<(String, String), String>>),
+    /// A backup's state (`backup`): the guest's snapshot and its status JSON, taken between
+    /// the same two steps.
+    Backup(oneshot::Sender<Result<(Vec<u8>, String), String>>),
     /// The WAL's writer thread finished a sync (wakes the loop; the report itself comes from
     /// the `Syncer`).
     Synced,
@@ -122,6 +125,9 @@ impl StepLoopHandle {
             Err(TrySendError::Full(Input::Status(reply))) => {
                 let _ = reply.send(Err("overloaded".into()));
             }
+            Err(TrySendError::Full(Input::Backup(reply))) => {
+                let _ = reply.send(Err("overloaded: the replica's input queue is full; retry".into()));
+            }
             Err(TrySendError::Full(Input::Swap { reply, .. })) => {
                 let _ = reply.send(Err("overloaded: the replica's input queue is full; retry".into()));
             }
@@ -147,7 +153,7 @@ impl Input {
             }
             Input::Request { command: Command::ChangeMembers(_), .. } => 320,
             Input::Message(envelope) => 64 + envelope.payload.len(),
-            Input::Status(_) | Input::Synced | Input::Swap { .. } => 0,
+            Input::Status(_) | Input::Backup(_) | Input::Synced | Input::Swap { .. } => 0,
         }
     }
 }
@@ -328,6 +334,7 @@ impl StepLoop {
         let mut events = Vec::with_capacity(inputs.len().max(1));
         let mut statuses = Vec::new();
         let mut swaps = Vec::new();
+        let mut backups = Vec::new();
         for input in inputs {
             match input {
                 Input::Request { command, client, seq, reply } => {
@@ -357,6 +364,7 @@ impl StepLoop {
                     }
                 }
                 Input::Status(reply) => statuses.push(reply),
+                Input::Backup(reply) => backups.push(reply),
                 Input::Swap { build, reply, one_at_a_time } => swaps.push((build, reply, one_at_a_time)),
                 Input::Synced => {}
             }
@@ -390,6 +398,9 @@ impl StepLoop {
         for (build, reply, one_at_a_time) in swaps {
             let _ = reply.send(self.swap(build));
             drop(one_at_a_time);
+        }
+        for reply in backups {
+            let _ = reply.send(self.backup_state());
         }
         for reply in statuses {
             let hash = self.build.hash.clone();
@@ -540,6 +551,19 @@ impl StepLoop {
                 started.elapsed().as_secs_f64() * 1e3
             ),
             Err(e) => self.stop_host_disk(format!("cannot write the snapshot: {e:#}")),
+        }
+    }
+
+    /// The guest's snapshot and status, for a backup (`crate::backup`).
+    fn backup_state(&mut self) -> Result<(Vec<u8>, String), String> {
+        let guest = self.guest.as_mut().ok_or("the replica's guest is down (restarting); retry")?;
+        match guest.snapshot(false).and_then(|snapshot| Ok((snapshot, guest.status()?))) {
+            Ok(taken) => Ok(taken),
+            Err(crash) => {
+                let reason = format!("{crash}; retry");
+                self.on_crash(crash);
+                Err(reason)
+            }
         }
     }
 

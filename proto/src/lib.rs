@@ -1,9 +1,11 @@
 //! What the `waxos` client and the `waxosd` host share: the gRPC contract, generated from
-//! `proto/waxos.proto` (one crate so the two can never disagree), and the log format.
+//! `proto/waxos.proto` (one crate so the two can never disagree), the log format, and the
+//! backup file's format (`backup`: the client writes it, the host restores from it).
 #![allow(missing_docs, clippy::all)]
 
 tonic::include_proto!("waxos.v1");
 
+pub mod backup;
 pub mod pki;
 pub mod signature;
 pub mod tls;
