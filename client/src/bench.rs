@@ -4,7 +4,10 @@
 //! to back for a fixed duration, with an operation mix over a fixed key space. Load is spread
 //! over every member (learned from `Admin.Status`) or aimed at one (`--target`). It prints
 //! ops/s, latency percentiles and errors, or one line of JSON. Every request has a deadline, so
-//! the run always ends.
+//! the run always ends. A client whose member does not answer (down, no leader, too slow)
+//! retries the request at the next member with the same client id and seq, as the `waxos`
+//! client does; it counts as an error only once every member was tried twice, and its latency
+//! runs from the first attempt.
 
 use std::time::{Duration, Instant};
 
@@ -143,14 +146,15 @@ pub async fn run(session: &mut Session, args: &BenchArgs, json: bool, timeout: D
     let deadline = measured_from + Duration::from_secs_f64(args.duration);
     let mut tasks = Vec::new();
     for c in 0..args.clients {
-        let address = targets[c % targets.len()].clone();
+        // Each client starts at its own member and fails over to the others, in order.
+        let (targets, first) = (targets.clone(), c % targets.len().max(1));
         let mix = mix.clone();
         let value = value.clone();
         let keys = args.keys;
         let window = (measured_from, deadline);
         let dialer = session.dialer().clone();
         tasks.push(tokio::spawn(async move {
-            client_loop(&dialer, address, mix, value, keys, window, timeout, stale).await
+            client_loop(&dialer, targets, first, mix, value, keys, window, timeout, stale).await
         }));
     }
     let mut tally = Tally::default();
@@ -168,10 +172,23 @@ pub async fn run(session: &mut Session, args: &BenchArgs, json: bool, timeout: D
     0
 }
 
+/// Attempts of one request before it counts as an error: each member twice, the way the
+/// `waxos` client fails over (same client id and seq, so a write applies once).
+fn attempts_for(targets: usize) -> usize {
+    2 * targets.max(1)
+}
+
+/// Whether a refusal is one another member (or a moment later) may not give: the host is
+/// down or unreachable, has no leader yet, or ran out of time.
+fn worth_retrying(status: &tonic::Status) -> bool {
+    matches!(status.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown)
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn client_loop(
     dialer: &Dialer,
-    address: String,
+    targets: Vec<String>,
+    first: usize,
     mix: Vec<(Kind, u32)>,
     value: Vec<u8>,
     keys: u64,
@@ -180,15 +197,18 @@ async fn client_loop(
     stale: bool,
 ) -> Tally {
     let mut tally = Tally::default();
-    let channel = match dialer.endpoint(&address) {
-        Ok(e) => e.connect_timeout(timeout).tcp_nodelay(true).connect_lazy(),
-        Err(e) => {
-            tally.errors += 1;
-            tally.first_error = Some(e.to_string());
-            return tally;
+    let mut clients = Vec::with_capacity(targets.len());
+    for address in &targets {
+        match dialer.endpoint(address) {
+            Ok(e) => clients.push(KeyValueClient::new(e.connect_timeout(timeout).tcp_nodelay(true).connect_lazy())),
+            Err(e) => {
+                tally.errors += 1;
+                tally.first_error = Some(e.to_string());
+                return tally;
+            }
         }
-    };
-    let mut client = KeyValueClient::new(channel);
+    }
+    let mut at = first % clients.len().max(1);
     let client_id: u64 = rand::rng().random::<u64>() | 1;
     let mut seq = 0u64;
     let mut rng = rand::rngs::StdRng::from_rng(&mut rand::rng());
@@ -203,23 +223,37 @@ async fn client_loop(
         });
         let kind = kind.map_or(Kind::Get, |(k, _)| *k);
         let t = Instant::now();
-        let result = match kind {
-            Kind::Put => {
-                let mut r = tonic::Request::new(PutRequest { key, value: value.clone(), client_id, seq });
-                r.set_timeout(timeout);
-                client.put(r).await.map(|_| ())
+        let mut result = Ok(());
+        for attempt in 0..attempts_for(clients.len()) {
+            if attempt > 0 {
+                // The member did not answer: the next one, after a breath (a dead host refuses
+                // at once; without the pause a client would spin on it).
+                at = (at + 1) % clients.len();
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            Kind::Get => {
-                let mut r = tonic::Request::new(GetRequest { key, client_id, seq, stale });
-                r.set_timeout(timeout);
-                client.get(r).await.map(|_| ())
+            let client = &mut clients[at];
+            result = match kind {
+                Kind::Put => {
+                    let mut r =
+                        tonic::Request::new(PutRequest { key: key.clone(), value: value.clone(), client_id, seq });
+                    r.set_timeout(timeout);
+                    client.put(r).await.map(|_| ())
+                }
+                Kind::Get => {
+                    let mut r = tonic::Request::new(GetRequest { key: key.clone(), client_id, seq, stale });
+                    r.set_timeout(timeout);
+                    client.get(r).await.map(|_| ())
+                }
+                Kind::Delete => {
+                    let mut r = tonic::Request::new(DeleteRequest { key: key.clone(), client_id, seq });
+                    r.set_timeout(timeout);
+                    client.delete(r).await.map(|_| ())
+                }
+            };
+            if !result.as_ref().is_err_and(worth_retrying) || Instant::now() >= deadline {
+                break;
             }
-            Kind::Delete => {
-                let mut r = tonic::Request::new(DeleteRequest { key, client_id, seq });
-                r.set_timeout(timeout);
-                client.delete(r).await.map(|_| ())
-            }
-        };
+        }
         if t < measured_from {
             continue;
         }

@@ -41,6 +41,18 @@ pub fn request(backed_up: &[u8]) -> Vec<u8> {
     bytes
 }
 
+/// No real log reaches this slot (a million slots a second for nine years): a backup that says
+/// it is past it was forged or is corrupt, and slot arithmetic near `u64::MAX` would wrap.
+pub const SLOT_MAX: u64 = 1 << 48;
+
+/// Whether a backed-up state's slot is one a real cluster could have reached.
+pub fn check_slot(next_apply: u64) -> Result<(), String> {
+    if next_apply > SLOT_MAX {
+        return Err(format!("backup refused: its state claims slot {next_apply}, beyond any real log ({SLOT_MAX})"));
+    }
+    Ok(())
+}
+
 /// Installs a backed-up state machine (`kv`, every slot below `next_apply` applied) into a
 /// freshly started replica's learner, keeping the learner's membership (the new roster), and
 /// starts the acceptor's memory at the same slot.
@@ -101,6 +113,13 @@ mod tests {
 
     /// A restore keeps the data, its sessions and the slot, and takes the new roster: the old
     /// cluster's members (ids, addresses) and its acceptor's promise are gone.
+    #[test]
+    fn a_backup_past_any_real_slot_is_refused() {
+        assert!(check_slot(u64::MAX - 3).is_err());
+        assert!(check_slot(SLOT_MAX + 1).is_err());
+        assert!(check_slot(1_000_000).is_ok());
+    }
+
     #[test]
     fn a_restored_replica_keeps_the_state_machine_and_takes_the_new_roster() {
         let mut old = Replica::start(config(1, &[1], 40_000), None, &[]).expect("start");

@@ -289,6 +289,7 @@ impl Replica {
         if let Some(backed_up) = snapshot.and_then(crate::backup::requested) {
             // A restore (`backup`): only the state machine and its slot come along.
             let (state, _old_members, _) = decode_snapshot(backed_up).map_err(|e| format!("backup refused: {e}"))?;
+            crate::backup::check_slot(state.next_apply)?;
             crate::backup::install(
                 &mut replica.learner,
                 &mut replica.acceptor,

@@ -169,7 +169,9 @@ impl Backup {
     }
 
     /// Names this backup in the data dir's marker: its origin, slot, time and checksum.
-    fn id(&self) -> String {
+    /// What names this backup (its origin, slot, save time and checksum): a registration
+    /// carries it, and the marker file records it.
+    pub fn id(&self) -> String {
         let h = &self.header;
         let origin = if h.cluster_id.is_empty() { "unknown" } else { h.cluster_id.as_str() };
         format!("cluster {origin} slot {} saved {} crc32c {:08x}", h.next_apply, h.saved_at_ms, h.state_crc32c)
@@ -290,6 +292,19 @@ pub fn restore(
         if let Effect::Log(line) = effect {
             tracing::info!("guest (restore): {line}");
         }
+    }
+    // The header's slot must be the state's own (a file whose header and body disagree was
+    // put together by hand: a review's break).
+    let applied = guest.status().ok().and_then(|status| {
+        let value: serde_json::Value = serde_json::from_str(&status).ok()?;
+        value["applied"].as_u64()
+    });
+    if applied != Some(backup.header.next_apply) {
+        return Err(refuse(format!(
+            "its header says slot {}, but its state is at slot {}",
+            backup.header.next_apply,
+            applied.map_or("unknown".to_string(), |a| a.to_string())
+        )));
     }
     let snapshot = guest.snapshot(false).map_err(|e| refuse(format!("the guest crashed in its snapshot: {e}")))?;
     let snapshot_bytes = snapshot.len();

@@ -186,6 +186,9 @@ pub struct Registry {
     /// The cluster id handed out with every registration: made when this coordinator first
     /// bootstraps the roster, read from the persisted roster, or adopted with an announced one.
     pub cluster_id: Option<String>,
+    /// The backup this host starts from (`--restore`: the file's id), empty if none. A first
+    /// start's members must all name the same one (see `register`).
+    pub restored_from: String,
 }
 
 /// Why a registration was not accepted.
@@ -274,8 +277,19 @@ impl Registry {
         })
     }
 
-    /// Registers `address` (idempotent) and answers with the roster so far.
-    pub fn register(&mut self, address: &str, incarnation: u64) -> Result<RegisterResponse, RegisterError> {
+    /// Registers `address` (idempotent) and answers with the roster so far. While the roster
+    /// is incomplete (a first start), the registering host must start from the same backup as
+    /// this coordinator (`restored_from`, both empty without `--restore`): members restored
+    /// from different backups, or fresh ones next to restored ones, are each at a slot of
+    /// another history, and catching up from one another would lose acknowledged writes. A
+    /// host registering into a complete roster (it lost its state and rejoins) catches up from
+    /// its peers whatever it was started with.
+    pub fn register(
+        &mut self,
+        address: &str,
+        incarnation: u64,
+        restored_from: &str,
+    ) -> Result<RegisterResponse, RegisterError> {
         if !self.settled {
             return Err(RegisterError::NotYet);
         }
@@ -283,6 +297,14 @@ impl Registry {
             return Err(RegisterError::Refused("this host is not the coordinator".into()));
         }
         let complete = self.members.len() as u32 >= self.replicas;
+        if !complete && restored_from != self.restored_from {
+            let named = |id: &str| if id.is_empty() { "no backup".to_string() } else { format!("the backup {id}") };
+            return Err(RegisterError::Refused(format!(
+                "this cluster starts from {}, and {address} from {}: start every member of a restore with the same --restore FILE",
+                named(&self.restored_from),
+                named(restored_from)
+            )));
+        }
         let known = self.incarnations.insert(address.to_string(), incarnation);
         let mut rejoin = false;
         let id = match self.members.iter().find(|(_, a)| a == address) {
@@ -383,7 +405,8 @@ pub async fn roster(
                 // The cluster is named here, once; an announced roster replaces it with its own.
                 reg.cluster_id = Some(crate::identity::new_cluster_id());
                 reg.settled = true;
-                reg.register(my_address, incarnation).map_err(|e| anyhow::anyhow!("{e}"))?;
+                let restored_from = reg.restored_from.clone();
+                reg.register(my_address, incarnation, &restored_from).map_err(|e| anyhow::anyhow!("{e}"))?;
             }
             tracing::info!("coordinating: waiting for {replicas} replicas to register");
             loop {
@@ -412,7 +435,8 @@ pub async fn roster(
             if let Ok(mut reg) = registry.lock() {
                 reg.settled = true;
             }
-            register_with(dialer, coordinator, my_address, replicas, incarnation).await?
+            let restored_from = registry.lock().map(|reg| reg.restored_from.clone()).unwrap_or_default();
+            register_with(dialer, coordinator, my_address, replicas, incarnation, &restored_from).await?
         }
     };
     roster.incarnation = incarnation;
@@ -437,6 +461,7 @@ pub async fn announce_roster(
         member_id: roster.me,
         members: roster.to_proto(),
         cluster_id: cluster_id.unwrap_or_default().to_string(),
+        restored_from: String::new(),
     };
     let answer = async {
         let expect = crate::member_dial::Expect::Member(address.to_string());
@@ -456,6 +481,7 @@ async fn register_with(
     my_address: &str,
     replicas: u32,
     incarnation: u64,
+    restored_from: &str,
 ) -> anyhow::Result<Roster> {
     let mut logged_wait = false;
     loop {
@@ -470,6 +496,7 @@ async fn register_with(
                 member_id: 0,
                 members: Vec::new(),
                 cluster_id: String::new(),
+                restored_from: restored_from.to_string(),
             };
             anyhow::Ok(client.register(request).await?.into_inner())
         }
@@ -524,15 +551,15 @@ mod tests {
     #[test]
     fn a_registration_before_the_role_is_known_is_told_to_retry_not_refused() {
         let mut registry = Registry::default();
-        assert_eq!(registry.register("127.0.0.1:2", 7).err(), Some(RegisterError::NotYet));
+        assert_eq!(registry.register("127.0.0.1:2", 7, "").err(), Some(RegisterError::NotYet));
         registry.settled = true;
-        assert!(matches!(registry.register("127.0.0.1:2", 7), Err(RegisterError::Refused(_))));
+        assert!(matches!(registry.register("127.0.0.1:2", 7, ""), Err(RegisterError::Refused(_))));
         registry.replicas = 2;
-        let first = registry.register("127.0.0.1:2", 7).expect("registers");
-        let again = registry.register("127.0.0.1:2", 7).expect("idempotent");
+        let first = registry.register("127.0.0.1:2", 7, "").expect("registers");
+        let again = registry.register("127.0.0.1:2", 7, "").expect("idempotent");
         assert_eq!((first.assigned_id, again.assigned_id), (1, 1));
-        assert_eq!(registry.register("127.0.0.1:3", 8).expect("second").assigned_id, 2);
-        assert!(matches!(registry.register("127.0.0.1:4", 9), Err(RegisterError::Refused(_))));
+        assert_eq!(registry.register("127.0.0.1:3", 8, "").expect("second").assigned_id, 2);
+        assert!(matches!(registry.register("127.0.0.1:4", 9, ""), Err(RegisterError::Refused(_))));
     }
 
     fn members() -> Vec<(u32, String)> {
@@ -550,7 +577,7 @@ mod tests {
             cluster_id: Some(crate::identity::new_cluster_id()),
             ..Registry::default()
         };
-        registry.register("127.0.0.1:1", 5).expect("registers itself");
+        registry.register("127.0.0.1:1", 5, "").expect("registers itself");
         assert!(
             matches!(registry.announce(2, vec![(2, "127.0.0.1:2".into())], None), Err(RegisterError::Refused(_))),
             "a roster that does not name this host is refused"
@@ -571,7 +598,7 @@ mod tests {
         assert_eq!(registry.adopted, Some(adopted));
         assert_eq!(answer.cluster_id, CLUSTER, "the cluster's id, not the one this coordinator made at start");
         // A host registering again (wiped) is handed the adopted cluster id.
-        assert_eq!(registry.register("127.0.0.1:3", 9).expect("registers").cluster_id, CLUSTER);
+        assert_eq!(registry.register("127.0.0.1:3", 9, "").expect("registers").cluster_id, CLUSTER);
     }
 
     #[test]
@@ -676,5 +703,18 @@ mod tests {
         )
         .await
         .is_ok());
+    }
+    #[test]
+    fn a_first_start_takes_only_members_restored_from_the_coordinators_backup() {
+        let mut registry =
+            Registry { replicas: 3, settled: true, restored_from: "backup A".into(), ..Registry::default() };
+        registry.register("127.0.0.1:1", 5, "backup A").expect("the coordinator itself");
+        let fresh = registry.register("127.0.0.1:2", 6, "");
+        assert!(matches!(&fresh, Err(RegisterError::Refused(why)) if why.contains("same --restore")), "{fresh:?}");
+        assert!(matches!(registry.register("127.0.0.1:2", 6, "backup B"), Err(RegisterError::Refused(_))));
+        registry.register("127.0.0.1:2", 6, "backup A").expect("the same backup");
+        registry.register("127.0.0.1:3", 7, "backup A").expect("the same backup");
+        // Complete: a member that lost its state rejoins whatever it was started with.
+        assert!(registry.register("127.0.0.1:3", 8, "").expect("rejoins").rejoin);
     }
 }

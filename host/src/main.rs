@@ -246,6 +246,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let (handle, inputs) = step_loop::channel();
     let registry = bootstrap::SharedRegistry::default();
+    if let (Some(backup::Plan::Restore(backup)), Ok(mut reg)) = (&restore, registry.lock()) {
+        // A first start's members must all restore the same backup (`Registry::register`).
+        reg.restored_from = backup.id();
+    }
     let members = waxos_host::membership::Members::default();
     let identity = Arc::new(identity::Identity::new(&data_dir));
     let peer_service = peer::PeerService {

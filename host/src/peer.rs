@@ -393,7 +393,7 @@ impl Peer for PeerService {
         }
         let mut registry = self.registry.lock().map_err(|_| Status::internal("registry lock poisoned"))?;
         let answer = if request.members.is_empty() {
-            registry.register(&address, request.incarnation)
+            registry.register(&address, request.incarnation, &request.restored_from)
         } else {
             let members = request.members.into_iter().map(|m| (m.id, m.address)).collect();
             let cluster_id = Some(request.cluster_id).filter(|id| crate::identity::valid_cluster_id(id));

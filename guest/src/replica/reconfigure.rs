@@ -23,7 +23,18 @@ impl Replica {
         let quiet_ms = ELECTION_TIMEOUT_MIN_MS;
         let due = self.last_catchup_ms.is_none_or(|t| self.now_ms >= t + quiet_ms.max(CATCHUP_INTERVAL_MS));
         let leaderless_for_long = self.last_heartbeat_ms.is_none_or(|t| self.now_ms >= t + quiet_ms);
-        if !self.voting || self.proposer.is_leader() || !leaderless_for_long || !due || self.now_ms < quiet_ms {
+        // A snapshot on its way is the catch-up: asking another member would only start a
+        // second transfer and throw this one away (a review's break: N - 1 transfers per
+        // resend period on an idle cluster).
+        let receiving =
+            self.incoming_snapshot.as_ref().is_some_and(|s| self.now_ms < s.started_ms + super::SNAPSHOT_RESEND_MS);
+        if !self.voting
+            || self.proposer.is_leader()
+            || !leaderless_for_long
+            || !due
+            || receiving
+            || self.now_ms < quiet_ms
+        {
             return;
         }
         let peers = self.peers_now();
