@@ -305,3 +305,72 @@ fn a_promotion_keeps_the_leader_at_its_ballot() {
     assert_eq!(sim.nodes[&leader].proposer.ballot, ballot, "the leader was re-elected");
     write(&mut sim, leader, 1, 2, "k", "after");
 }
+
+/// A member cut off while a new member joined, was promoted and became the leader comes back
+/// to a leader it does not know: it drops that leader's messages (as its host refuses the
+/// stream), so no heartbeat ever says it is behind, and its pre-votes are refused by members
+/// that hear the leader. It must still catch up (it asks a member it knows when it hears no
+/// leader): found stuck for good by the simulator.
+#[test]
+fn a_member_that_missed_a_new_leaders_arrival_catches_up() {
+    use waxos_guest::message::{self, Message};
+    let mut sim = Sim::new(3, 71);
+    let old_leader = sim.wait_for_stable_leader();
+    let followers: Vec<NodeId> = (1..=3).filter(|&n| n != old_leader).collect();
+    let (cut_off, other) = (followers[0], followers[1]);
+    write(&mut sim, old_leader, 9, 1, "before", "1");
+    sim.isolated.insert(cut_off);
+    let new = add(&mut sim, old_leader, 1, "h4:1");
+    join(&mut sim, new, old_leader);
+    sim.run_for(1_000);
+    assert_eq!(change(&mut sim, old_leader, 2, MemberChange::Promote(new)), Outcome::Member(new));
+    // Only the new member may campaign: the other follower's pre-votes and prepares are lost.
+    sim.filter = Some(Box::new(move |e| {
+        let campaign =
+            matches!(message::decode::<Message>(&e.payload), Ok(Message::PreVote { .. } | Message::Prepare { .. }));
+        if e.src == other && campaign {
+            common::Fate::Drop
+        } else {
+            common::Fate::Deliver
+        }
+    }));
+    assert_eq!(change(&mut sim, old_leader, 3, MemberChange::Remove(old_leader)), Outcome::Member(old_leader));
+    assert!(sim.run_until(10_000, |s| s.leaders() == vec![new]), "the new member leads: {:?}", sim.leaders());
+    write(&mut sim, new, 9, 2, "after", "2");
+    // The removed leader's host is stopped by its operator.
+    sim.remove_node(old_leader);
+    assert!(!sim.nodes[&cut_off].learner.membership.knows(new), "it missed the new member's arrival");
+    sim.isolated.remove(&cut_off);
+    let target = sim.nodes[&new].learner.next_apply;
+    assert!(
+        sim.run_until(5_000, |s| s.nodes[&cut_off].learner.next_apply >= target),
+        "the member that was cut off catches up (applied {} of {target})",
+        sim.nodes[&cut_off].learner.next_apply
+    );
+    assert_eq!(sim.value_at(cut_off, "after"), Some(b"2".to_vec()));
+    assert!(sim.run_until(3_000, |s| s.nodes[&cut_off].proposer.known_leader() == Some(new)), "and follows it");
+}
+
+/// A candidate whose prepares were all lost, while a leader of a lower ballot lives on, must
+/// give its candidacy up and follow that leader; found by the simulator stuck for good, deaf to
+/// the leader's heartbeats (their ballot is below its own) while every pre-vote was refused.
+#[test]
+fn a_candidate_whose_prepares_were_lost_follows_the_live_leader() {
+    let mut sim = Sim::new(3, 72);
+    let leader = sim.wait_for_stable_leader();
+    let candidate = (1..=3).find(|&n| n != leader).expect("a follower");
+    let now = sim.now_ms;
+    let replica = sim.nodes.get_mut(&candidate).expect("the follower");
+    let first_unchosen = replica.learner.next_apply;
+    // Phase 1a at a ballot above the leader's, every prepare lost.
+    replica.proposer.start_election(now, first_unchosen, &mut Vec::new());
+    let stuck_ballot = replica.proposer.ballot;
+    assert!(stuck_ballot > sim.nodes[&leader].proposer.ballot);
+    assert!(
+        sim.run_until(5_000, |s| s.nodes[&candidate].proposer.known_leader() == Some(leader)),
+        "it follows the leader again: {}",
+        sim.nodes[&candidate].status()
+    );
+    assert_eq!(sim.leaders(), vec![leader], "the leader kept leading");
+    write(&mut sim, candidate, 9, 1, "k", "v");
+}
