@@ -507,6 +507,12 @@ impl Replica {
                 self.proposer.defer_election(self.now_ms);
                 self.start_pre_vote();
             }
+        } else if !self.votes_now() && self.proposer.election_due(self.now_ms) {
+            // Not a voter at the first unapplied slot (a learner, one promoted for later
+            // slots, a removed member): it never stands (the simulator found a learner winning
+            // elections without a pre-vote, again and again, and standing down each time).
+            self.proposer.abandon_candidacy(self.now_ms);
+            self.proposer.defer_election(self.now_ms);
         }
         if self.voting {
             // A replica that cannot vote cannot lead either: it only follows.

@@ -374,3 +374,26 @@ fn a_candidate_whose_prepares_were_lost_follows_the_live_leader() {
     assert_eq!(sim.leaders(), vec![leader], "the leader kept leading");
     write(&mut sim, candidate, 9, 1, "k", "v");
 }
+
+/// A learner that hears no leader (here: the link from the leader cut) never stands for
+/// election: once promoted for later slots it would win without a pre-vote (the proposer's own
+/// timer), depose the leader and stand down at once, over and over — found by the simulator as
+/// a cluster that made no progress while a majority was up.
+#[test]
+fn a_learner_that_hears_no_leader_never_stands() {
+    let mut sim = Sim::new(3, 73);
+    let leader = sim.wait_for_stable_leader();
+    let learner = add(&mut sim, leader, 1, "h4:1");
+    join(&mut sim, learner, leader);
+    sim.run_for(1_000);
+    let ballot = sim.nodes[&leader].proposer.ballot;
+    // Everything from the leader to the learner is lost: it hears no leader at all.
+    sim.cut_one_way.insert((leader, learner));
+    for i in 0..30 {
+        sim.run_for(100);
+        let status = sim.nodes[&learner].status();
+        assert!(status.contains("\"role\":\"follower\""), "the learner stood after {} ms: {status}", i * 100);
+    }
+    assert_eq!(sim.leaders(), vec![leader]);
+    assert_eq!(sim.nodes[&leader].proposer.ballot, ballot, "the leader kept its ballot");
+}

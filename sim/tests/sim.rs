@@ -58,7 +58,10 @@ fn the_shipped_build_survives_faults_and_hot_swaps() {
         }
     }
     assert!(faults > 100, "the runs must actually inject faults ({faults})");
-    assert!(member_changes > 20 && joined > 5, "the runs must change members ({member_changes} changes, {joined} joined)");
+    assert!(
+        member_changes > 20 && joined > 5,
+        "the runs must change members ({member_changes} changes, {joined} joined)"
+    );
 }
 
 /// Each planted bug must be caught within the default 1000 seeds. The build is hot-swapped
