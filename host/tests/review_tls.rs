@@ -120,6 +120,7 @@ fn an_announced_roster_cannot_give_one_certificate_two_ids() {
                         Member { id: 3, address: p1.clone(), voter: true },
                     ],
                     cluster_id: "0123456789abcdef0123456789abcdef".into(),
+                    ..Default::default()
                 };
                 Ok::<_, String>(PeerClient::new(channel).register(request).await)
             };
