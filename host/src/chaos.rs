@@ -59,6 +59,18 @@ pub enum ChaosEvent {
     CrashEnd { ms: u64 },
 }
 
+impl ChaosEvent {
+    /// The event's kind, as the metrics label it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ChaosEvent::OutageStart { .. } => "outage_start",
+            ChaosEvent::OutageEnd { .. } => "outage_end",
+            ChaosEvent::CrashStart { .. } => "crash_start",
+            ChaosEvent::CrashEnd { .. } => "crash_end",
+        }
+    }
+}
+
 /// The schedule.
 pub struct Chaos {
     rng: StdRng,

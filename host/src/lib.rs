@@ -15,6 +15,8 @@
 //! - `bootstrap`: the roster, via the coordinator at start-up, persisted afterwards.
 //! - `crash_point`: named points between storage actions where a test build can be made to die.
 //! - `identity`: whose data dir this is (cluster id, member, incarnation); foreign ones refused.
+//! - `metrics`: the Prometheus registry, the hooks the rest calls, and `GET /metrics`.
+//! - `health`: the gRPC health service, SERVING while the guest runs and a leader is known.
 
 pub mod admin;
 pub mod admission;
@@ -22,9 +24,11 @@ pub mod backup;
 pub mod bootstrap;
 pub mod chaos;
 pub mod crash_point;
+pub mod health;
 pub mod identity;
 pub mod member_dial;
 pub mod membership;
+pub mod metrics;
 pub mod net;
 pub mod peer;
 pub mod runtime;

@@ -12,7 +12,8 @@ use clap::Parser;
 use rand::RngExt;
 use tonic::service::interceptor::InterceptedService;
 use waxos_host::{
-    admin, admission, backup, bootstrap, chaos, identity, net, peer, runtime, service, signing, step_loop, storage, tls,
+    admin, admission, backup, bootstrap, chaos, health, identity, metrics, net, peer, runtime, service, signing,
+    step_loop, storage, tls,
 };
 use waxos_proto::admin_server::AdminServer;
 use waxos_proto::key_value_server::KeyValueServer;
@@ -117,6 +118,13 @@ struct Args {
     /// HTTP/2 ping counts as traffic).
     #[arg(long, default_value_t = admission::DEFAULT_IDLE_TIMEOUT.as_secs())]
     idle_timeout_secs: u64,
+    /// Serve Prometheus metrics over plain HTTP at `http://<metrics-host>:PORT/metrics` (0: a
+    /// free port, logged at start) [default: no metrics endpoint].
+    #[arg(long, value_name = "PORT")]
+    metrics_port: Option<u16>,
+    /// Address the metrics endpoint binds [default: --host].
+    #[arg(long, value_name = "ADDR", requires = "metrics_port")]
+    metrics_host: Option<String>,
     /// Benchmarks only: one fdatasync per WAL record instead of one per step (no group commit).
     #[arg(long, hide = true)]
     sync_every_record: bool,
@@ -283,6 +291,27 @@ async fn run(args: Args) -> anyhow::Result<()> {
         admission::RESERVED_DESCRIPTORS
     );
     let admission = admission::Admission::new(limits);
+    if let Some(port) = args.metrics_port {
+        let at = resolve(args.metrics_host.as_deref().unwrap_or(&args.host), port).await?;
+        let metrics_listener =
+            tokio::net::TcpListener::bind(at).await.with_context(|| format!("cannot listen for metrics on {at}"))?;
+        let bound = metrics_listener.local_addr().unwrap_or(at);
+        tracing::info!("metrics on http://{bound}/metrics");
+        tokio::spawn(metrics::serve(metrics_listener));
+    }
+    // Health and reflection are read-only and tell nothing of the data: any caller that
+    // completes the TLS handshake may use them, as orchestrators' probes and grpcurl do
+    // without a client certificate, even under --client-cert-auth.
+    let (health_reporter, health_service) = health::service().await;
+    tokio::spawn(health::keep(health_reporter));
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(waxos_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    // v1 for current clients, v1alpha for older grpcurl and grpcio-reflection releases.
+    let reflection_v1 = reflection().build_v1().context("gRPC reflection")?;
+    let reflection_v1alpha = reflection().build_v1alpha().context("gRPC reflection (v1alpha)")?;
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     tracing::info!(
         "waxosd listening on {listen} (coordinator {}, data {})",
@@ -291,6 +320,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
     let server = net::server()
         .add_service(KeyValueServer::new(kv_service))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         // Who may call is checked before a request's body is read (interceptors run on its
         // headers and connection): the peer service, whose messages may be 512 MiB, only for
         // members; admin calls (a build may be 64 MiB) only with a certificate. The handlers

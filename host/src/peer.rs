@@ -95,6 +95,13 @@ impl Peers {
         let runtime = tokio::runtime::Handle::current();
         let peers = Peers { queues: Default::default(), roster: roster.clone(), identity, dialer, known, runtime };
         peers.dial(&roster.members);
+        let queues = peers.queues.clone();
+        crate::metrics::get().on_scrape(move |m| {
+            if let Ok(queues) = queues.lock() {
+                let depth = |queue: &mpsc::Sender<Envelope>| queue.max_capacity() - queue.capacity();
+                crate::metrics::peer_queue_depths(m, queues.iter().map(|(id, (_, queue))| (*id, depth(queue))));
+            }
+        });
         peers
     }
 
@@ -167,6 +174,8 @@ async fn sender(
     let mut last_failure: Option<String> = None;
     // The last stream was refused as another cluster's: its reconnections are not news.
     let mut refused_as_foreign = false;
+    // A stream opened before: the next one is a reconnection (`metrics`).
+    let mut connected_before = false;
     loop {
         let expect = crate::member_dial::Expect::Member(address.clone());
         let channel = match crate::member_dial::connect(&dialer, &address, expect, Duration::from_millis(500)).await {
@@ -200,6 +209,10 @@ async fn sender(
         }
         last_failure = None;
         backoff_ms = BACKOFF_MIN_MS;
+        if connected_before {
+            crate::metrics::peer_reconnected(peer);
+        }
+        connected_before = true;
         let mut client = PeerClient::new(channel)
             .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
             .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX);

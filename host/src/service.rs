@@ -144,8 +144,14 @@ fn unexpected(outcome: Outcome, client: u64, seq: u64, expected: &str) -> Status
     }
 }
 
-fn log_response<T: std::fmt::Debug>(op: &str, key: &str, started: Instant, result: &Result<T, Status>) {
-    let latency_ms = started.elapsed().as_secs_f64() * 1e3;
+fn log_response<T: std::fmt::Debug>(op: &'static str, key: &str, started: Instant, result: &Result<T, Status>) {
+    let elapsed = started.elapsed();
+    crate::metrics::request(
+        op,
+        result.as_ref().map_or_else(|s| crate::metrics::code_name(s.code()), |_| "ok"),
+        elapsed,
+    );
+    let latency_ms = elapsed.as_secs_f64() * 1e3;
     match result {
         Ok(r) => tracing::info!("response sent op={op} key={} outcome={r:?} latency_ms={latency_ms:.2}", show_key(key)),
         Err(s) => tracing::info!(

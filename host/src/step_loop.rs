@@ -215,6 +215,8 @@ pub struct StepLoop {
     clock: Instant,
     last_restart_attempt: Option<Instant>,
     last_sweep: Instant,
+    /// When the guest's status was last sampled for the metrics (`sample_for_metrics`).
+    last_sample: Instant,
 }
 
 impl StepLoop {
@@ -252,6 +254,7 @@ impl StepLoop {
             clock: Instant::now(),
             last_restart_attempt: None,
             last_sweep: Instant::now(),
+            last_sample: Instant::now(),
         };
         let started = Instant::now();
         let guest = step_loop.start_guest(&durable).map_err(anyhow::Error::msg)?;
@@ -340,6 +343,7 @@ impl StepLoop {
                 Input::Request { command, client, seq, reply } => {
                     if overloaded {
                         self.shed += 1;
+                        crate::metrics::shed();
                         let _ = reply.send(Outcome::Rejected(format!(
                             "overloaded: this replica's disk is behind ({} MiB not yet durable); retry on another replica",
                             backlog >> 20
@@ -355,10 +359,14 @@ impl StepLoop {
                     self.waiting.insert(id, reply);
                     events.push(Event::Request(Request { id, client, seq, command }));
                 }
-                Input::Message(_) if overloaded => self.shed += 1,
+                Input::Message(_) if overloaded => {
+                    self.shed += 1;
+                    crate::metrics::shed();
+                }
                 Input::Message(envelope) => {
                     if self.chaos.acceptor_down() && envelope.role == Role::Acceptor {
                         self.dropped_for_outage += 1;
+                        crate::metrics::chaos_dropped();
                     } else {
                         events.push(Event::Message(envelope));
                     }
@@ -390,13 +398,18 @@ impl StepLoop {
         }
         let now_ms = self.now_ms();
         if let Some(guest) = self.guest.as_mut() {
-            match guest.step(now_ms, &events) {
+            let started = Instant::now();
+            let stepped = guest.step(now_ms, &events);
+            crate::metrics::step(started.elapsed(), events.len());
+            match stepped {
                 Ok(effects) => self.carry_out(effects),
                 Err(crash) => self.on_crash(crash),
             }
         }
         for (build, reply, one_at_a_time) in swaps {
-            let _ = reply.send(self.swap(build));
+            let swapped = self.swap(build);
+            crate::metrics::swap(swapped.as_ref().ok().map(|report| report.pause));
+            let _ = reply.send(swapped);
             drop(one_at_a_time);
         }
         for reply in backups {
@@ -419,6 +432,21 @@ impl StepLoop {
         if self.last_sweep.elapsed() >= Duration::from_secs(1) {
             self.last_sweep = Instant::now();
             self.waiting.retain(|_, reply| !reply.is_closed());
+        }
+        self.sample_for_metrics();
+    }
+
+    /// Every `metrics::GUEST_SAMPLE_MS`, the guest's status for the metrics (leader, ballot,
+    /// slots) and the health service (`health`): a few microseconds.
+    fn sample_for_metrics(&mut self) {
+        if self.last_sample.elapsed() < Duration::from_millis(crate::metrics::GUEST_SAMPLE_MS) {
+            return;
+        }
+        self.last_sample = Instant::now();
+        match self.guest.as_mut().map(|guest| guest.status()) {
+            Some(Ok(json)) => crate::metrics::observe_guest_status(&json),
+            Some(Err(crash)) => self.on_crash(crash),
+            None => crate::metrics::guest_up(false),
         }
     }
 
@@ -545,7 +573,9 @@ impl StepLoop {
         let snapshot_ms = started.elapsed().as_secs_f64() * 1e3;
         let bytes = snapshot.len();
         let records = self.storage.records_since_snapshot;
-        match self.storage.compact(snapshot) {
+        let compacted = self.storage.compact(snapshot);
+        crate::metrics::snapshot(bytes, started.elapsed());
+        match compacted {
             Ok(()) => tracing::info!(
                 "compacted {records} WAL records into a {bytes}-byte snapshot ({snapshot_ms:.1} ms in the guest, {:.1} ms in all)",
                 started.elapsed().as_secs_f64() * 1e3
@@ -641,6 +671,7 @@ impl StepLoop {
     fn run_chaos(&mut self) {
         let now = self.now_ms();
         for event in self.chaos.poll(now) {
+            crate::metrics::chaos_event(event.name());
             match event {
                 ChaosEvent::OutageStart { ms } => {
                     tracing::warn!("chaos: acceptor outage starts: acceptor messages dropped for {ms} ms")
@@ -673,6 +704,7 @@ impl StepLoop {
 
     fn discard_guest(&mut self, reason: &str) {
         self.guest = None;
+        crate::metrics::guest_up(false);
         self.loopback.clear();
         for (_, reply) in self.waiting.drain() {
             let _ = reply.send(Outcome::Rejected(reason.to_string()));
@@ -680,6 +712,7 @@ impl StepLoop {
     }
 
     fn on_crash(&mut self, crash: GuestCrash) {
+        crate::metrics::guest_crashed();
         tracing::error!("{crash}; discarding the instance and restarting it from its snapshot and WAL");
         self.discard_guest("the replica's guest crashed and is restarting; retry");
         self.try_restart();
@@ -704,6 +737,7 @@ impl StepLoop {
             Ok(guest) => {
                 self.guest = Some(guest);
                 self.last_restart_attempt = None;
+                crate::metrics::guest_restarted();
                 tracing::info!(
                     "guest restarted from {} + {} WAL records; recovery took {} ms",
                     describe_snapshot(&durable),

@@ -5,6 +5,10 @@
 
 tonic::include_proto!("waxos.v1");
 
+/// The encoded `FileDescriptorSet` of `waxos.proto`: what the host's gRPC reflection serves, so
+/// grpcurl and other reflection clients need no copy of the .proto.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/waxos_descriptor.bin"));
+
 pub mod backup;
 pub mod pki;
 pub mod signature;

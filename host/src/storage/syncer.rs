@@ -34,6 +34,7 @@ impl Syncer {
         std::thread::Builder::new().name("wal-sync".into()).spawn(move || {
             for (ticket, segment, start, bytes) in todo {
                 let mut file: &File = &segment;
+                let started = std::time::Instant::now();
                 crate::crash_point::reach("wal.sync.before_write");
                 let result = file
                     .write_all(&bytes)
@@ -52,6 +53,7 @@ impl Syncer {
                     });
                 if result.is_ok() {
                     crate::crash_point::reach("wal.sync.after_fdatasync");
+                    crate::metrics::wal_synced(bytes.len(), started.elapsed());
                 }
                 if report.send(Synced { ticket, result }).is_err() {
                     return;

@@ -183,6 +183,7 @@ impl Wal {
             return Ok(());
         }
         let path = segment_path(&self.dir, self.segment);
+        let started = std::time::Instant::now();
         crate::crash_point::reach("wal.sync.before_write");
         let mut file: &File = &self.file;
         let written = file.write_all(&self.buffer).and_then(|()| {
@@ -199,6 +200,7 @@ impl Wal {
             ))));
         }
         crate::crash_point::reach("wal.sync.after_fdatasync");
+        crate::metrics::wal_synced(self.buffer.len(), started.elapsed());
         self.segment_len += self.buffer.len() as u64;
         self.buffer.clear();
         if self.segment_len >= self.segment_bytes_max {
