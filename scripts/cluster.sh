@@ -4,7 +4,8 @@
 # Ctrl-C (or SIGTERM) stops all five. The hosts run only guest builds signed by a key of
 # .cluster/trusted-keys (`just build` makes the dev key and signs the guest with it), and speak
 # TLS with the dev PKI of .cluster/pki (made here on first run: a CA, a certificate per host, an
-# operator's certificate that the waxos client uses by default; scripts/dev-pki.sh).
+# operator's certificate that the waxos client uses by default; scripts/dev-pki.sh). Host N serves
+# Prometheus metrics at http://127.0.0.1:910N/metrics.
 set -euo pipefail
 chaos="${1:-low}"
 cd "$(dirname "$0")/.."
@@ -23,7 +24,7 @@ trap stop INT TERM EXIT
 for n in 1 2 3 4 5; do
   port=$((50050 + n))
   # $! is waxosd itself (its output goes through a process substitution), so stop() reaches it.
-  ./target/release/waxosd 50051 "$port" --data-dir ".cluster/data/$n" --chaos "$chaos" --trusted-keys .cluster/trusted-keys $(member_tls "$port") \
+  ./target/release/waxosd 50051 "$port" --data-dir ".cluster/data/$n" --chaos "$chaos" --trusted-keys .cluster/trusted-keys $(member_tls "$port") --metrics-port $((9100 + n)) \
     > >(tee ".cluster/logs/$n.log" | sed -u "s/^/[$n] /") 2>&1 &
   pids+=($!)
   sleep 0.3  # register in order, so node N listens on port 5005N

@@ -134,14 +134,14 @@ impl Metrics {
         // The usual series exist from the start (at 0), so that a rate over them is defined
         // before the first event, and each family shows in the very first scrape.
         for op in ["put", "get", "delete"] {
-            m.requests.get_or_create(&[("op", op), ("outcome", "ok")]);
-            m.request_seconds.get_or_create(&[("op", op), ("outcome", "ok")]);
+            drop(m.requests.get_or_create(&[("op", op), ("outcome", "ok")]));
+            drop(m.request_seconds.get_or_create(&[("op", op), ("outcome", "ok")]));
         }
         for kind in ["outage_start", "outage_end", "crash_start", "crash_end"] {
-            m.chaos_events.get_or_create(&[("kind", kind)]);
+            drop(m.chaos_events.get_or_create(&[("kind", kind)]));
         }
         for outcome in ["done", "refused"] {
-            m.swaps.get_or_create(&[("outcome", outcome)]);
+            drop(m.swaps.get_or_create(&[("outcome", outcome)]));
         }
         m.register()
     }
