@@ -1,10 +1,12 @@
 //! The standard gRPC health service (`grpc.health.v1.Health`), kept true to the replica.
 //!
 //! SERVING means this replica can do useful work now: its guest instance runs and it knows a
-//! leader (`metrics::serving`, from the status the step loop samples every
-//! `metrics::GUEST_SAMPLE_MS`). Before the roster is complete, while the guest is down
-//! (crashed, held down by chaos, restarting) and while no leader is known (an election), it is
-//! NOT_SERVING. The status is set for the whole server (service "") and for `waxos.v1.KeyValue`
+//! live leader (`metrics::serving`, from the status the step loop samples every
+//! `metrics::GUEST_SAMPLE_MS`): a follower heard from the leader its guest names within
+//! `metrics::LEADER_FRESH`, a leader heard from a majority of the voters (itself included)
+//! within it. Before the roster is complete, while the guest is down (crashed, held down by
+//! chaos, restarting), during an election and in a minority cut off from the leader (whose
+//! guest still names the old leader: its pre-votes fail, so it elects none), it is NOT_SERVING. The status is set for the whole server (service "") and for `waxos.v1.KeyValue`
 //! alike, and a `Watch` sees each change. A process that answers at all is live; one that answers
 //! SERVING is ready.
 

@@ -13,9 +13,10 @@
 //! The endpoint is plain HTTP on its own port (`waxosd --metrics-port`), as Prometheus scrapes
 //! by default: it shows counts, latencies, slots and ballots, never a key or a value.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -25,6 +26,8 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// A leader (or, for a leader, a majority) heard from within this long counts as live.
+pub const LEADER_FRESH: Duration = Duration::from_secs(2);
 /// How often the step loop samples the guest's status for the gauges and leader changes.
 pub const GUEST_SAMPLE_MS: u64 = 100;
 /// Scrapes served at once; further connections are closed unanswered.
@@ -78,8 +81,12 @@ pub struct Metrics {
     shed: Counter,
     peer_queue_depth: Family<PeerLabel, Gauge>,
     peer_reconnects: Family<PeerLabel, Counter>,
+    serving: Gauge,
     /// The last leader seen (-1: none yet), so that a change is counted once.
     last_leader: AtomicI64,
+    /// When a batch last came from each member: the guest keeps naming a leader that went
+    /// silent (a minority's pre-votes fail, so it never elects another), health must not.
+    heard: Mutex<HashMap<u32, Instant>>,
     refreshes: Mutex<Vec<Refresh>>,
 }
 
@@ -127,7 +134,9 @@ impl Metrics {
             shed: Counter::default(),
             peer_queue_depth: Family::default(),
             peer_reconnects: Family::default(),
+            serving: Gauge::default(),
             last_leader: AtomicI64::new(-1),
+            heard: Mutex::new(HashMap::new()),
             refreshes: Mutex::new(Vec::new()),
         };
         m.leader_id.set(-1);
@@ -181,6 +190,11 @@ impl Metrics {
             "voting",
             "1 while this replica votes (0 while it catches up after losing state)",
             self.voting.clone(),
+        );
+        r.register(
+            "serving",
+            "1 while the health service says SERVING: guest up, a live leader known",
+            self.serving.clone(),
         );
         r.register(
             "guest_up",
@@ -330,7 +344,11 @@ pub fn guest_crashed() {
 
 /// Whether a guest instance runs now.
 pub fn guest_up(up: bool) {
-    get().guest_up.set(i64::from(up));
+    let m = get();
+    m.guest_up.set(i64::from(up));
+    if !up {
+        m.serving.set(0);
+    }
 }
 
 /// A guest instance was restarted from durable state.
@@ -358,6 +376,18 @@ pub fn shed() {
 /// A stream to peer `peer` was opened again after a break.
 pub fn peer_reconnected(peer: u32) {
     get().peer_reconnects.get_or_create(&[("peer", peer.to_string())]).inc();
+}
+
+/// A batch of envelopes came from member `node` (`peer`).
+pub fn heard_from(node: u32) {
+    if let Ok(mut heard) = get().heard.lock() {
+        heard.insert(node, Instant::now());
+    }
+}
+
+/// Whether `node` was heard from within `LEADER_FRESH`.
+fn heard_lately(heard: &HashMap<u32, Instant>, node: i64) -> bool {
+    u32::try_from(node).ok().and_then(|n| heard.get(&n)).is_some_and(|at| at.elapsed() < LEADER_FRESH)
 }
 
 /// Sets the queue depth of each peer (from a scrape-time refresh); peers not listed are dropped.
@@ -396,6 +426,20 @@ pub fn observe_guest_status(json: &str) {
     }
     m.voting.set(i64::from(status["voting"] == true));
     m.guest_up.set(1);
+    // A live leader: a leader that heard from a majority lately, or a follower that heard
+    // from its leader lately.
+    let me = int("me").unwrap_or(-1);
+    let voters: Vec<i64> =
+        status["voters"].as_array().map(|v| v.iter().filter_map(|n| n.as_i64()).collect()).unwrap_or_default();
+    let live = match (leader, m.heard.lock()) {
+        (Some(leader), Ok(heard)) if leader == me => {
+            let others = voters.iter().filter(|&&v| v != me && heard_lately(&heard, v)).count();
+            others >= voters.len() / 2
+        }
+        (Some(leader), Ok(heard)) => heard_lately(&heard, leader),
+        _ => false,
+    };
+    m.serving.set(i64::from(live));
 }
 
 /// Notes `leader` as the one known now: true when it replaces another (the first leader known,
@@ -405,10 +449,10 @@ fn leader_changed(last: &AtomicI64, leader: i64) -> bool {
     before >= 0 && before != leader
 }
 
-/// Whether this replica should be reported healthy: its guest runs and it knows a leader.
+/// Whether this replica should be reported healthy: its guest runs and it knows a live leader.
 pub fn serving() -> bool {
     let m = get();
-    m.guest_up.get() == 1 && m.leader_id.get() >= 0
+    m.guest_up.get() == 1 && m.serving.get() == 1
 }
 
 /// The guest's ballot text (`round.node`, or `epoch:round.node`) as numbers.

@@ -358,6 +358,7 @@ impl Peer for PeerService {
                     ));
                 }
             }
+            crate::metrics::heard_from(batch.src);
             for envelope in batch.envelopes {
                 if envelope.src != batch.src || envelope.dst != *me {
                     tracing::warn!(

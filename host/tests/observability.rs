@@ -189,8 +189,9 @@ fn health_says_serving_and_reflection_lists_the_services_without_the_proto() {
 }
 
 #[test]
-fn health_is_not_serving_while_no_leader_is_known() {
-    // Three of five down: the two left know no leader once theirs is gone.
+fn health_is_not_serving_in_a_minority_cut_off_from_the_leader() {
+    // Three of five down, the leader among them: the two left still name it (their pre-votes
+    // fail, so they elect no other), but hear nothing from it.
     let mut cluster = Cluster::start(5, &[]);
     let leader = leader_index(&cluster, 0).expect("a leader");
     let others: Vec<usize> = (0..5).filter(|&i| i != leader).collect();
