@@ -278,11 +278,9 @@ impl World<'_> {
             }
             operator.catch_up_until_ms = None;
         }
-        if step == Step::Remove && (self.nodes.iter().any(|n| n.rejoining && !n.retired) || self.a_member_lags()) {
+        if step == Step::Remove && self.nodes.iter().any(|n| n.rejoining && !n.retired) {
             // A careful operator removes nobody while a member is without its state (`waxos
-            // status` shows it not voting: a rejoiner's fence needs its roster's voters) or far
-            // behind (a member that missed every change since the members it knows were all
-            // removed has nobody left to learn from: a known limit, in the README).
+            // status` shows it not voting): a rejoiner's fence needs its roster's voters.
             operator.next_at_ms = self.now + 200;
             return;
         }
@@ -355,18 +353,6 @@ impl World<'_> {
             of_leader,
         });
         self.send_change(operator);
-    }
-
-    /// Whether a running member is more than a window behind the leader (`waxos status`).
-    fn a_member_lags(&mut self) -> bool {
-        let applied =
-            |world: &mut World, n: usize| world.status(n).and_then(|s| crate::world::status_number(&s, "applied"));
-        let Some(leader) = self.leader() else { return true };
-        let Some(theirs) = applied(self, leader) else { return true };
-        let window = waxos_guest::membership::ALPHA;
-        let running: Vec<usize> =
-            (0..self.nodes.len()).filter(|&i| !self.nodes[i].retired && self.nodes[i].guest.is_some()).collect();
-        running.into_iter().any(|i| applied(self, i).is_some_and(|mine| mine + window < theirs))
     }
 
     /// Whether node `i` applied as far as the leader (a learner caught up).
