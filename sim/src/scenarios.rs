@@ -302,6 +302,13 @@ impl World<'_> {
                 self.schedule(crash_at, Action::Crash { node: c, down_ms: crash_down_ms });
                 self.schedule(crash_at, Action::MutePreVotes { node: c, ms: part_ms });
                 self.schedule(crash_at, Action::Isolate { side: vec![leader, b], ms: part_ms });
+                // u and w must still be behind when one of them is elected: what r would teach
+                // them when they ask (a member that hears no leader asks for catch-up) is held
+                // from r's return until just after one of them is elected.
+                for x in [d, e] {
+                    let ms = crash_at + 1_500 - back_at;
+                    self.schedule(back_at, Action::HoldBack { kind: Held::Learned, src: c, dst: x, ms });
+                }
             }
             Kind::MissedHeartbeats => {
                 // Only in a calm cluster: every replica up, voting, connected and fast (random
