@@ -45,17 +45,7 @@ async fn write_timed(addrs: Vec<String>, w: u64, count: usize, pause: Duration) 
         let request =
             waxos_proto::PutRequest { key: key.clone(), value: value.clone(), client_id: 7_000 + w, seq: i as u64 + 1 };
         for _attempt in 0..40 {
-            let result = async {
-                let channel = common::endpoint(&addrs[host])
-                    .connect_timeout(Duration::from_millis(500))
-                    .connect()
-                    .await
-                    .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-                let mut r = tonic::Request::new(request.clone());
-                r.set_timeout(Duration::from_millis(2_000));
-                KeyValueClient::new(channel).put(r).await
-            }
-            .await;
+            let result = common::put_once(&addrs[host], &request).await;
             if result.is_ok() {
                 acked.push(Acked { key: key.clone(), value: value.clone(), at: Instant::now() });
                 break;

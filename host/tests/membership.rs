@@ -168,17 +168,7 @@ async fn write_until_stopped(
                 let list = addrs.read().expect("addresses");
                 list[host % list.len()].clone()
             };
-            let result = async {
-                let channel = common::endpoint(&addr)
-                    .connect_timeout(Duration::from_millis(500))
-                    .connect()
-                    .await
-                    .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-                let mut r = tonic::Request::new(request.clone());
-                r.set_timeout(Duration::from_millis(2_000));
-                waxos_proto::key_value_client::KeyValueClient::new(channel).put(r).await
-            }
-            .await;
+            let result = common::put_once(&addr, &request).await;
             if result.is_ok() {
                 done = true;
                 break;

@@ -448,6 +448,21 @@ pub fn leader_index(cluster: &Cluster, via: usize) -> Option<usize> {
     cluster.hosts.iter().position(|h| address.ends_with(&format!(":{}", h.port)))
 }
 
+/// One PUT attempt at `addr`: connect within 500 ms, answer within 2 s.
+pub async fn put_once(
+    addr: &str,
+    request: &waxos_proto::PutRequest,
+) -> Result<tonic::Response<waxos_proto::PutResponse>, tonic::Status> {
+    let channel = endpoint(addr)
+        .connect_timeout(Duration::from_millis(500))
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let mut r = tonic::Request::new(request.clone());
+    r.set_timeout(Duration::from_millis(2_000));
+    KeyValueClient::new(channel).put(r).await
+}
+
 /// A writer that retries a failed write with the same (client, seq) on the next host, as the
 /// real client does. Returns the writes that were acknowledged.
 pub async fn write_with_retries(
@@ -461,17 +476,7 @@ pub async fn write_with_retries(
     for (i, (key, value)) in keys.into_iter().enumerate() {
         let request = waxos_proto::PutRequest { key: key.clone(), value: value.clone(), client_id, seq: i as u64 + 1 };
         for _attempt in 0..40 {
-            let result = async {
-                let channel = endpoint(&addrs[host])
-                    .connect_timeout(Duration::from_millis(500))
-                    .connect()
-                    .await
-                    .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-                let mut r = tonic::Request::new(request.clone());
-                r.set_timeout(Duration::from_millis(2_000));
-                KeyValueClient::new(channel).put(r).await
-            }
-            .await;
+            let result = put_once(&addrs[host], &request).await;
             match result {
                 Ok(_) => {
                     acked.push((key.clone(), value.clone()));
