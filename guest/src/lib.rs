@@ -12,7 +12,8 @@
 //!   epochs.
 //! - `backup`: a replica of a new cluster restored from another cluster's backed-up state.
 //! - `kv`: the replicated state machine with exactly-once client sessions.
-//! - `replica`: the sans-IO `step(now, events) -> effects` that ties them together.
+//! - `replica`: the sans-IO `step(now, events) -> effects` that ties them together (its
+//!   `staging` submodule: replaying the WAL, and the staged hot swap).
 //! - this file: the WIT glue, compiled for wasm32 only, so everything else runs natively in
 //!   tests as well as under wasmtime.
 #![deny(missing_docs)]
@@ -41,12 +42,13 @@ mod component {
 
     #[allow(missing_docs)]
     mod bindings {
-        wit_bindgen::generate!({ world: "replica-node", path: "../wit" });
+        wit_bindgen::generate!({ world: "replica-node-staged", path: "../wit" });
         use super::Component;
         export!(Component);
     }
 
     use bindings::exports::waxos::replica::replica::{Config, Guest};
+    use bindings::exports::waxos::replica::staging::Guest as Staging;
     use bindings::waxos::replica::types as wit;
 
     thread_local! {
@@ -88,6 +90,26 @@ mod component {
 
         fn status() -> String {
             REPLICA.with(|r| r.borrow().as_ref().map_or_else(|| "{\"started\":false}".to_string(), Replica::status))
+        }
+    }
+
+    impl Staging for Component {
+        fn replay(wal: Vec<Vec<u8>>) -> Result<Vec<wit::Effect>, String> {
+            REPLICA.with(|r| match r.borrow_mut().as_mut() {
+                Some(replica) => Ok(replica.replay(&wal)?.into_iter().map(effect_out).collect()),
+                None => Err("replay before start".to_string()),
+            })
+        }
+
+        fn handover_volatile() -> Vec<u8> {
+            REPLICA.with(|r| r.borrow().as_ref().map(|r| r.handover_volatile()).unwrap_or_default())
+        }
+
+        fn adopt(volatile: Vec<u8>) -> Result<Vec<wit::Effect>, String> {
+            REPLICA.with(|r| match r.borrow_mut().as_mut() {
+                Some(replica) => Ok(replica.adopt(&volatile)?.into_iter().map(effect_out).collect()),
+                None => Err("adopt before start".to_string()),
+            })
         }
     }
 

@@ -19,7 +19,6 @@ use serde::{Deserialize, Serialize};
 use crate::acceptor::Acceptor;
 use crate::follower_reads::{FollowerRead, FollowerReads};
 use crate::kv::{Kv, KvV1};
-use crate::learner::AppState;
 use crate::learner::Learner;
 use crate::membership::Membership;
 use crate::message::{self, Ballot, ClientCommand, DecodeError, Message, Record, Value};
@@ -34,6 +33,7 @@ use crate::types::{Command, Config, Effect, Envelope, Event, NodeId, Outcome, Re
 
 mod reconfigure;
 mod snapshot_transfer;
+mod staging;
 
 use snapshot_transfer::IncomingSnapshot;
 
@@ -237,6 +237,9 @@ pub struct Replica {
     reads: Reads,
     /// Linearizable reads waiting at this replica as a follower (follower ReadIndex).
     follower_reads: FollowerReads,
+    /// This disk once rejoined: its log (or the snapshot that covers the start of it) said "not
+    /// voting" at some point (`staging::replay_records`).
+    disk_rejoined: bool,
 }
 
 impl Replica {
@@ -282,6 +285,7 @@ impl Replica {
             reads: Reads::default(),
             follower_reads: FollowerReads::default(),
             announced_members: None,
+            disk_rejoined: false,
         };
         // Whether this disk once rejoined: its log (or the snapshot that covers the start of it)
         // said "not voting" at some point.
@@ -313,83 +317,25 @@ impl Replica {
             replica.voting = state.voting;
             rejoined_before = !state.voting && !cfg!(feature = "bug-snapshot-forgets-rejoin");
             if let Some(v) = state.volatile {
-                replica.now_ms = v.now_ms;
-                replica.started = true;
-                replica.proposer = v.proposer.into_owned();
-                replica.pending = v.pending.into_owned();
-                replica.last_catchup_ms = v.last_catchup_ms;
-                replica.last_heartbeat_ms = v.last_heartbeat_ms;
-                replica.early_rejoin = v.rejoin;
+                let now_ms = v.now_ms;
                 let (read_round, fenced_log_start, rest) =
                     match message::decode_with_rest::<HandoverTrailer>(HANDOVER_TRAILER_VERSION, trailer) {
                         Ok((t, rest)) => (t.read_round, t.fenced_log_start, rest),
-                        Err(_) => (replica.now_ms.saturating_mul(READ_ROUNDS_PER_MS_MAX), None, &[][..]),
+                        Err(_) => (now_ms.saturating_mul(READ_ROUNDS_PER_MS_MAX), None, &[][..]),
                     };
-                replica.proposer.phase_one =
+                let phase_one =
                     message::decode_up_to::<PhaseOneState>(PHASE_ONE_TRAILER_VERSION, rest).unwrap_or_default();
-                if let (Some(log_start), false) = (fenced_log_start, replica.voting) {
-                    // The fence completed before the swap: only the catch-up remains.
-                    replica.acceptor.forget_below(log_start);
-                    replica.rejoin.resume_catching_up(log_start);
-                }
-                if !cfg!(feature = "bug-reads-reset-on-swap") {
-                    replica.reads.resume_rounds_after(read_round);
-                }
-                // A new instance: its follower-read asks must not match the old one's.
-                replica.follower_reads = FollowerReads::new(replica.instance_nonce());
+                replica.take_over(v, HandoverTrailer { read_round, fenced_log_start }, phase_one);
             }
         }
-        for (i, bytes) in wal.iter().enumerate() {
-            let record: Record = message::decode(bytes).map_err(|e| format!("WAL record {i} refused: {e}"))?;
-            replica.acceptor.restore(&record);
-            match record {
-                Record::Chosen { slot, value } => {
-                    replica.learner.learn(slot, value);
-                }
-                Record::Installed(bytes) => {
-                    replica.learner.apply_ready();
-                    let state = AppState::decode(&bytes)
-                        .map_err(|e| format!("WAL record {i} (installed snapshot) refused: {e}"))?;
-                    replica.learner.install(state);
-                }
-                Record::ChosenAccepted { slot, ballot } => match replica.acceptor.accepted.get(&slot) {
-                    Some((accepted, value)) if *accepted == ballot => {
-                        let value = value.clone();
-                        replica.learner.learn(slot, value);
-                    }
-                    // Cannot happen with an intact log (the Accepted record comes first and the
-                    // acceptor keeps every unapplied slot); if it does, the slot is learned again
-                    // from the peers, as after losing a lazy record.
-                    _ => replica.log(format!("WAL record {i}: slot {slot} chosen at {ballot}, but that accept is not in the log; relearning it")),
-                },
-                Record::Voting(voting) => {
-                    replica.voting = voting;
-                    // A log that once said "not voting" belongs to a disk that rejoined.
-                    rejoined_before |= !voting;
-                }
-                Record::Promised(_) | Record::Accepted { .. } => {}
-            }
-        }
-        replica.learner.apply_ready();
-        if rejoined_before && replica.voting && !cfg!(feature = "bug-rejoin-early") {
-            // This disk once rejoined: its fence's log start is not among the records, but the
-            // learner applied past it before `Voting(true)` (which made every earlier record
-            // durable). Forgetting what is applied is always safe (a candidate behind it
-            // catches up first), and it restores the fence's log start.
-            let applied = replica.learner.next_apply;
-            replica.acceptor.forget_below(applied);
-        }
+        replica.disk_rejoined = rejoined_before;
+        replica.replay_records(wal)?;
         if wal.is_empty() && snapshot.is_none() {
             // The first record of a new log: whether this replica votes. A data dir with a roster
             // but no record at all has lost its log (or never voted), and its host rejoins it.
             replica.persist(&Record::Voting(replica.voting));
         }
-        replica.proposer.observe(replica.acceptor.promised);
-        if let Some(slot) = replica.learner.highest_chosen() {
-            replica.proposer.note_chosen(slot);
-        }
-        replica.derive_open_epoch();
-        replica.announce_members_if_changed();
+        replica.settle();
         replica.log(format!(
             "started: promised {}, {} accepted slots, applied up to {}, {} keys",
             replica.acceptor.promised,
@@ -403,33 +349,7 @@ impl Replica {
     /// Everything durable, versioned; with `handover`, also the volatile state a hot-swapped
     /// build needs to continue without a pause.
     pub fn snapshot(&self, handover: bool) -> Vec<u8> {
-        // Reads waiting for their confirmation are handed over as log commands, due at once:
-        // the new build's read state starts empty (and the hand-over format need not carry it).
-        // Followers' asks waiting here are dropped: the followers ask again or use the log.
-        let pending = if self.reads.is_empty() && self.follower_reads.is_empty() {
-            Cow::Borrowed(&self.pending)
-        } else {
-            let mut pending = self.pending.clone();
-            for read in self.reads.waiting().filter(|r| r.remote.is_none()) {
-                let entry =
-                    self.get_through_log_entry(read.request_id, read.client, read.seq, &read.key, read.since_ms, 0);
-                pending.insert(read.request_id, entry);
-            }
-            for read in self.follower_reads.waiting() {
-                let entry =
-                    self.get_through_log_entry(read.request_id, read.client, read.seq, &read.key, read.since_ms, 0);
-                pending.insert(read.request_id, entry);
-            }
-            Cow::Owned(pending)
-        };
-        let volatile = handover.then_some(Volatile {
-            now_ms: self.now_ms,
-            proposer: Cow::Borrowed(&self.proposer),
-            pending,
-            last_catchup_ms: self.last_catchup_ms,
-            last_heartbeat_ms: self.last_heartbeat_ms,
-            rejoin: self.early_rejoin,
-        });
+        let volatile = handover.then(|| self.volatile());
         // The last snapshot's size, or (none taken yet) a guess from the number of keys.
         let hint = self.last_snapshot_bytes.get().max(self.learner.kv.data.len() * 64);
         let bytes = message::encode_with_capacity(
@@ -452,8 +372,7 @@ impl Replica {
             bytes.extend(self.learner.membership.encode());
         }
         if handover {
-            let trailer =
-                HandoverTrailer { read_round: self.reads.sent_round(), fenced_log_start: self.rejoin.catching_up_to() };
+            let trailer = self.handover_trailer();
             bytes.extend(message::encode_as(HANDOVER_TRAILER_VERSION, &trailer));
             bytes.extend(message::encode_as(PHASE_ONE_TRAILER_VERSION, &self.proposer.phase_one));
         }

@@ -4,6 +4,7 @@
 //! - `runtime`: wasmtime — engine, compiled-guest cache, instances with deadlines and limits.
 //! - `step_loop`: the thread that owns the guest and the WAL; persist before send.
 //! - `storage`: the write-ahead log and snapshots.
+//! - `staging`: compaction and hot-swap preparation off the step loop (a fresh instance from disk).
 //! - `sync_pipeline`: which step's effects may leave when; the bound on a stalled disk's backlog.
 //! - `chaos`: failure on purpose (acceptor outages, guest crashes).
 //! - `net`: socket and HTTP/2 settings of every connection (TCP_NODELAY, flow-control windows).
@@ -34,6 +35,7 @@ pub mod peer;
 pub mod runtime;
 pub mod service;
 pub mod signing;
+pub mod staging;
 pub mod step_loop;
 pub mod storage;
 pub mod sync_pipeline;

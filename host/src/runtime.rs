@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::component::{Component, ComponentExportIndex, Instance, Linker, ResourceTable, TypedFunc};
 use wasmtime::{Config as EngineConfig, Engine, Store, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
@@ -68,13 +68,40 @@ pub struct Runtime {
 }
 
 /// One compiled, linked guest build, ready to instantiate.
+#[derive(Clone)]
 pub struct GuestBuild {
     engine: Engine,
     pre: ReplicaNodePre<HostState>,
+    /// Where the build's optional `staging` exports are (builds before staged swaps have none).
+    staging: Option<StagingExports>,
     /// Where the build came from (a path, or "swap").
     pub source: String,
     /// A hash of the build's bytes, shown by `status`.
     pub hash: String,
+}
+
+/// The `waxos:replica/staging` exports of a build (`crate::staging`).
+#[derive(Clone)]
+struct StagingExports {
+    replay: ComponentExportIndex,
+    handover_volatile: ComponentExportIndex,
+    adopt: ComponentExportIndex,
+}
+
+/// The name of the optional staging interface.
+const STAGING_INTERFACE: &str = "waxos:replica/staging@0.1.0";
+
+impl StagingExports {
+    /// The three functions, when the component exports the interface (with all three).
+    fn find(component: &Component) -> Option<StagingExports> {
+        let interface = component.get_export_index(None, STAGING_INTERFACE)?;
+        let func = |name: &str| component.get_export_index(Some(&interface), name);
+        Some(StagingExports {
+            replay: func("replay")?,
+            handover_volatile: func("handover-volatile")?,
+            adopt: func("adopt")?,
+        })
+    }
 }
 
 /// FNV-1a, 64 bits: a stable short fingerprint of a build (not a security measure).
@@ -141,7 +168,8 @@ impl Runtime {
         let pre = ReplicaNodePre::new(pre)
             .map_err(anyhow::Error::from)
             .with_context(|| format!("{source} does not export the waxos replica-node world"))?;
-        Ok(GuestBuild { engine: self.engine.clone(), pre, source: source.to_string(), hash: build_hash(bytes) })
+        let staging = StagingExports::find(&component);
+        Ok(GuestBuild { engine: self.engine.clone(), pre, staging, source: source.to_string(), hash: build_hash(bytes) })
     }
 }
 
@@ -157,8 +185,14 @@ impl GuestBuild {
         store.set_hostcall_fuel(GUEST_MEMORY_BYTES_MAX);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(START_DEADLINE_MS / EPOCH_TICK_MS);
-        let node = self.pre.instantiate(&mut store).map_err(|e| crash("instantiate", e))?;
-        Ok(Guest { store, node })
+        let instance = self.pre.instance_pre().instantiate(&mut store).map_err(|e| crash("instantiate", e))?;
+        let node = ReplicaNode::new(&mut store, &instance).map_err(|e| crash("instantiate", e))?;
+        Ok(Guest { store, node, instance, staging: self.staging.clone() })
+    }
+
+    /// True when the build exports the staged swap (`crate::staging`).
+    pub fn supports_staging(&self) -> bool {
+        self.staging.is_some()
     }
 }
 
@@ -229,11 +263,17 @@ fn cache_payload(file: &[u8]) -> Option<&[u8]> {
     (payload.len() == len && crc32c::crc32c(payload) == crc).then_some(payload)
 }
 
-/// A live guest instance. Not `Sync`: one thread (the step loop) owns it.
+/// A live guest instance. Not `Sync`: one thread at a time owns it (the step loop; a staged
+/// instance is prepared on a thread of its own and handed over).
 pub struct Guest {
     store: Store<HostState>,
     node: ReplicaNode,
+    instance: Instance,
+    staging: Option<StagingExports>,
 }
+
+/// `replay` and `adopt`: records or a hand-over in, log effects or a refusal out.
+type StagingFunc<P> = TypedFunc<(P,), (Result<Vec<Effect>, String>,)>;
 
 impl Guest {
     fn arm(&mut self, deadline_ms: u64) {
@@ -270,6 +310,39 @@ impl Guest {
     pub fn status(&mut self) -> Result<String, GuestCrash> {
         self.arm(CALL_DEADLINE_MS);
         self.node.waxos_replica_replica().call_status(&mut self.store).map_err(|e| crash("status", e))
+    }
+
+    fn staging(&self, call: &'static str) -> Result<&StagingExports, GuestCrash> {
+        self.staging.as_ref().ok_or(GuestCrash { call, reason: "this build has no staging exports".into() })
+    }
+
+    /// `staging.replay(wal)`: a staged instance catches up with records persisted after those it
+    /// started from. `Ok(Err(reason))` when it refused a record.
+    pub fn replay(&mut self, wal: &[Vec<u8>]) -> Result<Result<Vec<Effect>, String>, GuestCrash> {
+        let index = self.staging("replay")?.replay;
+        self.arm(START_DEADLINE_MS);
+        let func: StagingFunc<&[Vec<u8>]> =
+            self.instance.get_typed_func(&mut self.store, index).map_err(|e| crash("replay", e))?;
+        func.call(&mut self.store, (wal,)).map(|(r,)| r).map_err(|e| crash("replay", e))
+    }
+
+    /// `staging.handover-volatile()`: the volatile state, for `adopt` on a staged instance.
+    pub fn handover_volatile(&mut self) -> Result<Vec<u8>, GuestCrash> {
+        let index = self.staging("handover-volatile")?.handover_volatile;
+        self.arm(CALL_DEADLINE_MS);
+        let func: TypedFunc<(), (Vec<u8>,)> =
+            self.instance.get_typed_func(&mut self.store, index).map_err(|e| crash("handover-volatile", e))?;
+        func.call(&mut self.store, ()).map(|(bytes,)| bytes).map_err(|e| crash("handover-volatile", e))
+    }
+
+    /// `staging.adopt(volatile)`: `Ok(Err(reason))` when the instance refused the hand-over
+    /// (its durable state is not the old instance's), with nothing changed.
+    pub fn adopt(&mut self, volatile: &[u8]) -> Result<Result<Vec<Effect>, String>, GuestCrash> {
+        let index = self.staging("adopt")?.adopt;
+        self.arm(CALL_DEADLINE_MS);
+        let func: StagingFunc<&[u8]> =
+            self.instance.get_typed_func(&mut self.store, index).map_err(|e| crash("adopt", e))?;
+        func.call(&mut self.store, (volatile,)).map(|(r,)| r).map_err(|e| crash("adopt", e))
     }
 }
 

@@ -26,6 +26,7 @@ use tokio::sync::oneshot;
 use crate::chaos::{Chaos, ChaosEvent};
 use crate::peer::Transport;
 use crate::runtime::{Command, Effect, Event, Guest, GuestBuild, GuestConfig, GuestCrash, Outcome, Request, Role};
+use crate::staging::{Background, Done, StagedSwap, Timings};
 use crate::storage::syncer::Syncer;
 use crate::storage::{Durable, Storage};
 use crate::sync_pipeline::SyncPipeline;
@@ -217,7 +218,24 @@ pub struct StepLoop {
     last_sweep: Instant,
     /// When the guest's status was last sampled for the metrics (`sample_for_metrics`).
     last_sample: Instant,
+    /// The thread that compacts and prepares hot swaps off the loop (`staging`; from `run`:
+    /// without it, both happen on the loop).
+    background: Option<Background>,
+    /// Records the compaction in progress covers (counted again if it fails).
+    compacting_records: u64,
+    /// After a failed compaction off the loop, the next one waits until then.
+    compaction_retry_at: Option<Instant>,
+    /// A staged hot swap in progress.
+    staged_swap: Option<StagedSwap>,
+    /// A swap that arrived while a compaction ran: it is staged once that is done.
+    swap_waiting: Option<SwapAsked>,
 }
+
+/// A swap asked for: the build, where the outcome goes, the one-swap-at-a-time lock.
+type SwapAsked = (GuestBuild, oneshot::Sender<Result<SwapReport, String>>, tokio::sync::OwnedMutexGuard<()>);
+
+/// A failed compaction off the loop is tried again after this long.
+const COMPACTION_RETRY_MS: u64 = 10_000;
 
 impl StepLoop {
     /// Starts the guest from `durable` state and returns the loop, ready to `run`.
@@ -255,6 +273,11 @@ impl StepLoop {
             last_restart_attempt: None,
             last_sweep: Instant::now(),
             last_sample: Instant::now(),
+            background: None,
+            compacting_records: 0,
+            compaction_retry_at: None,
+            staged_swap: None,
+            swap_waiting: None,
         };
         let started = Instant::now();
         let guest = step_loop.start_guest(&durable).map_err(anyhow::Error::msg)?;
@@ -297,6 +320,11 @@ impl StepLoop {
     /// Runs until the process ends; `handle` is this loop's own (the WAL's writer thread wakes
     /// it through it).
     pub fn run(mut self, inputs: Inputs, handle: StepLoopHandle) {
+        let woken = handle.clone();
+        match Background::start(move || woken.offer(Input::Synced)) {
+            Ok(background) => self.background = Some(background),
+            Err(e) => tracing::warn!("no staging thread ({e:#}): compacting and swapping on the step loop"),
+        }
         match Syncer::start(move || handle.offer(Input::Synced)) {
             Ok(syncer) => self.pipeline = SyncPipeline::new(Some(syncer)),
             Err(e) => tracing::warn!("no WAL writer thread ({e:#}): syncing on the step loop"),
@@ -323,6 +351,7 @@ impl StepLoop {
 
     fn turn(&mut self, inputs: Vec<Input>) {
         self.collect_syncs();
+        self.collect_background();
         if self.pipeline.compaction_due && !self.pipeline.in_flight() {
             self.compact();
         }
@@ -407,10 +436,7 @@ impl StepLoop {
             }
         }
         for (build, reply, one_at_a_time) in swaps {
-            let swapped = self.swap(build);
-            crate::metrics::swap(swapped.as_ref().ok().map(|report| report.pause));
-            let _ = reply.send(swapped);
-            drop(one_at_a_time);
+            self.begin_swap(build, reply, one_at_a_time);
         }
         for reply in backups {
             let _ = reply.send(self.backup_state());
@@ -479,9 +505,15 @@ impl StepLoop {
                 Effect::PersistLazy(record) => {
                     self.storage.wal.append(record);
                     self.storage.records_since_snapshot += 1;
+                    if let Some(staged) = self.staged_swap.as_mut() {
+                        staged.keep(record);
+                    }
                 }
                 Effect::Persist(record) => {
                     self.storage.wal.append(record);
+                    if let Some(staged) = self.staged_swap.as_mut() {
+                        staged.keep(record);
+                    }
                     self.storage.records_since_snapshot += 1;
                     persisted += 1;
                     if self.sync_every_record {
@@ -563,6 +595,9 @@ impl StepLoop {
     /// is in flight, so the wait for the disk is this compaction's own.
     fn compact(&mut self) {
         self.pipeline.compaction_due = false;
+        if self.background.is_some() {
+            return self.compact_off_loop();
+        }
         self.drain_syncs();
         let Some(guest) = self.guest.as_mut() else { return };
         let started = Instant::now();
@@ -637,19 +672,7 @@ impl StepLoop {
             Err(crash) => return refuse(format!("the new build crashed in status: {crash}")),
         };
         let pause = started.elapsed();
-        // Persist the choice: a restarted host runs this build.
-        // The build and its signature (`signing::install_next`).
-        if let Err(e) = crate::signing::install_next(&self.guest_dir).and_then(|_| {
-            crate::crash_point::reach("swap.after_install");
-            crate::storage::sync_dir(&self.guest_dir)
-        }) {
-            // Not `refuse`: the signature may be installed already, and deleting `next.wasm`
-            // would leave the old build with the new signature. As after a crash at the same
-            // point, the next start finishes the install (`signing`); until then the old build
-            // runs.
-            tracing::error!("swap to {} not persisted (the old build keeps running): {e:#}", build.hash);
-            return Err(format!("cannot persist the new build: {e:#}"));
-        }
+        self.install_build(&build)?;
         self.guest = Some(new);
         let report = SwapReport { old_version, new_version, build_hash: build.hash.clone(), pause };
         self.build = build;
@@ -664,6 +687,254 @@ impl StepLoop {
             snapshot_done.as_secs_f64() * 1e3,
             (instantiate_done - snapshot_done).as_secs_f64() * 1e3,
             (start_done - instantiate_done).as_secs_f64() * 1e3,
+        );
+        Ok(report)
+    }
+
+    /// Persists the choice of `build`: a restarted host runs it. The build and its signature
+    /// (`signing::install_next`).
+    fn install_build(&self, build: &GuestBuild) -> Result<(), String> {
+        crate::signing::install_next(&self.guest_dir)
+            .and_then(|_| {
+                crate::crash_point::reach("swap.after_install");
+                crate::storage::sync_dir(&self.guest_dir)
+            })
+            .map_err(|e| {
+                // Not a refusal: the signature may be installed already, and deleting
+                // `next.wasm` would leave the old build with the new signature. As after a
+                // crash at the same point, the next start finishes the install (`signing`);
+                // until then the old build runs.
+                tracing::error!("swap to {} not persisted (the old build keeps running): {e:#}", build.hash);
+                format!("cannot persist the new build: {e:#}")
+            })
+    }
+
+    /// Compaction with the staging thread: roll the WAL here (everything before the new segment
+    /// is durable), and let the thread snapshot a fresh instance started from the disk.
+    fn compact_off_loop(&mut self) {
+        let busy = self.background.as_ref().is_none_or(Background::busy);
+        if busy || self.compaction_retry_at.is_some_and(|at| Instant::now() < at) {
+            return;
+        }
+        let started = Instant::now();
+        self.drain_syncs();
+        let boundary = match self.storage.wal.roll() {
+            Ok(boundary) => boundary,
+            Err(e) => self.stop_host_disk(format!("cannot start a new WAL segment for a compaction: {e:#}")),
+        };
+        crate::crash_point::reach("compact.after_roll");
+        self.compacting_records = self.storage.records_since_snapshot;
+        self.storage.records_since_snapshot = 0;
+        let (build, config, dir) = (self.build.clone(), self.config.clone(), self.storage.dir().to_path_buf());
+        if let Some(background) = self.background.as_mut() {
+            background.compact(build, config, dir, boundary);
+        }
+        tracing::info!(
+            "compacting {} WAL records off the step loop (on the loop: WAL rolled to segment {boundary} in {:.1} ms)",
+            self.compacting_records,
+            started.elapsed().as_secs_f64() * 1e3
+        );
+    }
+
+    /// Takes what the staging thread finished: a compaction (drop the covered segments), a
+    /// staged instance (another round, or the switch), a failure.
+    fn collect_background(&mut self) {
+        let Some(done) = self.background.as_mut().and_then(Background::try_done) else { return };
+        match done {
+            Done::Compacted { boundary, records, bytes, timings } => {
+                let started = Instant::now();
+                if let Err(e) = self.storage.wal.drop_segments_before(boundary) {
+                    // The snapshot is durable: segments left behind are skipped on every read.
+                    tracing::warn!("cannot delete the WAL segments the new snapshot covers: {e:#}");
+                }
+                crate::crash_point::reach("compact.after_drop");
+                let total = timings.read_ms + timings.start_ms + timings.snapshot_ms + timings.save_ms;
+                crate::metrics::snapshot(bytes, Duration::from_secs_f64(total / 1e3));
+                self.compaction_retry_at = None;
+                tracing::info!(
+                    "compacted {} WAL records into a {bytes}-byte snapshot off the step loop ({records} replayed by a fresh instance: read {:.1} ms, start {:.1} ms, snapshot {:.1} ms, save {:.1} ms; on the loop: {:.1} ms)",
+                    self.compacting_records,
+                    timings.read_ms,
+                    timings.start_ms,
+                    timings.snapshot_ms,
+                    timings.save_ms,
+                    started.elapsed().as_secs_f64() * 1e3
+                );
+            }
+            Done::Failed { reason, build: None } => {
+                self.storage.records_since_snapshot += self.compacting_records;
+                self.compaction_retry_at = Some(Instant::now() + Duration::from_millis(COMPACTION_RETRY_MS));
+                tracing::warn!("{reason}; trying again in {} s", COMPACTION_RETRY_MS / 1000);
+            }
+            Done::Failed { reason, build: Some(build) } => {
+                if let Some(staged) = self.staged_swap.take() {
+                    tracing::warn!("swap to {} refused: {reason}", build.hash);
+                    let _ = std::fs::remove_file(self.guest_dir.join("next.wasm"));
+                    let _ = std::fs::remove_file(crate::signing::signature_path(&self.guest_dir.join("next.wasm")));
+                    let _ = staged.reply.send(Err(reason));
+                }
+            }
+            Done::Staged { build, guest, timings } => self.on_staged(build, guest, timings),
+        }
+        if !self.background.as_ref().is_some_and(Background::busy) {
+            if let Some((build, reply, one_at_a_time)) = self.swap_waiting.take() {
+                self.begin_swap(build, reply, one_at_a_time);
+            }
+        }
+    }
+
+    /// A swap asked for: staged when both builds can (and the staging thread runs), else at
+    /// once with a hand-over snapshot.
+    fn begin_swap(
+        &mut self,
+        build: GuestBuild,
+        reply: oneshot::Sender<Result<SwapReport, String>>,
+        one_at_a_time: tokio::sync::OwnedMutexGuard<()>,
+    ) {
+        let stageable = self.background.is_some()
+            && build.supports_staging()
+            && self.build.supports_staging()
+            && self.guest.is_some()
+            && self.staged_swap.is_none();
+        if !stageable {
+            return self.swap_now(build, reply, one_at_a_time);
+        }
+        if self.background.as_ref().is_some_and(Background::busy) {
+            // A compaction runs: the swap is staged once it is done.
+            self.swap_waiting = Some((build, reply, one_at_a_time));
+            return;
+        }
+        self.drain_syncs();
+        let boundary = match self.storage.wal.roll() {
+            Ok(boundary) => boundary,
+            Err(e) => self.stop_host_disk(format!("cannot start a new WAL segment for a swap: {e:#}")),
+        };
+        tracing::info!(
+            "hot swap to {}: preparing the new build off the step loop from the durable state (WAL rolled to segment {boundary})",
+            build.hash
+        );
+        self.staged_swap = Some(StagedSwap {
+            reply,
+            one_at_a_time,
+            tail: Vec::new(),
+            tail_bytes: 0,
+            rounds: 0,
+            asked: Instant::now(),
+            abandoned: None,
+        });
+        let (config, dir) = (self.config.clone(), self.storage.dir().to_path_buf());
+        if let Some(background) = self.background.as_mut() {
+            background.stage(build, config, dir, boundary);
+        }
+    }
+
+    /// The swap with one hand-over snapshot (`swap`), answered.
+    fn swap_now(
+        &mut self,
+        build: GuestBuild,
+        reply: oneshot::Sender<Result<SwapReport, String>>,
+        one_at_a_time: tokio::sync::OwnedMutexGuard<()>,
+    ) {
+        let swapped = self.swap(build);
+        crate::metrics::swap(swapped.as_ref().ok().map(|report| report.pause));
+        let _ = reply.send(swapped);
+        drop(one_at_a_time);
+    }
+
+    /// A round of a staged swap is done: another round off the loop while many records arrived
+    /// meanwhile, else the switch.
+    fn on_staged(&mut self, build: GuestBuild, guest: Box<Guest>, timings: Timings) {
+        let Some(staged) = self.staged_swap.as_mut() else { return };
+        staged.rounds += 1;
+        tracing::debug!("staged swap round {}: {:.1} ms; {} records since", staged.rounds, timings.start_ms, staged.tail.len());
+        if let Some(why) = staged.abandoned.clone() {
+            let Some(staged) = self.staged_swap.take() else { return };
+            tracing::warn!("staged swap to {} abandoned ({why}): swapping with a hand-over snapshot", build.hash);
+            return self.swap_now(build, staged.reply, staged.one_at_a_time);
+        }
+        if staged.tail.len() > crate::staging::SWITCH_RECORDS_MAX && staged.rounds < crate::staging::CATCH_UP_ROUNDS_MAX {
+            let records = staged.take_tail();
+            if let Some(background) = self.background.as_mut() {
+                background.replay(build, guest, records);
+            }
+            return;
+        }
+        let Some(staged) = self.staged_swap.take() else { return };
+        match self.switch_to_staged(&build, *guest, staged.tail, staged.asked) {
+            Ok(report) => {
+                self.build = build;
+                crate::metrics::swap(Some(report.pause));
+                let _ = staged.reply.send(Ok(report));
+            }
+            Err(Fallback::OldWay(why)) => {
+                tracing::warn!("staged swap to {} not possible ({why}): swapping with a hand-over snapshot", build.hash);
+                return self.swap_now(build, staged.reply, staged.one_at_a_time);
+            }
+            Err(Fallback::Refused(reason)) => {
+                let _ = std::fs::remove_file(self.guest_dir.join("next.wasm"));
+                let _ = std::fs::remove_file(crate::signing::signature_path(&self.guest_dir.join("next.wasm")));
+                let _ = staged.reply.send(Err(reason));
+            }
+        }
+        drop(staged.one_at_a_time);
+    }
+
+    /// The switch of a staged swap: the last records replayed, the old instance's volatile state
+    /// adopted by the new one, the choice persisted. On `Fallback::OldWay` nothing changed.
+    fn switch_to_staged(
+        &mut self,
+        build: &GuestBuild,
+        mut new: Guest,
+        tail: Vec<Vec<u8>>,
+        asked: Instant,
+    ) -> Result<SwapReport, Fallback> {
+        let started = Instant::now();
+        let Some(old) = self.guest.as_mut() else {
+            return Err(Fallback::OldWay("the running guest is down".into()));
+        };
+        match new.replay(&tail) {
+            Ok(Ok(_logs)) => {}
+            Ok(Err(refused)) => return Err(Fallback::OldWay(format!("the new build refused a record: {refused}"))),
+            Err(crash) => return Err(Fallback::OldWay(crash.to_string())),
+        }
+        let replayed = started.elapsed();
+        let old_version = version_of(&old.status().unwrap_or_default());
+        let volatile = match old.handover_volatile() {
+            Ok(volatile) => volatile,
+            Err(crash) => {
+                let reason = format!("the current guest failed its hand-over: {crash}");
+                self.on_crash(crash);
+                return Err(Fallback::Refused(reason));
+            }
+        };
+        let handed = started.elapsed();
+        let effects = match new.adopt(&volatile) {
+            Ok(Ok(effects)) => effects,
+            Ok(Err(refused)) => return Err(Fallback::OldWay(refused)),
+            Err(crash) => return Err(Fallback::OldWay(crash.to_string())),
+        };
+        let adopted = started.elapsed();
+        let new_version = match new.status() {
+            Ok(json) => version_of(&json),
+            Err(crash) => return Err(Fallback::OldWay(format!("the new build crashed in status: {crash}"))),
+        };
+        let pause = started.elapsed();
+        self.install_build(build).map_err(Fallback::Refused)?;
+        self.guest = Some(new);
+        let report = SwapReport { old_version, new_version, build_hash: build.hash.clone(), pause };
+        self.carry_out(effects);
+        tracing::info!(
+            "hot swap (staged): {} -> {} (build {}), pause {:.2} ms (replay of {} records {:.2} ms, hand-over of {} bytes {:.2} ms, adopt {:.2} ms); prepared off the step loop in {} ms",
+            report.old_version,
+            report.new_version,
+            report.build_hash,
+            pause.as_secs_f64() * 1e3,
+            tail.len(),
+            replayed.as_secs_f64() * 1e3,
+            volatile.len(),
+            (handed - replayed).as_secs_f64() * 1e3,
+            (adopted - handed).as_secs_f64() * 1e3,
+            (started - asked).as_millis()
         );
         Ok(report)
     }
@@ -703,6 +974,9 @@ impl StepLoop {
     }
 
     fn discard_guest(&mut self, reason: &str) {
+        if let Some(staged) = self.staged_swap.as_mut() {
+            staged.abandon("the running guest crashed while the new build was prepared".into());
+        }
         self.guest = None;
         crate::metrics::guest_up(false);
         self.loopback.clear();
@@ -750,6 +1024,14 @@ impl StepLoop {
             }
         }
     }
+}
+
+/// Why a staged switch did not happen.
+enum Fallback {
+    /// Nothing changed: swap with a hand-over snapshot instead.
+    OldWay(String),
+    /// The swap is refused (the old instance crashed, the choice could not be persisted).
+    Refused(String),
 }
 
 /// Exit code of a host stopped because its disk failed a write or sync.

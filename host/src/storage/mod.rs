@@ -76,11 +76,21 @@ impl Storage {
         lost::mark(&self.dir, reason)
     }
 
-    /// Everything durable now (to restart a crashed guest).
+    /// Everything durable now (to restart a crashed guest): the snapshot and the records of the
+    /// segments it does not cover (a compaction off the step loop saves its snapshot before the
+    /// step loop drops the segments it covers).
     pub fn read_durable(&self) -> anyhow::Result<Durable> {
         let snapshot = Snapshot::load(&self.dir)?;
-        let records = self.wal.read_all()?;
+        let records = match &snapshot {
+            Some(snapshot) => self.wal.read_from(snapshot.first_segment)?,
+            None => self.wal.read_all()?,
+        };
         Ok(Durable { snapshot: snapshot.map(|s| s.bytes), records })
+    }
+
+    /// The data dir.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Makes `snapshot` (the guest's state after every record appended so far) the new base
@@ -96,6 +106,17 @@ impl Storage {
         self.records_since_snapshot = 0;
         Ok(())
     }
+}
+
+/// The durable state as it was when the WAL was rolled to segment `boundary`: the snapshot in
+/// `dir` and the records of the closed segments before `boundary` it does not cover. Read off the
+/// step loop (`crate::staging`); only the step loop deletes segments, and not while this runs.
+pub fn read_durable_before(dir: &Path, boundary: u64) -> anyhow::Result<(Durable, u64)> {
+    let snapshot = Snapshot::load(dir)?;
+    // Without a snapshot the log starts at segment 0.
+    let first = snapshot.as_ref().map_or(0, |s| s.first_segment);
+    let records = wal::read_closed_segments(&dir.join("wal"), first, boundary)?;
+    Ok((Durable { snapshot: snapshot.map(|s| s.bytes), records }, first))
 }
 
 /// Replaces `path` with `bytes` so that a crash leaves either the old or the new content:

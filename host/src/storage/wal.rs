@@ -270,8 +270,14 @@ impl Wal {
 
     /// Every durable record after the snapshot, read back from disk.
     pub fn read_all(&self) -> anyhow::Result<Vec<Vec<u8>>> {
+        self.read_from(self.first_segment)
+    }
+
+    /// Every durable record of the segments from `first` on (a snapshot saved by a compaction
+    /// off the step loop covers the segments before it, which may still be here).
+    pub fn read_from(&self, first: u64) -> anyhow::Result<Vec<Vec<u8>>> {
         let mut records = Vec::new();
-        for n in segments(&self.dir)?.into_iter().filter(|&n| n >= self.first_segment) {
+        for n in segments(&self.dir)?.into_iter().filter(|&n| n >= first.max(self.first_segment)) {
             let path = segment_path(&self.dir, n);
             let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
             let (mut found, _, _) = scan(&bytes, &path, n == self.segment)?;
@@ -279,6 +285,30 @@ impl Wal {
         }
         Ok(records)
     }
+
+    /// The WAL's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// The records of the closed segments `from..to` of the WAL in `dir` (closed: rolled and synced
+/// before, so every record in them is whole; a damaged one is an error). Read off the step loop
+/// while it appends to a later segment.
+pub fn read_closed_segments(dir: &Path, from: u64, to: u64) -> anyhow::Result<Vec<Vec<u8>>> {
+    let mut records = Vec::new();
+    let present = segments(dir)?;
+    for n in from..to {
+        if !present.contains(&n) {
+            // Segments are numbered without gaps from the one a snapshot names.
+            bail!("WAL segment {} is missing", segment_path(dir, n).display());
+        }
+        let path = segment_path(dir, n);
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let (mut found, _, _) = scan(&bytes, &path, false)?;
+        records.append(&mut found);
+    }
+    Ok(records)
 }
 
 /// Every record in the segments of `dir`, without changing anything (tests look at the disk).
