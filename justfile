@@ -79,6 +79,22 @@ sim *args="1000": build
     scripts/guest-variants.sh > /dev/null
     ./target/release/waxos-sim --swap-with target/guest-variants/relabeled.wasm {{args}}
 
+# Container image waxos:latest FROM scratch: the release waxosd and waxos, the glibc libraries ldd names, the signed guest; user 10001, volume /data.
+image: build
+    scripts/image.sh
+
+# Five hosts in containers (compose.yaml): gRPC on 127.0.0.1:50051-50055, metrics on 127.0.0.1:9101-9105; installs docker-compose if missing.
+compose-up:
+    scripts/compose.sh up
+
+# Stop and remove the compose hosts and their network; `just compose-down -v` removes their data volumes too.
+compose-down *args="":
+    scripts/compose.sh down {{args}}
+
+# Real-network faults (root, Docker): five hosts in containers, iptables partitions (one-way too), kills, a rolling hot swap, under load; the history checked for linearizability.
+test-net seconds="150": image
+    scripts/test-net.sh {{seconds}}
+
 # Format and lint (CI runs these too).
 lint: setup
     cargo fmt --all -- --check
