@@ -41,7 +41,8 @@ case "$action" in
     echo "compose: waiting for the five hosts to serve..." >&2
     for n in 1 2 3 4 5; do
       for _ in $(seq 1 60); do
-        curl -sf "http://127.0.0.1:910$n/metrics" 2>/dev/null | grep -q '^waxos_serving 1' && break
+        # grep -c reads the whole scrape (an early grep -q could fail curl with SIGPIPE under pipefail)
+        curl -sf "http://127.0.0.1:910$n/metrics" 2>/dev/null | grep -c '^waxos_serving 1' > /dev/null && break
         sleep 1
       done
       state=$(curl -sf "http://127.0.0.1:910$n/metrics" 2>/dev/null | grep -E '^waxos_(serving|leader_id) ' | tr '\n' ' ' || true)

@@ -36,7 +36,7 @@ leftovers() { # what: names of runs (waxos-net-PID) holding resources, whose PID
   { docker ps -a --filter "label=$label" --format '{{.Label "waxos-test-net"}}'
     docker network ls --filter "label=$label" --format '{{.Name}}'
     docker volume ls --filter "label=$label" --format '{{.Label "waxos-test-net"}}'
-    iptables -S DOCKER-USER 2>/dev/null | grep -o -- '--comment waxos-net-[0-9]*' | awk '{print $2}'
+    iptables -S DOCKER-USER 2>/dev/null | grep -o -- '--comment waxos-net-[0-9]*' | awk '{print $2}' || true
   } 2>/dev/null | sort -u | while read -r run; do
     [ -n "$run" ] && ! kill -0 "${run#waxos-net-}" 2>/dev/null && echo "$run"
   done
@@ -46,7 +46,7 @@ cleanup_run() { # RUN
   docker ps -aq --filter "label=$label=$run" | xargs -r docker rm -f > /dev/null 2>&1 || true
   docker network rm "$run" > /dev/null 2>&1 || true
   docker volume ls -q --filter "label=$label=$run" | xargs -r docker volume rm > /dev/null 2>&1 || true
-  iptables -S DOCKER-USER 2>/dev/null | grep -- "--comment $run " | sed 's/^-A /-D /' | while read -r rule; do
+  { iptables -S DOCKER-USER 2>/dev/null | grep -- "--comment $run " || true; } | sed 's/^-A /-D /' | while read -r rule; do
     # shellcheck disable=SC2086
     iptables $rule 2>/dev/null || true
   done
@@ -54,6 +54,7 @@ cleanup_run() { # RUN
 for old in $(leftovers); do
   echo "test-net: removing what the interrupted run $old left behind" >&2
   cleanup_run "$old"
+  rm -rf "/tmp/$old".*
 done
 
 run="waxos-net-$$"
@@ -62,7 +63,9 @@ out=target/test-net
 rm -rf "$out"; mkdir -p "$out"
 finish() {
   local code=$?
+  set +e  # clean up all of it, whatever fails
   trap - EXIT INT TERM
+  if [ -n "${driver:-}" ]; then kill "$driver" 2>/dev/null || true; wait "$driver" 2>/dev/null || true; fi
   for n in 1 2 3 4 5; do docker logs "$run-$n" > "$out/$n.log" 2>&1 || true; done
   [ -f "$work/history.jsonl" ] && cp "$work/history.jsonl" "$out/"
   cleanup_run "$run"
@@ -122,18 +125,24 @@ for n in 1 2 3 4 5; do
   sleep 0.3 # register in order: container N is node N
 done
 echo "test-net: five hosts waxosN at $subnet.1N:5005N (network $run); waiting until each serves" >&2
+# (grep -c reads the whole scrape: with pipefail, an early grep -q could fail curl with SIGPIPE.)
+serving() { curl -sf --max-time 1 "http://$1:9100/metrics" 2>/dev/null | grep -c '^waxos_serving 1' > /dev/null; }
 for n in 1 2 3 4 5; do
   for _ in $(seq 1 120); do
-    curl -sf --max-time 1 "http://${ips[n-1]}:9100/metrics" 2>/dev/null | grep -q '^waxos_serving 1' && break
+    serving "${ips[n-1]}" && break
     sleep 0.5
   done
-  curl -sf --max-time 1 "http://${ips[n-1]}:9100/metrics" 2>/dev/null | grep -q '^waxos_serving 1' \
-    || { echo "test-net: host $n does not serve after 60 s" >&2; exit 1; }
+  serving "${ips[n-1]}" || { echo "test-net: host $n does not serve after 60 s" >&2; exit 1; }
 done
 
 ip_list=$(IFS=,; echo "${ips[*]}")
+# In the background, so that a signal to this script runs the trap at once (a foreground child
+# would be waited for first); the trap stops the driver before it removes what the driver uses.
 python3 scripts/net-test.py --run "$run" --ips "$ip_list" --pki "$work/pki" --waxos ./target/release/waxos \
   --builds "$work/relabeled.wasm,$work/original.wasm" --history "$work/history.jsonl" --duration "$seconds" \
-  ${NET_SEED:+--seed "$NET_SEED"} | tee "$work/summary"
+  ${NET_SEED:+--seed "$NET_SEED"} &
+driver=$!
+wait "$driver"
+driver=""
 ./target/release/waxos-check-history "$work/history.jsonl"
 echo "test-net: passed in $(( $(date +%s) - t_start )) s (setup and read-back included)"
