@@ -11,7 +11,9 @@
 //! keeps the durable records and a random prefix of the sync in progress (a torn write, cut at
 //! a record boundary as the WAL's open does), loses the rest, and nothing held ever leaves.
 //! Compaction (every `snapshot_every_records` records) drains the syncs first, as the host does,
-//! then makes the guest's snapshot the new base.
+//! then makes the guest's snapshot the new base; a compaction off the step loop (`background`)
+//! saves a snapshot that covers only the records before its boundary, and drops them later (a
+//! restart in between skips them, as the host's reads skip the segments a snapshot covers).
 
 use std::collections::VecDeque;
 
@@ -38,8 +40,11 @@ struct Sync {
 pub struct Disk {
     /// The base the WAL records follow (`None`: start from nothing).
     pub snapshot: Option<Vec<u8>>,
-    /// Records on disk after the snapshot: what a restart replays.
+    /// Records on disk after the previous snapshot; a restart replays those after `covered`.
     pub durable: Vec<Vec<u8>>,
+    /// Leading records of `durable` the snapshot covers (saved off the step loop, not dropped
+    /// yet).
+    covered: usize,
     /// Appended, not yet handed to a sync.
     buffered: Vec<Vec<u8>>,
     syncing: Option<Sync>,
@@ -158,7 +163,31 @@ impl Disk {
     pub fn compact(&mut self, snapshot: Vec<u8>) {
         self.snapshot = Some(snapshot);
         self.durable.clear();
+        self.covered = 0;
         self.records_since_snapshot = 0;
+    }
+
+    /// A compaction off the step loop saves `snapshot`, which covers the first `boundary`
+    /// durable records (those stay until `drop_covered`).
+    pub fn save_covering(&mut self, snapshot: Vec<u8>, boundary: usize) {
+        self.snapshot = Some(snapshot);
+        self.covered = boundary.min(self.durable.len());
+    }
+
+    /// The records the snapshot covers are deleted.
+    pub fn drop_covered(&mut self) {
+        self.durable.drain(..self.covered);
+        self.covered = 0;
+    }
+
+    /// What a restart replays after the snapshot.
+    pub fn records_after_snapshot(&self) -> &[Vec<u8>] {
+        &self.durable[self.covered..]
+    }
+
+    /// The durable records after the snapshot and before `boundary` (a background job's).
+    pub fn records_before(&self, boundary: usize) -> &[Vec<u8>] {
+        &self.durable[self.covered.min(boundary)..boundary.min(self.durable.len())]
     }
 
     /// The host dies: the durable records stay, with a random prefix of the sync in progress;
@@ -176,7 +205,7 @@ impl Disk {
         self.buffered.clear();
         self.held.clear();
         self.sync_durable = self.sync_issued;
-        self.records_since_snapshot = self.durable.len() as u64;
+        self.records_since_snapshot = (self.durable.len() - self.covered) as u64;
         loss
     }
 

@@ -16,7 +16,8 @@
 //!   side hears the other, not the reverse), a single link cut one way, a *deaf leader* (what a
 //!   majority of followers send the leader is lost; it can still send), a slow link;
 //! - *acceptor outage* (the host's chaos: envelopes to the acceptor role dropped);
-//! - *hot swap* to the other build, half the time at the leader.
+//! - *hot swap* to the other build, half the time at the leader; the old way (a hand-over
+//!   snapshot) or staged (`background`), a share of each per seed.
 //!
 //! At the end of the window everything heals at once. The progress check: while a majority of
 //! replicas is up, unpaused, voting, free of outages, fully connected among itself (both
@@ -308,6 +309,7 @@ impl World<'_> {
         if self.nodes[i].guest.is_none() {
             return;
         }
+        self.drop_background(i, if wipe { "wiped" } else { "crashed" });
         let node = &mut self.nodes[i];
         node.guest = None;
         node.inbox.clear();
@@ -394,10 +396,10 @@ impl World<'_> {
         self.note(|| format!("deaf leader: node {} hears nothing from {deaf_to:?} for {ms} ms", leader + 1));
     }
 
-    /// Hot swap node `i` to the other build: hand-over snapshot, start, replace. Its held
-    /// effects stay held (they belong to steps already taken); messages in flight to it arrive
-    /// at the new build.
-    pub(crate) fn swap(&mut self, i: usize) {
+    /// Hot swap node `i` to the other build the old way: hand-over snapshot, start, replace. Its
+    /// held effects stay held (they belong to steps already taken); messages in flight to it
+    /// arrive at the new build. (`swap`, in `background`, chooses this or a staged swap.)
+    pub(crate) fn swap_old_way(&mut self, i: usize) {
         if self.builds.len() < 2 || self.now < self.nodes[i].paused_until_ms {
             return;
         }

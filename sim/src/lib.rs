@@ -8,6 +8,8 @@
 //!   long delays, slow links.
 //! - `disk`: each host's snapshot and WAL, the pipelined sync and the effects held behind it,
 //!   compaction, and what a crash or a wipe leaves.
+//! - `background`: the host's work off its step loop: compaction by a fresh instance, and the
+//!   staged hot swap (replay, hand-over of the volatile state, adopt).
 //! - `faults`: the fault schedule (crashes, wipes, pauses, partitions of every shape, acceptor
 //!   outages, hot swaps) and the progress check while a majority is healthy.
 //! - `scenarios`: composed faults around the leader, in the shapes known to break Paxos.
@@ -18,6 +20,7 @@
 //! - `rng`: the one seeded source of randomness.
 
 pub mod agreement;
+pub mod background;
 pub mod checker;
 pub mod disk;
 pub mod faults;

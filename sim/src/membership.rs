@@ -246,6 +246,7 @@ impl World<'_> {
     }
 
     fn stop_for_good(&mut self, i: usize, why: &str) {
+        self.drop_background(i, why);
         let node = &mut self.nodes[i];
         node.retired = true;
         node.guest = None;

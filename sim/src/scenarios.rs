@@ -84,7 +84,8 @@ pub enum Action {
     HoldBack { kind: Held, src: usize, dst: usize, ms: u64 },
     /// Messages src→dst long-delayed for `ms`.
     Slow { src: usize, dst: usize, ms: u64 },
-    /// Hot swap of the node.
+    /// Hot swap of the node on this very tick: the old way, or staged with no preparation time
+    /// (`World::swap_at_once`), a share of each per seed.
     Swap { node: usize },
     /// Clients go to other replicas than `avoid`, except `reader`, which only reads, at
     /// `reader_node`, until `until_ms`.
@@ -504,7 +505,7 @@ impl World<'_> {
                 self.stats.slow_links += 1;
                 self.note(|| format!("{kind:?} {} -> {} held back for {ms} ms", src + 1, dst + 1));
             }
-            Action::Swap { node } => self.swap(node),
+            Action::Swap { node } => self.swap_at_once(node),
             Action::Steer { avoid, reader, reader_node, until_ms } => {
                 let names: Vec<usize> = avoid.iter().map(|i| i + 1).collect();
                 self.note(|| {

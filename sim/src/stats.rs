@@ -25,6 +25,8 @@ pub struct Stats {
     pub snapshot_restarts: u64,
     /// Compactions (snapshot taken, covered records dropped).
     pub compactions: u64,
+    /// Of those, made off the step loop (a fresh instance's snapshot, the node stepping on).
+    pub compactions_off_loop: u64,
     /// Snapshots received from a peer and installed (catch-up by snapshot transfer).
     pub snapshot_installs: u64,
     /// Symmetric partitions.
@@ -47,6 +49,12 @@ pub struct Stats {
     pub scenarios: u64,
     /// Hot swaps of the replica that led at the time.
     pub leader_swaps: u64,
+    /// Hot swaps made the staged way (prepared off the loop, volatile state adopted).
+    pub staged_swaps: u64,
+    /// Staged swaps abandoned (the node crashed, was wiped or stopped meanwhile).
+    pub staged_swaps_abandoned: u64,
+    /// Rounds of catching a staged instance up off the loop (`replay`), before the switch's.
+    pub staged_catch_up_rounds: u64,
     /// Messages sent before their receiver was hot-swapped and delivered after.
     pub late_after_swap: u64,
     /// Accepts refused because the acceptor had compacted the slot away (`Forgotten`): a
@@ -81,6 +89,7 @@ impl Stats {
             wipes,
             snapshot_restarts,
             compactions,
+            compactions_off_loop,
             snapshot_installs,
             partitions,
             asymmetric_partitions,
@@ -92,6 +101,9 @@ impl Stats {
             swaps,
             scenarios,
             leader_swaps,
+            staged_swaps,
+            staged_swaps_abandoned,
+            staged_catch_up_rounds,
             late_after_swap,
             forgotten,
             records_lost,
@@ -111,6 +123,7 @@ impl Stats {
         self.wipes += wipes;
         self.snapshot_restarts += snapshot_restarts;
         self.compactions += compactions;
+        self.compactions_off_loop += compactions_off_loop;
         self.snapshot_installs += snapshot_installs;
         self.partitions += partitions;
         self.asymmetric_partitions += asymmetric_partitions;
@@ -122,6 +135,9 @@ impl Stats {
         self.swaps += swaps;
         self.scenarios += scenarios;
         self.leader_swaps += leader_swaps;
+        self.staged_swaps += staged_swaps;
+        self.staged_swaps_abandoned += staged_swaps_abandoned;
+        self.staged_catch_up_rounds += staged_catch_up_rounds;
         self.late_after_swap += late_after_swap;
         self.forgotten += forgotten;
         self.records_lost += records_lost;
@@ -154,9 +170,10 @@ impl fmt::Display for Stats {
         write!(
             f,
             "faults: {} crashes, {} wipes, {} pauses, {} partitions, {} asymmetric partitions, {} one-way cuts, \
-             {} deaf leaders, {} slow links, {} acceptor outages, {} hot swaps ({} at the leader), {} composed scenarios; \
+             {} deaf leaders, {} slow links, {} acceptor outages, {} hot swaps ({} at the leader; {} staged, {} staged abandoned, \
+             {} catch-up rounds), {} composed scenarios; \
              network: {} delivered, {} lost, {} duplicated, {} long-delayed, {} late after a swap, {} accepts refused as forgotten; \
-             disk: {} compactions, {} restarts from a snapshot, {} snapshot installs, {} records lost in crashes, \
+             disk: {} compactions ({} off the step loop), {} restarts from a snapshot, {} snapshot installs, {} records lost in crashes, \
              {} steps' held effects dropped; membership: {} changes chosen, {} members joined, {} leaders removed",
             self.crashes,
             self.wipes,
@@ -169,6 +186,9 @@ impl fmt::Display for Stats {
             self.outages,
             self.swaps,
             self.leader_swaps,
+            self.staged_swaps,
+            self.staged_swaps_abandoned,
+            self.staged_catch_up_rounds,
             self.scenarios,
             self.delivered,
             self.lost,
@@ -177,6 +197,7 @@ impl fmt::Display for Stats {
             self.late_after_swap,
             self.forgotten,
             self.compactions,
+            self.compactions_off_loop,
             self.snapshot_restarts,
             self.snapshot_installs,
             self.records_lost,

@@ -4,7 +4,8 @@
 //! It owns the run loop and the replicas' life cycle: boot (`start(snapshot, wal)`, with
 //! `rejoining` when the disk was wiped, as `host/src/main.rs` does), stepping (inbox batches,
 //! the guest's messages to itself looped back into its next step, the effects handed to the
-//! replica's `Disk`, which holds them until their sync, compaction every few records), and the
+//! replica's `Disk`, which holds them until their sync, compaction every few records, on the
+//! step loop or off it, with staged hot swaps: `background`), and the
 //! clients (random puts, gets and deletes, retried on a random replica, given up after a
 //! while). The network is `net`, storage is `disk`, the fault schedule is `faults`, and the
 //! checks are `checker` (linearizability) and `agreement` (no slot with two values; replicas
@@ -86,6 +87,10 @@ pub(crate) struct Node {
     /// Stopped for good (dead for good, or removed and stopped by its operator, or an id
     /// given to a member that never started): never stepped or restarted again.
     pub(crate) retired: bool,
+    /// The host's job off its step loop, if one runs (see `background`).
+    pub(crate) background: Option<crate::background::Job>,
+    /// A staged swap asked for during a compaction off the loop: its preparation time.
+    pub(crate) swap_waiting: Option<u64>,
     /// The members its guest last announced (`Effect::Members`): what a joining host is given.
     pub(crate) known_members: Vec<waxos_host::runtime::GuestMember>,
 }
@@ -111,6 +116,8 @@ impl Node {
             swapped_at_ms: None,
             compact_hold_until_ms: 0,
             retired: false,
+            background: None,
+            swap_waiting: None,
             known_members: Vec::new(),
         }
     }
@@ -207,6 +214,12 @@ pub struct World<'a> {
     /// The draws of the fault kinds added later (see `faults::FIRST_KINDS`): their own
     /// stream, so that a seed without them runs as it did before they existed.
     pub(crate) later_rng: Rng,
+    /// The draws of the work off the step loop (see `background`): a stream of its own too.
+    pub(crate) staging_rng: Rng,
+    /// Which share of compactions and swaps this seed makes off the step loop.
+    pub(crate) staging_mix: crate::background::StagingMix,
+    /// A failure found off the step loop (or at a staged switch): the tick ends the run with it.
+    pub(crate) background_failure: Option<Failure>,
 }
 
 pub(crate) const TICK_MS: u64 = 5;
@@ -235,6 +248,8 @@ impl<'a> World<'a> {
         let members: Vec<u32> = (1..=config.nodes).collect();
         let mut later_rng = Rng::new(seed ^ 0x5CE7_A210_F00D_0001);
         let mix = crate::faults::FaultMix::draw(&mut rng, &mut later_rng);
+        let mut staging_rng = Rng::new(seed ^ 0x57A6_ED5A_0FF1_0003);
+        let staging_mix = crate::background::StagingMix::draw(&mut staging_rng);
         let retain_slots = if !config.faults {
             50
         } else if (mix.rate(crate::faults::Kind::LaggingMajority, 1.0) > 0.0 || rng.chance(0.5))
@@ -291,9 +306,14 @@ impl<'a> World<'a> {
             mix,
             progress_ms: 1_000,
             later_rng,
+            staging_rng,
+            staging_mix,
+            background_failure: None,
         };
         let mix = world.mix.to_string();
         world.note(|| format!("retain_slots {retain_slots}; faults: {mix}"));
+        let staging = world.staging_mix.to_string();
+        world.note(|| format!("off the step loop: {staging}"));
         if let Some(program) = world.operator.as_ref().map(|o| o.to_string()) {
             world.note(|| format!("membership: {program}"));
         }
@@ -328,13 +348,17 @@ impl<'a> World<'a> {
     /// disk that was wiped, as a rejoining replica.
     pub(crate) fn boot(&mut self, i: usize) -> Result<(), Failure> {
         let node = &mut self.nodes[i];
+        // A compaction off the loop saved its snapshot but did not drop what it covers: the
+        // host reads past it (and deletes it with the next compaction).
+        node.disk.drop_covered();
         let empty = node.disk.snapshot.is_none() && node.disk.durable.is_empty();
         node.config.rejoining = node.wiped && empty;
         if node.disk.snapshot.is_some() {
             self.stats.snapshot_restarts += 1;
         }
         let mut guest = self.builds[node.build].instantiate().map_err(|e| Failure::GuestCrash(e.to_string()))?;
-        let effects = match guest.start(&node.config, node.disk.snapshot.as_deref(), &node.disk.durable) {
+        let effects = match guest.start(&node.config, node.disk.snapshot.as_deref(), node.disk.records_after_snapshot())
+        {
             Ok(Ok(effects)) => effects,
             Ok(Err(refused)) => {
                 return Err(Failure::GuestCrash(format!("node {} refused its state: {refused}", i + 1)))
@@ -540,7 +564,7 @@ impl<'a> World<'a> {
     }
 
     /// Effects node `i`'s disk lets go: messages out, replies to clients, logs to the trace.
-    fn release(&mut self, i: usize, effects: Vec<Effect>) {
+    pub(crate) fn release(&mut self, i: usize, effects: Vec<Effect>) {
         for effect in effects {
             match effect {
                 Effect::Send(envelope) => self.send(envelope),
@@ -568,20 +592,26 @@ impl<'a> World<'a> {
     }
 
     /// A step's (or a start's) effects, as the host's `carry_out`: records appended (checked
-    /// for agreement once durable); sends and replies held until their sync; compaction when due.
+    /// for agreement once durable, and kept for a staged instance being prepared); sends and
+    /// replies held until their sync; compaction when due.
     pub(crate) fn carry_out(&mut self, i: usize, effects: Vec<Effect>) {
+        self.keep_for_staged(i, &effects);
         let released = self.nodes[i].disk.carry_out(effects, self.now, &mut self.rng);
         self.release(i, released);
         if self.nodes[i].disk.records_since_snapshot >= self.nodes[i].snapshot_every_records
             && self.now >= self.nodes[i].compact_hold_until_ms
         {
-            self.compact(i);
+            self.compaction_due(i);
         }
     }
 
-    /// The host's compaction: drain the syncs (releasing what they held), then the guest's
-    /// snapshot replaces the records it covers.
+    /// The host's compaction on its step loop: drain the syncs (releasing what they held), then
+    /// the guest's snapshot replaces the records it covers. Not while a job off the loop works
+    /// from the disk.
     pub(crate) fn compact(&mut self, i: usize) {
+        if self.nodes[i].background.is_some() {
+            return;
+        }
         let released = self.nodes[i].disk.drain();
         self.observe_durable(i);
         self.release(i, released);
@@ -605,6 +635,7 @@ impl<'a> World<'a> {
             if self.nodes[i].guest.is_none() || self.now < self.nodes[i].paused_until_ms {
                 continue;
             }
+            self.collect_background(i);
             let released = self.nodes[i].disk.poll(self.now, &mut self.rng);
             self.observe_durable(i);
             self.release(i, released);
@@ -635,13 +666,17 @@ impl<'a> World<'a> {
     pub(crate) fn tick(&mut self) -> Result<(), Failure> {
         self.now += TICK_MS;
         self.heal()?;
+        self.run_background();
         self.inject_faults();
         self.operate();
         self.deliver_due();
         self.drive_clients();
         self.step_nodes()?;
         self.check_progress();
-        Ok(())
+        match self.background_failure.take() {
+            Some(failure) => Err(failure),
+            None => Ok(()),
+        }
     }
 
     /// Runs to the end and checks the history, then that the replicas agree.

@@ -47,12 +47,15 @@ fn the_shipped_build_survives_faults_and_hot_swaps() {
     let builds = vec![load(&runtime, shipped()), load(&runtime, variant("relabeled"))];
     let config = SimConfig::default();
     let (mut faults, mut member_changes, mut joined) = (0, 0, 0);
+    let (mut off_loop, mut staged) = (0, 0);
     for seed in 1..=40 {
         match run_seed(&builds, &config, seed, false) {
             Ok(run) => {
                 faults += run.stats.faults();
                 member_changes += run.stats.member_changes;
                 joined += run.stats.members_joined;
+                off_loop += run.stats.compactions_off_loop;
+                staged += run.stats.staged_swaps;
             }
             Err((failure, _)) => panic!("seed {seed}: {failure}\nreplay: just sim --seed {seed} --trace"),
         }
@@ -61,6 +64,10 @@ fn the_shipped_build_survives_faults_and_hot_swaps() {
     assert!(
         member_changes > 20 && joined > 5,
         "the runs must change members ({member_changes} changes, {joined} joined)"
+    );
+    assert!(
+        off_loop > 50 && staged > 10,
+        "the runs must compact off the step loop and swap the staged way ({off_loop} compactions off the loop, {staged} staged swaps)"
     );
 }
 
