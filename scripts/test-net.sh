@@ -109,10 +109,15 @@ cp target/wasm32-wasip2/guest/waxos_guest.wasm "$work/original.wasm"
 ./target/release/waxos sign --key .cluster/dev-signing.key "$work/relabeled.wasm" > /dev/null
 ./target/release/waxos sign --key .cluster/dev-signing.key "$work/original.wasm" > /dev/null
 
+# Every host finds the others in its /etc/hosts (the image's nsswitch reads files first), and has
+# no upstream DNS server: Docker's embedded DNS would forward the name of a stopped container to
+# this machine's resolver, off the machine.
+hosts=()
+for n in 1 2 3 4 5; do hosts+=(--add-host "waxos$n:${ips[n-1]}"); done
 for n in 1 2 3 4 5; do
   docker volume create --label "$label=$run" "$run-data-$n" > /dev/null
   docker run -d --name "$run-$n" --hostname "waxos$n" --network "$run" --ip "${ips[n-1]}" --network-alias "waxos$n" \
-    --label "$label=$run" -e RUST_LOG=info \
+    --label "$label=$run" -e RUST_LOG=info "${hosts[@]}" --dns 127.0.0.1 \
     -v "$run-data-$n:/data" \
     -v "$PWD/.cluster/trusted-keys:/etc/waxos/trusted-keys:ro" \
     -v "$work/pki/ca.pem:/etc/waxos/ca.pem:ro" \
