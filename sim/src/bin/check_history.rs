@@ -159,3 +159,53 @@ fn parse(text: &str) -> Result<(Vec<Entry>, Counts), String> {
     }
     Ok((history, counts))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(process: u64, kind: &str, f: &str, value: Option<&str>, time: u64) -> String {
+        let value = value.map_or("null".to_string(), |v| format!("{v:?}"));
+        format!(
+            r#"{{"process": {process}, "type": "{kind}", "f": "{f}", "key": "k", "value": {value}, "time": {time}}}"#
+        )
+    }
+
+    #[test]
+    fn fail_is_dropped_info_stays_open() {
+        let text = [
+            line(1, "invoke", "put", Some("a"), 1),
+            line(1, "fail", "put", None, 2),
+            line(2, "invoke", "put", Some("b"), 3),
+            line(2, "info", "put", None, 4),
+            line(3, "invoke", "get", None, 5),
+            line(3, "ok", "get", Some("b"), 6),
+        ]
+        .join("\n");
+        let (history, counts) = parse(&text).unwrap();
+        assert_eq!((counts.ok, counts.fail, counts.info, counts.keys), (1, 1, 1, 1));
+        assert_eq!(history.len(), 2);
+        assert!(history[0].ret.is_none());
+        assert!(check(&history).is_ok());
+    }
+
+    #[test]
+    fn a_lost_acknowledged_write_is_caught() {
+        let text = [
+            line(1, "invoke", "put", Some("a"), 1),
+            line(1, "ok", "put", None, 2),
+            line(2, "invoke", "get", None, 3),
+            line(2, "ok", "get", None, 4),
+        ]
+        .join("\n");
+        let (history, _) = parse(&text).unwrap();
+        assert!(check(&history).is_err());
+    }
+
+    #[test]
+    fn malformed_histories_are_refused() {
+        assert!(parse(&line(1, "ok", "get", None, 1)).is_err());
+        assert!(parse(&[line(1, "invoke", "get", None, 1), line(1, "invoke", "get", None, 2)].join("\n")).is_err());
+        assert!(parse(r#"{"process": 1}"#).is_err());
+    }
+}
