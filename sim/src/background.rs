@@ -191,9 +191,8 @@ impl World<'_> {
         if self.builds.len() < 2 || self.now < self.nodes[i].paused_until_ms || self.nodes[i].guest.is_none() {
             return;
         }
-        if let Some(Job::StagedSwap { ready_at_ms, .. }) = self.nodes[i].background.as_mut() {
-            *ready_at_ms = self.now;
-            return self.collect_background(i);
+        if matches!(self.nodes[i].background, Some(Job::StagedSwap { .. })) {
+            return self.on_staged(i, true);
         }
         let share = self.staging_mix.staged_swaps;
         let staged =
@@ -320,14 +319,14 @@ impl World<'_> {
                     self.begin_staged_swap(i, prepare_ms);
                 }
             }
-            Some(Job::StagedSwap { ready_at_ms, .. }) if self.now >= *ready_at_ms => self.on_staged(i),
+            Some(Job::StagedSwap { ready_at_ms, .. }) if self.now >= *ready_at_ms => self.on_staged(i, false),
             _ => {}
         }
     }
 
     /// A staged instance of node `i` is ready: started now if it was not yet, then another
-    /// round off the loop while the tail is long, else the switch.
-    fn on_staged(&mut self, i: usize) {
+    /// round off the loop while the tail is long (unless `switch_now`), else the switch.
+    fn on_staged(&mut self, i: usize, switch_now: bool) {
         let Some(Job::StagedSwap { build, boundary, staged, .. }) = self.nodes[i].background.as_mut() else { return };
         let (build, boundary) = (*build, *boundary);
         if staged.is_none() {
@@ -347,7 +346,7 @@ impl World<'_> {
             return;
         };
         *rounds += 1;
-        if tail.len() > SWITCH_RECORDS_MAX && *rounds < CATCH_UP_ROUNDS_MAX {
+        if !switch_now && tail.len() > SWITCH_RECORDS_MAX && *rounds < CATCH_UP_ROUNDS_MAX {
             let records = std::mem::take(tail);
             let round = *rounds;
             *ready_at_ms = self.now + self.staging_rng.range(ROUND_MS.0, ROUND_MS.1);
