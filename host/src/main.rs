@@ -71,6 +71,10 @@ struct Args {
     /// Compact (snapshot, drop covered WAL segments) after this many WAL records.
     #[arg(long, default_value_t = 20_000)]
     snapshot_every: u64,
+    /// A compaction also waits until the WAL since the last snapshot is this fraction of the
+    /// snapshot's size (0: after --snapshot-every records alone).
+    #[arg(long, default_value_t = storage::COMPACT_AT_LOG_TO_SNAPSHOT_RATIO)]
+    compact_log_ratio: f64,
     /// Size at which a WAL segment is closed and the next one started, in bytes.
     #[arg(long, default_value_t = 64 << 20)]
     wal_segment_bytes: u64,
@@ -372,6 +376,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     let (mut storage, mut durable) = storage::Storage::open(&data_dir, args.wal_segment_bytes)?;
+    storage.compact_log_ratio = args.compact_log_ratio.max(0.0);
     if let Some(backup::Plan::Restore(backup)) = &restore {
         if roster.rejoining {
             tracing::warn!(

@@ -14,7 +14,7 @@
 //! by default: it shows counts, latencies, slots and ballots, never a key or a value.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -68,6 +68,9 @@ pub struct Metrics {
     guest_up: Gauge,
     step_seconds: Histogram,
     step_events: Histogram,
+    turn_seconds: Histogram,
+    turn_longest_seconds: Gauge<f64, AtomicU64>,
+    compaction_pause_seconds: Histogram,
     wal_fsync_seconds: Histogram,
     wal_written_bytes: Counter,
     snapshot_seconds: Histogram,
@@ -121,6 +124,9 @@ impl Metrics {
             guest_up: Gauge::default(),
             step_seconds: Histogram::new(exponential_buckets(5e-6, 2.0, 20)),
             step_events: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
+            turn_seconds: Histogram::new(exponential_buckets(5e-6, 2.0, 20)),
+            turn_longest_seconds: Gauge::default(),
+            compaction_pause_seconds: latency_buckets(),
             wal_fsync_seconds: Histogram::new(exponential_buckets(25e-6, 2.0, 18)),
             wal_written_bytes: Counter::default(),
             snapshot_seconds: latency_buckets(),
@@ -204,6 +210,24 @@ impl Metrics {
         r.register_with_unit("step_duration", "Time of one guest step", Unit::Seconds, self.step_seconds.clone());
         r.register("step_events", "Events handed to one guest step", self.step_events.clone());
         r.register_with_unit(
+            "turn_duration",
+            "Time of one turn of the step loop (the guest step, WAL appends, and whatever housekeeping ran on the loop): how long the replica could not answer",
+            Unit::Seconds,
+            self.turn_seconds.clone(),
+        );
+        r.register_with_unit(
+            "turn_longest",
+            "The longest turn of the step loop since the host started",
+            Unit::Seconds,
+            self.turn_longest_seconds.clone(),
+        );
+        r.register_with_unit(
+            "compaction_pause",
+            "What a compaction cost the step loop itself (with the staging thread: the WAL roll, then dropping the covered segments)",
+            Unit::Seconds,
+            self.compaction_pause_seconds.clone(),
+        );
+        r.register_with_unit(
             "wal_fsync_duration",
             "Time to write and fdatasync one WAL hand-off (group commit)",
             Unit::Seconds,
@@ -217,7 +241,7 @@ impl Metrics {
         );
         r.register_with_unit(
             "snapshot_duration",
-            "Pause of a compaction: the guest's snapshot and its write",
+            "Time to make a snapshot and write it (off the step loop when the staging thread runs; compaction_pause is the loop's share)",
             Unit::Seconds,
             self.snapshot_seconds.clone(),
         );
@@ -307,6 +331,22 @@ pub fn step(elapsed: Duration, events: usize) {
     let m = get();
     m.step_seconds.observe(elapsed.as_secs_f64());
     m.step_events.observe(events as f64);
+}
+
+/// One turn of the step loop took `elapsed`.
+pub fn turn(elapsed: Duration) {
+    let m = get();
+    let seconds = elapsed.as_secs_f64();
+    m.turn_seconds.observe(seconds);
+    if seconds > m.turn_longest_seconds.get() {
+        m.turn_longest_seconds.set(seconds);
+    }
+}
+
+/// A compaction held the step loop for `elapsed` (all of it on the loop; the roll and the
+/// segment drop off it).
+pub fn compaction_pause(elapsed: Duration) {
+    get().compaction_pause_seconds.observe(elapsed.as_secs_f64());
 }
 
 /// A WAL write + fdatasync of `bytes` took `elapsed` (the writer thread, or inline).

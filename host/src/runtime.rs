@@ -169,7 +169,13 @@ impl Runtime {
             .map_err(anyhow::Error::from)
             .with_context(|| format!("{source} does not export the waxos replica-node world"))?;
         let staging = StagingExports::find(&component);
-        Ok(GuestBuild { engine: self.engine.clone(), pre, staging, source: source.to_string(), hash: build_hash(bytes) })
+        Ok(GuestBuild {
+            engine: self.engine.clone(),
+            pre,
+            staging,
+            source: source.to_string(),
+            hash: build_hash(bytes),
+        })
     }
 }
 

@@ -45,6 +45,9 @@ pub const INPUT_QUEUE_MAX: usize = 65_536;
 pub const INPUT_QUEUE_BYTES_MAX: usize = 1 << 30;
 /// Bound on events handed to one `step`.
 pub const STEP_EVENTS_MAX: usize = 4_096;
+/// A turn of the step loop this long is logged: nobody got an answer meanwhile, and an election
+/// timeout is 300 ms.
+const TURN_LOGGED_MS: u64 = 100;
 /// A restart attempt after a failed one waits this long.
 const RESTART_RETRY_MS: u64 = 1_000;
 
@@ -223,8 +226,8 @@ pub struct StepLoop {
     /// The thread that compacts and prepares hot swaps off the loop (`staging`; from `run`:
     /// without it, both happen on the loop).
     background: Option<Background>,
-    /// Records the compaction in progress covers (counted again if it fails).
-    compacting_records: u64,
+    /// Records and bytes the compaction in progress covers (counted again if it fails).
+    compacting: (u64, u64),
     /// After a failed compaction off the loop, the next one waits until then.
     compaction_retry_at: Option<Instant>,
     /// A staged hot swap in progress.
@@ -276,7 +279,7 @@ impl StepLoop {
             last_sweep: Instant::now(),
             last_sample: Instant::now(),
             background: None,
-            compacting_records: 0,
+            compacting: (0, 0),
             compaction_retry_at: None,
             staged_swap: None,
             swap_waiting: None,
@@ -347,7 +350,14 @@ impl StepLoop {
                     None => break,
                 }
             }
+            let started = Instant::now();
+            let inputs = batch.len();
             self.turn(batch);
+            let took = started.elapsed();
+            crate::metrics::turn(took);
+            if took >= Duration::from_millis(TURN_LOGGED_MS) {
+                tracing::info!("a step-loop turn took {} ms ({inputs} inputs)", took.as_millis());
+            }
         }
     }
 
@@ -506,7 +516,7 @@ impl StepLoop {
             match effect {
                 Effect::PersistLazy(record) => {
                     self.storage.wal.append(record);
-                    self.storage.records_since_snapshot += 1;
+                    self.storage.note_appended(record);
                     if let Some(staged) = self.staged_swap.as_mut() {
                         staged.keep(record);
                     }
@@ -516,7 +526,7 @@ impl StepLoop {
                     if let Some(staged) = self.staged_swap.as_mut() {
                         staged.keep(record);
                     }
-                    self.storage.records_since_snapshot += 1;
+                    self.storage.note_appended(record);
                     persisted += 1;
                     if self.sync_every_record {
                         self.drain_syncs();
@@ -539,7 +549,7 @@ impl StepLoop {
                 Err(failure) => self.stop_host_disk(failure),
             }
         }
-        if self.storage.records_since_snapshot >= self.snapshot_every {
+        if self.storage.compaction_due(self.snapshot_every) {
             if self.pipeline.in_flight() {
                 // Not now: that would wait on the disk. Right after the sync in flight reports.
                 self.pipeline.compaction_due = true;
@@ -606,7 +616,6 @@ impl StepLoop {
         }
     }
 
-
     fn run_chaos(&mut self) {
         let now = self.now_ms();
         for event in self.chaos.poll(now) {
@@ -668,6 +677,7 @@ impl StepLoop {
         let started = Instant::now();
         // Records still buffered or being synced belong to what the restart replays.
         self.drain_syncs();
+        self.finish_background_job();
         let durable = match self.storage.read_durable() {
             Ok(durable) => durable,
             Err(e) => {

@@ -6,6 +6,8 @@
 # They speak TLS with the dev PKI (.cluster/pki, scripts/dev-pki.sh), which the waxos client
 # finds by itself; BENCH_INSECURE=1 starts them with --insecure instead (and the client with it:
 # use `$waxos_flags`), to measure what TLS costs. WAXOSD_TLS="" for a host build from before TLS.
+# BENCH_SNAPSHOT_EVERY sets --snapshot-every (default 1000000: no compaction while measuring);
+# BENCH_METRICS_BASE=P gives host N --metrics-port P+N.
 waxos=./target/release/waxos
 waxosd="${WAXOSD:-./target/release/waxosd}"
 read -r -a trust <<< "${WAXOSD_TRUST---trusted-keys .cluster/trusted-keys}"
@@ -19,13 +21,21 @@ host_tls() { # PORT -> this cluster's TLS flags of the host on PORT
 pids=()
 stop_cluster() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait "${pids[@]}" 2>/dev/null || true; pids=(); }
 
+start_host() { # N, extra waxosd args (may be none)...: host N (its log appended to $dir/N.log)
+  local n=$1; shift
+  local metrics=()
+  [ -n "${BENCH_METRICS_BASE:-}" ] && metrics=(--metrics-port $((BENCH_METRICS_BASE + n)))
+  "$waxosd" 50061 $((50060 + n)) --data-dir "$dir/data/$n" --chaos off --snapshot-every "${BENCH_SNAPSHOT_EVERY:-1000000}" \
+    ${trust[@]+"${trust[@]}"} $(host_tls $((50060 + n))) ${metrics[@]+"${metrics[@]}"} "$@" \
+    2>>"$dir/$n.log" &
+  pids[n - 1]=$!
+}
+
 start_cluster() { # extra waxosd args (may be none)...
   stop_cluster; rm -rf "$dir/data"
   for n in 1 2 3 4 5; do
-    "$waxosd" 50061 $((50060 + n)) --data-dir "$dir/data/$n" --chaos off --snapshot-every 1000000 \
-      ${trust[@]+"${trust[@]}"} $(host_tls $((50060 + n))) "$@" \
-      2>"$dir/$n.log" &
-    pids+=($!)
+    : >"$dir/$n.log"
+    start_host "$n" "$@"
     sleep 0.2
   done
   for _ in $(seq 1 100); do

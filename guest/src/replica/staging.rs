@@ -29,8 +29,8 @@ use crate::types::Effect;
 const STAGED_HANDOVER_VERSION: u8 = 1;
 
 /// What identifies the durable state a staged hand-over belongs to: equal on two instances that
-/// applied the same records (the accepted values below the window may differ: they are pruned
-/// as the learner applies, and a restarted replica prunes on its first step).
+/// applied the same records. Accepted values of applied slots are left out: each instance trims
+/// them on its own schedule (`Replica::trim_log`), and they no longer matter to either.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct DurableMark {
     next_apply: u64,
@@ -47,6 +47,10 @@ struct DurableMark {
 /// with.
 #[derive(Serialize, Deserialize)]
 struct StagedHandover<'a> {
+    /// The state format the old build writes (`message::SNAPSHOT_VERSION`): a build that reads
+    /// only older formats refuses to take over, as it would refuse that build's snapshot (a
+    /// downgrade past a format change), even when the disk holds no snapshot of that format yet.
+    state_format: u8,
     mark: DurableMark,
     volatile: Volatile<'a>,
     trailer: HandoverTrailer,
@@ -100,6 +104,10 @@ impl Replica {
             let applied = self.learner.next_apply;
             self.acceptor.forget_below(applied);
         }
+        // As after every apply in a step: what no peer needs any more goes (a restart replaying
+        // a long WAL kept every accepted value of it until its first apply), so a snapshot made
+        // from a fresh instance off the step loop carries what the live one's would.
+        self.trim_log();
         Ok(())
     }
 
@@ -178,7 +186,12 @@ impl Replica {
         DurableMark {
             next_apply: self.learner.next_apply,
             promised: self.acceptor.promised,
-            highest_accepted: self.acceptor.accepted.last_key_value().map(|(slot, (ballot, _))| (*slot, *ballot)),
+            highest_accepted: self
+                .acceptor
+                .accepted
+                .range(self.learner.next_apply..)
+                .next_back()
+                .map(|(slot, (ballot, _))| (*slot, *ballot)),
             highest_chosen: self.learner.highest_chosen(),
             keys: self.learner.kv.data.len() as u64,
             sessions: self.learner.kv.sessions.len() as u64,
@@ -197,6 +210,7 @@ impl Replica {
     /// The volatile state and the mark of the durable state, for `adopt` on a staged instance.
     pub fn handover_volatile(&self) -> Vec<u8> {
         let handover = StagedHandover {
+            state_format: message::SNAPSHOT_VERSION,
             mark: self.durable_mark(),
             volatile: self.volatile(),
             trailer: self.handover_trailer(),
@@ -210,6 +224,13 @@ impl Replica {
     pub fn adopt(&mut self, bytes: &[u8]) -> Result<Vec<Effect>, String> {
         let handover: StagedHandover<'static> = message::decode_up_to(STAGED_HANDOVER_VERSION, bytes)
             .map_err(|e| format!("staged hand-over refused: {e}"))?;
+        if handover.state_format > message::SNAPSHOT_VERSION {
+            return Err(format!(
+                "staged hand-over refused: the running build's state format version {} is newer than this build reads (up to {}): it needs a newer guest build",
+                handover.state_format,
+                message::SNAPSHOT_VERSION
+            ));
+        }
         let mine = self.durable_mark();
         if handover.mark != mine {
             return Err(format!(

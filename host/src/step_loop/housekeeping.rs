@@ -37,6 +37,7 @@ impl StepLoop {
         let records = self.storage.records_since_snapshot;
         let compacted = self.storage.compact(snapshot);
         crate::metrics::snapshot(bytes, started.elapsed());
+        crate::metrics::compaction_pause(started.elapsed());
         match compacted {
             Ok(()) => tracing::info!(
                 "compacted {records} WAL records into a {bytes}-byte snapshot ({snapshot_ms:.1} ms in the guest, {:.1} ms in all)",
@@ -45,7 +46,6 @@ impl StepLoop {
             Err(e) => self.stop_host_disk(format!("cannot write the snapshot: {e:#}")),
         }
     }
-
 
     /// Hot swap, between two steps: hand-over snapshot of the old instance, `start` of the new
     /// one from it, replace. If anything fails the old instance keeps running untouched.
@@ -138,15 +138,17 @@ impl StepLoop {
             Err(e) => self.stop_host_disk(format!("cannot start a new WAL segment for a compaction: {e:#}")),
         };
         crate::crash_point::reach("compact.after_roll");
-        self.compacting_records = self.storage.records_since_snapshot;
+        crate::metrics::compaction_pause(started.elapsed());
+        self.compacting = (self.storage.records_since_snapshot, self.storage.bytes_since_snapshot);
         self.storage.records_since_snapshot = 0;
+        self.storage.bytes_since_snapshot = 0;
         let (build, config, dir) = (self.build.clone(), self.config.clone(), self.storage.dir().to_path_buf());
         if let Some(background) = self.background.as_mut() {
             background.compact(build, config, dir, boundary);
         }
         tracing::info!(
             "compacting {} WAL records off the step loop (on the loop: WAL rolled to segment {boundary} in {:.1} ms)",
-            self.compacting_records,
+            self.compacting.0,
             started.elapsed().as_secs_f64() * 1e3
         );
     }
@@ -155,38 +157,51 @@ impl StepLoop {
     /// staged instance (another round, or the switch), a failure.
     pub(super) fn collect_background(&mut self) {
         let Some(done) = self.background.as_mut().and_then(Background::try_done) else { return };
+        self.on_background_done(done);
+    }
+
+    /// Waits for the background job in progress, if any, and takes its result (a guest restart
+    /// must not read the durable state while a compaction replaces it).
+    pub(super) fn finish_background_job(&mut self) {
+        if let Some(done) = self.background.as_mut().and_then(Background::wait) {
+            self.on_background_done(done);
+        }
+    }
+
+    fn on_background_done(&mut self, done: Done) {
         match done {
             Done::Compacted { boundary, records, bytes, timings } => {
-                let started = Instant::now();
-                if let Err(e) = self.storage.wal.drop_segments_before(boundary) {
-                    // The snapshot is durable: segments left behind are skipped on every read.
-                    tracing::warn!("cannot delete the WAL segments the new snapshot covers: {e:#}");
-                }
-                crate::crash_point::reach("compact.after_drop");
-                let total = timings.read_ms + timings.start_ms + timings.snapshot_ms + timings.save_ms;
+                self.storage.wal.segments_dropped_before(boundary);
+                self.storage.snapshot_bytes = bytes as u64;
+                let total =
+                    timings.read_ms + timings.start_ms + timings.snapshot_ms + timings.save_ms + timings.drop_ms;
                 crate::metrics::snapshot(bytes, Duration::from_secs_f64(total / 1e3));
                 self.compaction_retry_at = None;
                 tracing::info!(
-                    "compacted {} WAL records into a {bytes}-byte snapshot off the step loop ({records} replayed by a fresh instance: read {:.1} ms, start {:.1} ms, snapshot {:.1} ms, save {:.1} ms; on the loop: {:.1} ms)",
-                    self.compacting_records,
+                    "compacted {} WAL records into a {bytes}-byte snapshot off the step loop ({records} replayed by a fresh instance: read {:.1} ms, start {:.1} ms, snapshot {:.1} ms, save {:.1} ms, segments dropped {:.1} ms)",
+                    self.compacting.0,
                     timings.read_ms,
                     timings.start_ms,
                     timings.snapshot_ms,
                     timings.save_ms,
-                    started.elapsed().as_secs_f64() * 1e3
+                    timings.drop_ms,
                 );
             }
             Done::Failed { reason, build: None } => {
-                self.storage.records_since_snapshot += self.compacting_records;
+                self.storage.records_since_snapshot += self.compacting.0;
+                self.storage.bytes_since_snapshot += self.compacting.1;
                 self.compaction_retry_at = Some(Instant::now() + Duration::from_millis(COMPACTION_RETRY_MS));
                 tracing::warn!("{reason}; trying again in {} s", COMPACTION_RETRY_MS / 1000);
             }
             Done::Failed { reason, build: Some(build) } => {
+                // The old way decides: it refuses what the new build cannot run (and says why),
+                // and does what staging could not (a WAL segment that could not be read).
                 if let Some(staged) = self.staged_swap.take() {
-                    tracing::warn!("swap to {} refused: {reason}", build.hash);
-                    let _ = std::fs::remove_file(self.guest_dir.join("next.wasm"));
-                    let _ = std::fs::remove_file(crate::signing::signature_path(&self.guest_dir.join("next.wasm")));
-                    let _ = staged.reply.send(Err(reason));
+                    tracing::warn!(
+                        "staged swap to {} failed ({reason}): swapping with a hand-over snapshot",
+                        build.hash
+                    );
+                    self.swap_now(build, staged.reply, staged.one_at_a_time);
                 }
             }
             Done::Staged { build, guest, timings } => self.on_staged(build, guest, timings),
@@ -261,13 +276,19 @@ impl StepLoop {
     fn on_staged(&mut self, build: GuestBuild, guest: Box<Guest>, timings: Timings) {
         let Some(staged) = self.staged_swap.as_mut() else { return };
         staged.rounds += 1;
-        tracing::debug!("staged swap round {}: {:.1} ms; {} records since", staged.rounds, timings.start_ms, staged.tail.len());
+        tracing::debug!(
+            "staged swap round {}: {:.1} ms; {} records since",
+            staged.rounds,
+            timings.start_ms,
+            staged.tail.len()
+        );
         if let Some(why) = staged.abandoned.clone() {
             let Some(staged) = self.staged_swap.take() else { return };
             tracing::warn!("staged swap to {} abandoned ({why}): swapping with a hand-over snapshot", build.hash);
             return self.swap_now(build, staged.reply, staged.one_at_a_time);
         }
-        if staged.tail.len() > crate::staging::SWITCH_RECORDS_MAX && staged.rounds < crate::staging::CATCH_UP_ROUNDS_MAX {
+        if staged.tail.len() > crate::staging::SWITCH_RECORDS_MAX && staged.rounds < crate::staging::CATCH_UP_ROUNDS_MAX
+        {
             let records = staged.take_tail();
             if let Some(background) = self.background.as_mut() {
                 background.replay(build, guest, records);
@@ -282,7 +303,10 @@ impl StepLoop {
                 let _ = staged.reply.send(Ok(report));
             }
             Err(Fallback::OldWay(why)) => {
-                tracing::warn!("staged swap to {} not possible ({why}): swapping with a hand-over snapshot", build.hash);
+                tracing::warn!(
+                    "staged swap to {} not possible ({why}): swapping with a hand-over snapshot",
+                    build.hash
+                );
                 return self.swap_now(build, staged.reply, staged.one_at_a_time);
             }
             Err(Fallback::Refused(reason)) => {
@@ -362,4 +386,3 @@ enum Fallback {
     /// The swap is refused (the old instance crashed, the choice could not be persisted).
     Refused(String),
 }
-

@@ -261,11 +261,14 @@ impl Wal {
 
     /// Deletes the segments before `first` (a durable snapshot covers them).
     pub fn drop_segments_before(&mut self, first: u64) -> anyhow::Result<()> {
-        for n in segments(&self.dir)?.into_iter().filter(|&n| n < first) {
-            std::fs::remove_file(segment_path(&self.dir, n))?;
-        }
+        delete_segments_before(&self.dir, first)?;
         self.first_segment = first;
-        super::sync_dir(&self.dir)
+        Ok(())
+    }
+
+    /// The segments before `first` were deleted by a compaction off the step loop (`staging`).
+    pub fn segments_dropped_before(&mut self, first: u64) {
+        self.first_segment = self.first_segment.max(first);
     }
 
     /// Every durable record after the snapshot, read back from disk.
@@ -290,6 +293,15 @@ impl Wal {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+}
+
+/// Deletes the segments of the WAL in `dir` before `first` (a durable snapshot covers them), and
+/// syncs the directory.
+pub fn delete_segments_before(dir: &Path, first: u64) -> anyhow::Result<()> {
+    for n in segments(dir)?.into_iter().filter(|&n| n < first) {
+        std::fs::remove_file(segment_path(dir, n))?;
+    }
+    super::sync_dir(dir)
 }
 
 /// The records of the closed segments `from..to` of the WAL in `dir` (closed: rolled and synced
