@@ -66,11 +66,15 @@ bench-compare reps="3": build
 bench-memory minutes="10" keys="1000000": build
     scripts/bench-memory.sh {{minutes}} {{keys}}
 
-# Storage and restart figures: fdatasync latency, group commit, restart from 100k/1M-key snapshots.
 # Membership figures: member add -> promoted, and write throughput during a replacement, per size.
 bench-membership *keys="10000 1000000": build
     scripts/bench-membership.sh {{keys}}
 
+# Large state: load KEYS keys with compaction on, roll a hot swap, restart a follower; leader changes, stalls, pauses, restart, memory.
+bench-scale keys="1000000": build
+    scripts/bench-scale.sh {{keys}}
+
+# Storage and restart figures: fdatasync latency, group commit, restart from 100k/1M-key snapshots (and + WAL).
 bench-storage: build
     cargo run -q --release -p waxos-host --example storage_bench
 

@@ -214,6 +214,10 @@ fn run(job: Job) -> Done {
                     timings.snapshot_ms = ms(started);
                     let started = Instant::now();
                     let len = bytes.len();
+                    // The boundary segment's directory entry is synced by the WAL's writer
+                    // thread with its first records; the snapshot that names it must not be
+                    // durable before it.
+                    storage::sync_dir(&dir.join("wal")).map_err(|e| format!("syncing the WAL directory: {e:#}"))?;
                     Snapshot { first_segment: boundary, bytes }
                         .save(&dir)
                         .map_err(|e| format!("saving the snapshot: {e:#}"))?;

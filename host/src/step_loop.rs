@@ -234,6 +234,8 @@ pub struct StepLoop {
     staged_swap: Option<StagedSwap>,
     /// A swap that arrived while a compaction ran: it is staged once that is done.
     swap_waiting: Option<SwapAsked>,
+    /// A WAL roll asked for, and the background job that starts once it is made.
+    awaiting_roll: Option<housekeeping::AwaitingRoll>,
 }
 
 /// A swap asked for: the build, where the outcome goes, the one-swap-at-a-time lock.
@@ -283,6 +285,7 @@ impl StepLoop {
             compaction_retry_at: None,
             staged_swap: None,
             swap_waiting: None,
+            awaiting_roll: None,
         };
         let started = Instant::now();
         let guest = step_loop.start_guest(&durable).map_err(anyhow::Error::msg)?;
@@ -548,9 +551,13 @@ impl StepLoop {
                 Ok(None) => {}
                 Err(failure) => self.stop_host_disk(failure),
             }
+            self.start_after_roll();
         }
         if self.storage.compaction_due(self.snapshot_every) {
-            if self.pipeline.in_flight() {
+            if self.background.is_some() {
+                // Nothing waits on the disk: a roll is asked for (`housekeeping`).
+                self.compact();
+            } else if self.pipeline.in_flight() {
                 // Not now: that would wait on the disk. Right after the sync in flight reports.
                 self.pipeline.compaction_due = true;
             } else {
@@ -584,6 +591,7 @@ impl StepLoop {
         if let Err(failure) = self.pipeline.hand_off(&mut self.storage.wal) {
             self.stop_host_disk(failure);
         }
+        self.start_after_roll();
     }
 
     /// Takes the syncs reported finished: releases what they made durable, starts the next.
@@ -592,6 +600,7 @@ impl StepLoop {
             Ok(released) => released.into_iter().for_each(|effects| self.release(effects)),
             Err(failure) => self.stop_host_disk(failure),
         }
+        self.start_after_roll();
     }
 
     /// Waits until every record appended so far is durable and every held effect released
@@ -601,6 +610,7 @@ impl StepLoop {
             Ok(released) => released.into_iter().for_each(|effects| self.release(effects)),
             Err(failure) => self.stop_host_disk(failure),
         }
+        self.start_after_roll();
     }
 
     /// The guest's snapshot and status, for a backup (`crate::backup`).

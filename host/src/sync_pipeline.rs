@@ -114,10 +114,10 @@ impl SyncPipeline {
         }
         match wal.take_for_sync() {
             Ok(None) => Ok(()),
-            Ok(Some((file, start, bytes))) => {
+            Ok(Some(hand_off)) => {
                 self.issued += 1;
-                self.in_flight_bytes = bytes.len();
-                if syncer.submit(self.issued, file, start, bytes) {
+                self.in_flight_bytes = hand_off.bytes.len();
+                if syncer.submit(self.issued, hand_off) {
                     Ok(())
                 } else {
                     Err("the WAL writer thread is gone".into())

@@ -40,7 +40,8 @@ fn trigger(point: &str) -> (Trigger, u64) {
 #[test]
 fn every_crash_point_keeps_acknowledged_writes_promises_and_a_valid_start() {
     // Compaction every 30 records and 64 KiB segments: every point is reached within a round.
-    let mut cluster = Cluster::start(3, &["--snapshot-every", "30", "--wal-segment-bytes", "65536"]);
+    let mut cluster =
+        Cluster::start(3, &["--snapshot-every", "30", "--compact-log-ratio", "0", "--wal-segment-bytes", "65536"]);
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let addrs: Vec<String> = (0..3).map(|i| cluster.addr(i)).collect();
     let target = 1;

@@ -94,7 +94,7 @@ fn crc32c(bytes: &[u8]) -> u32 {
 /// refuses to start, with an error naming what is missing, instead of serving without them.
 #[test]
 fn a_snapshot_without_its_wal_refuses_to_start() {
-    let mut cluster = Cluster::start(3, &["--snapshot-every", "20"]);
+    let mut cluster = Cluster::start(3, &["--snapshot-every", "20", "--compact-log-ratio", "0"]);
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let acked = runtime.block_on(write_with_retries(vec![cluster.addr(0)], 32, keys("s", 60, 100), Duration::ZERO));
     assert_eq!(acked.len(), 60);

@@ -37,7 +37,7 @@ fn assert_all_readable(cluster: &Cluster, runtime: &tokio::runtime::Runtime, ack
 
 #[test]
 fn sigkilled_hosts_lose_no_acknowledged_write() {
-    let mut cluster = Cluster::start(5, &["--snapshot-every", "300"]);
+    let mut cluster = Cluster::start(5, &["--snapshot-every", "300", "--compact-log-ratio", "0"]);
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let addrs: Vec<String> = (0..5).map(|i| cluster.addr(i)).collect();
     let writers: Vec<_> = (0..16u64)
@@ -64,7 +64,8 @@ fn sigkilled_hosts_lose_no_acknowledged_write() {
 
 #[test]
 fn wiped_host_rejoins_through_snapshot_transfer() {
-    let mut cluster = Cluster::start(5, &["--retain-slots", "20", "--snapshot-every", "100"]);
+    let mut cluster =
+        Cluster::start(5, &["--retain-slots", "20", "--snapshot-every", "100", "--compact-log-ratio", "0"]);
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let acked = runtime.block_on(write_with_retries(vec![cluster.addr(0)], 7, keys(7, 300), Duration::ZERO));
     assert_eq!(acked.len(), 300);
@@ -88,7 +89,10 @@ fn wiped_host_rejoins_through_snapshot_transfer() {
 
 #[test]
 fn chaos_at_a_high_rate_loses_no_acknowledged_write() {
-    let cluster = Cluster::start(5, &["--chaos", "high", "--chaos-seed", "20261125", "--snapshot-every", "500"]);
+    let cluster = Cluster::start(
+        5,
+        &["--chaos", "high", "--chaos-seed", "20261125", "--snapshot-every", "500", "--compact-log-ratio", "0"],
+    );
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let addrs: Vec<String> = (0..5).map(|i| cluster.addr(i)).collect();
     // Bounded load: 8 writers, a write every ~10 ms each, for about 30 s.

@@ -124,33 +124,70 @@ impl StepLoop {
             })
     }
 
-    /// Compaction with the staging thread: roll the WAL here (everything before the new segment
-    /// is durable), and let the thread snapshot a fresh instance started from the disk.
+    /// Compaction with the staging thread: a WAL roll is asked for (made at the next hand-off
+    /// to the WAL's writer thread, so nothing here waits on the disk), and once it is made the
+    /// thread snapshots a fresh instance started from the segments before it
+    /// (`start_after_roll`).
     fn compact_off_loop(&mut self) {
-        let busy = self.background.as_ref().is_none_or(Background::busy);
+        let busy = self.background.as_ref().is_none_or(Background::busy) || self.awaiting_roll.is_some();
         if busy || self.compaction_retry_at.is_some_and(|at| Instant::now() < at) {
             return;
         }
-        let started = Instant::now();
-        self.drain_syncs();
-        let boundary = match self.storage.wal.roll() {
-            Ok(boundary) => boundary,
-            Err(e) => self.stop_host_disk(format!("cannot start a new WAL segment for a compaction: {e:#}")),
-        };
-        crate::crash_point::reach("compact.after_roll");
-        crate::metrics::compaction_pause(started.elapsed());
         self.compacting = (self.storage.records_since_snapshot, self.storage.bytes_since_snapshot);
         self.storage.records_since_snapshot = 0;
         self.storage.bytes_since_snapshot = 0;
-        let (build, config, dir) = (self.build.clone(), self.config.clone(), self.storage.dir().to_path_buf());
-        if let Some(background) = self.background.as_mut() {
-            background.compact(build, config, dir, boundary);
+        self.roll_for(AwaitingRoll::Compaction);
+    }
+
+    /// Asks for the WAL roll a background job starts from: at the next hand-off when a writer
+    /// thread syncs the WAL; inline (syncing here) without one.
+    fn roll_for(&mut self, purpose: AwaitingRoll) {
+        self.awaiting_roll = Some(purpose);
+        if self.pipeline.pipelined() {
+            self.storage.wal.request_roll();
+            if let Err(failure) = self.pipeline.hand_off(&mut self.storage.wal) {
+                self.stop_host_disk(failure);
+            }
+        } else {
+            let started = Instant::now();
+            self.drain_syncs();
+            match self.storage.wal.roll() {
+                Ok(boundary) => self.storage.wal.note_rolled(boundary),
+                Err(e) => self.stop_host_disk(format!("cannot start a new WAL segment: {e:#}")),
+            }
+            crate::metrics::compaction_pause(started.elapsed());
         }
-        tracing::info!(
-            "compacting {} WAL records off the step loop (on the loop: WAL rolled to segment {boundary} in {:.1} ms)",
-            self.compacting.0,
-            started.elapsed().as_secs_f64() * 1e3
-        );
+        self.start_after_roll();
+    }
+
+    /// Starts the background job a WAL roll was asked for, once the roll is made: every record
+    /// before the new segment is then durable.
+    pub(super) fn start_after_roll(&mut self) {
+        let Some(boundary) = self.storage.wal.take_rolled() else { return };
+        let (config, dir) = (self.config.clone(), self.storage.dir().to_path_buf());
+        match self.awaiting_roll.take() {
+            Some(AwaitingRoll::Compaction) => {
+                crate::crash_point::reach("compact.after_roll");
+                let build = self.build.clone();
+                if let Some(background) = self.background.as_mut() {
+                    background.compact(build, config, dir, boundary);
+                }
+                tracing::info!(
+                    "compacting {} WAL records off the step loop (the WAL rolled to segment {boundary})",
+                    self.compacting.0
+                );
+            }
+            Some(AwaitingRoll::Swap(build)) => {
+                tracing::info!(
+                    "hot swap to {}: preparing the new build off the step loop from the durable state (the WAL rolled to segment {boundary})",
+                    build.hash
+                );
+                if let Some(background) = self.background.as_mut() {
+                    background.stage(*build, config, dir, boundary);
+                }
+            }
+            None => tracing::warn!("the WAL rolled to segment {boundary} for nothing waiting"),
+        }
     }
 
     /// Takes what the staging thread finished: a compaction (drop the covered segments), a
@@ -206,7 +243,7 @@ impl StepLoop {
             }
             Done::Staged { build, guest, timings } => self.on_staged(build, guest, timings),
         }
-        if !self.background.as_ref().is_some_and(Background::busy) {
+        if !self.background.as_ref().is_some_and(Background::busy) && self.awaiting_roll.is_none() {
             if let Some((build, reply, one_at_a_time)) = self.swap_waiting.take() {
                 self.begin_swap(build, reply, one_at_a_time);
             }
@@ -229,33 +266,25 @@ impl StepLoop {
         if !stageable {
             return self.swap_now(build, reply, one_at_a_time);
         }
-        if self.background.as_ref().is_some_and(Background::busy) {
+        if self.background.as_ref().is_some_and(Background::busy) || self.awaiting_roll.is_some() {
             // A compaction runs: the swap is staged once it is done.
             self.swap_waiting = Some((build, reply, one_at_a_time));
             return;
         }
-        self.drain_syncs();
-        let boundary = match self.storage.wal.roll() {
-            Ok(boundary) => boundary,
-            Err(e) => self.stop_host_disk(format!("cannot start a new WAL segment for a swap: {e:#}")),
-        };
-        tracing::info!(
-            "hot swap to {}: preparing the new build off the step loop from the durable state (WAL rolled to segment {boundary})",
-            build.hash
-        );
+        // The records not yet handed to the writer thread go after the roll: the staged
+        // instance replays them with everything appended from now on.
+        let tail = if self.pipeline.pipelined() { self.storage.wal.buffered_records() } else { Vec::new() };
+        let tail_bytes = tail.iter().map(Vec::len).sum();
         self.staged_swap = Some(StagedSwap {
             reply,
             one_at_a_time,
-            tail: Vec::new(),
-            tail_bytes: 0,
+            tail,
+            tail_bytes,
             rounds: 0,
             asked: Instant::now(),
             abandoned: None,
         });
-        let (config, dir) = (self.config.clone(), self.storage.dir().to_path_buf());
-        if let Some(background) = self.background.as_mut() {
-            background.stage(build, config, dir, boundary);
-        }
+        self.roll_for(AwaitingRoll::Swap(Box::new(build)));
     }
 
     /// The swap with one hand-over snapshot (`swap`), answered.
@@ -377,6 +406,14 @@ impl StepLoop {
         );
         Ok(report)
     }
+}
+
+/// What a requested WAL roll is for: the background job that starts from it.
+pub(super) enum AwaitingRoll {
+    /// A compaction off the loop.
+    Compaction,
+    /// A staged hot swap to this build.
+    Swap(Box<GuestBuild>),
 }
 
 /// Why a staged switch did not happen.

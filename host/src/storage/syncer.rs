@@ -9,7 +9,8 @@
 use std::fs::File;
 use std::io::Write;
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::Arc;
+
+use super::wal::HandOff;
 
 /// A hand-off made durable (or not).
 #[derive(Debug)]
@@ -22,19 +23,32 @@ pub struct Synced {
 
 /// The writer thread's two ends.
 pub struct Syncer {
-    jobs: Sender<(u64, Arc<File>, u64, Vec<u8>)>,
+    jobs: Sender<(u64, HandOff)>,
     done: Receiver<Synced>,
 }
 
 impl Syncer {
     /// Starts the thread; `wake` is called after each hand-off is done (to wake the step loop).
     pub fn start(wake: impl Fn() + Send + 'static) -> anyhow::Result<Syncer> {
-        let (jobs, todo) = channel::<(u64, Arc<File>, u64, Vec<u8>)>();
+        let (jobs, todo) = channel::<(u64, HandOff)>();
         let (report, done) = channel();
         std::thread::Builder::new().name("wal-sync".into()).spawn(move || {
-            for (ticket, segment, start, bytes) in todo {
+            for (ticket, HandOff { file: segment, start, bytes, sync_dir_first }) in todo {
                 let mut file: &File = &segment;
                 let started = std::time::Instant::now();
+                // A new segment's directory entry first: its records are durable only with it.
+                let dir_synced = match &sync_dir_first {
+                    Some(dir) => super::sync_dir(dir).map(|()| crate::crash_point::reach("wal.roll.after_dir_sync")),
+                    None => Ok(()),
+                };
+                if let Err(e) = dir_synced {
+                    let result = Err(format!("syncing the WAL directory for a new segment: {e:#}"));
+                    if report.send(Synced { ticket, result }).is_err() {
+                        return;
+                    }
+                    wake();
+                    continue;
+                }
                 crate::crash_point::reach("wal.sync.before_write");
                 let result = file
                     .write_all(&bytes)
@@ -66,8 +80,8 @@ impl Syncer {
 
     /// Hands `bytes` over, to be appended to `file` (whose durable length is `start`) and
     /// synced. False when the thread is gone.
-    pub fn submit(&self, ticket: u64, file: Arc<File>, start: u64, bytes: Vec<u8>) -> bool {
-        self.jobs.send((ticket, file, start, bytes)).is_ok()
+    pub fn submit(&self, ticket: u64, hand_off: HandOff) -> bool {
+        self.jobs.send((ticket, hand_off)).is_ok()
     }
 
     /// A finished hand-off, if one is reported.

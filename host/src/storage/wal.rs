@@ -47,6 +47,13 @@ pub struct Wal {
     buffer: Vec<u8>,
     /// First segment still needed (the snapshot covers those before it).
     first_segment: u64,
+    /// A roll asked for (`request_roll`): made at the next hand-off, with no sync on the loop.
+    roll_requested: bool,
+    /// The segment a requested roll started, until the step loop takes it (`take_rolled`).
+    rolled: Option<u64>,
+    /// A segment was created whose directory entry is not durable yet: the next hand-off (or
+    /// inline sync) syncs the directory before its records count as durable.
+    dir_sync_owed: bool,
 }
 
 fn segment_path(dir: &Path, n: u64) -> PathBuf {
@@ -69,7 +76,16 @@ fn segments(dir: &Path) -> anyhow::Result<Vec<u64>> {
 
 /// What `Wal::take_for_sync` hands the writer thread: the segment (shared, not duplicated: a
 /// dup per hand-off cost a descriptor each), its durable length before the bytes, the bytes.
-pub type HandOff = (Arc<File>, u64, Vec<u8>);
+pub struct HandOff {
+    /// The segment the bytes go at the end of.
+    pub file: Arc<File>,
+    /// Its durable length before them.
+    pub start: u64,
+    /// The records, framed.
+    pub bytes: Vec<u8>,
+    /// A directory to sync first: the segment is new and its entry not durable yet.
+    pub sync_dir_first: Option<PathBuf>,
+}
 
 impl Wal {
     /// Opens the log in `dir`, whose segments before `first_segment` are covered by a
@@ -165,6 +181,9 @@ impl Wal {
             segment_bytes_max: segment_bytes_max.max(1),
             buffer: Vec::new(),
             first_segment,
+            roll_requested: false,
+            rolled: None,
+            dir_sync_owed: false,
         };
         Ok((wal, records))
     }
@@ -179,6 +198,15 @@ impl Wal {
     /// Writes what is buffered and waits until it is on disk (one `fdatasync`); starts a new
     /// segment when this one is full.
     pub fn sync(&mut self) -> anyhow::Result<()> {
+        if std::mem::take(&mut self.dir_sync_owed) {
+            super::sync_dir(&self.dir)?;
+        }
+        if std::mem::take(&mut self.roll_requested) {
+            // Inline (no writer thread): the requested roll happens here, and what was
+            // buffered before it goes to the segment it closes.
+            self.rolled = Some(self.roll()?);
+            return Ok(());
+        }
         if self.buffer.is_empty() {
             return Ok(());
         }
@@ -223,24 +251,67 @@ impl Wal {
     /// handle to the segment they belong at the end of, and its durable length before them.
     /// Starts a new segment first when this one is full; the caller guarantees no earlier
     /// hand-off is still being written (one writer, in order). None when nothing is buffered.
+    ///
+    /// A requested roll (`request_roll`) is made here, even with nothing buffered: since no
+    /// earlier hand-off is in flight, every record before the new segment is durable, and what
+    /// is buffered goes after it. The new segment's directory entry is synced by the writer
+    /// thread before these bytes (`HandOff::sync_dir_first`), not on the step loop: with five
+    /// hosts writing snapshots to one disk, an fsync on the loop took up to half a second.
     pub fn take_for_sync(&mut self) -> anyhow::Result<Option<HandOff>> {
-        if self.buffer.is_empty() {
+        if self.buffer.is_empty() && !self.roll_requested {
             return Ok(None);
         }
-        if self.segment_len >= self.segment_bytes_max {
-            let buffer = std::mem::take(&mut self.buffer);
-            self.roll()?;
-            self.buffer = buffer;
+        if self.roll_requested || self.segment_len >= self.segment_bytes_max {
+            self.open_next_segment()?;
+            if std::mem::take(&mut self.roll_requested) {
+                self.rolled = Some(self.segment);
+            }
         }
         let file = Arc::clone(&self.file);
         let start = self.segment_len;
         self.segment_len += self.buffer.len() as u64;
-        Ok(Some((file, start, std::mem::take(&mut self.buffer))))
+        let sync_dir_first = std::mem::take(&mut self.dir_sync_owed).then(|| self.dir.clone());
+        Ok(Some(HandOff { file, start, bytes: std::mem::take(&mut self.buffer), sync_dir_first }))
     }
 
-    /// Closes the current segment and starts the next; returns the new segment's number.
-    pub fn roll(&mut self) -> anyhow::Result<u64> {
-        self.sync()?;
+    /// Asks for a new segment at the next hand-off (or inline sync); `take_rolled` then names it.
+    pub fn request_roll(&mut self) {
+        self.roll_requested = true;
+    }
+
+    /// True while a requested roll has not been made yet.
+    pub fn roll_pending(&self) -> bool {
+        self.roll_requested
+    }
+
+    /// Records a roll made by the caller (`roll`, inline) for `take_rolled`.
+    pub fn note_rolled(&mut self, segment: u64) {
+        self.rolled = Some(segment);
+    }
+
+    /// The segment a requested roll started, once it is made: every record before it is durable.
+    pub fn take_rolled(&mut self) -> Option<u64> {
+        self.rolled.take()
+    }
+
+    /// The records buffered and not yet handed off, in order (they go after a requested roll).
+    pub fn buffered_records(&self) -> Vec<Vec<u8>> {
+        let mut records = Vec::new();
+        let mut at = 0;
+        while at + 8 <= self.buffer.len() {
+            let mut len = [0u8; 4];
+            len.copy_from_slice(&self.buffer[at..at + 4]);
+            let len = u32::from_le_bytes(len) as usize;
+            let Some(payload) = self.buffer.get(at + 8..at + 8 + len) else { break };
+            records.push(payload.to_vec());
+            at += 8 + len;
+        }
+        records
+    }
+
+    /// Creates the next segment and makes it current, leaving its directory sync owed: no
+    /// hand-off may be in flight, and what is buffered goes to the new segment.
+    fn open_next_segment(&mut self) -> anyhow::Result<()> {
         let next = self.segment + 1;
         let path = segment_path(&self.dir, next);
         let file = OpenOptions::new()
@@ -251,12 +322,21 @@ impl Wal {
             .open(&path)
             .with_context(|| format!("creating {}", path.display()))?;
         crate::crash_point::reach("wal.roll.after_create");
-        super::sync_dir(&self.dir)?;
-        crate::crash_point::reach("wal.roll.after_dir_sync");
         self.file = Arc::new(file);
         self.segment = next;
         self.segment_len = 0;
-        Ok(next)
+        self.dir_sync_owed = true;
+        Ok(())
+    }
+
+    /// Closes the current segment and starts the next; returns the new segment's number.
+    pub fn roll(&mut self) -> anyhow::Result<u64> {
+        self.sync()?;
+        self.open_next_segment()?;
+        super::sync_dir(&self.dir)?;
+        self.dir_sync_owed = false;
+        crate::crash_point::reach("wal.roll.after_dir_sync");
+        Ok(self.segment)
     }
 
     /// Deletes the segments before `first` (a durable snapshot covers them).
