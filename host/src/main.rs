@@ -375,8 +375,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
             aside.display()
         );
     }
+    let read_started = std::time::Instant::now();
     let (mut storage, mut durable) = storage::Storage::open(&data_dir, args.wal_segment_bytes)?;
     storage.compact_log_ratio = args.compact_log_ratio.max(0.0);
+    tracing::info!(
+        "data dir read in {} ms: {} snapshot bytes and {} WAL records",
+        read_started.elapsed().as_millis(),
+        durable.snapshot.as_ref().map_or(0, Vec::len),
+        durable.records.len()
+    );
     if let Some(backup::Plan::Restore(backup)) = &restore {
         if roster.rejoining {
             tracing::warn!(

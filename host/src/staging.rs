@@ -65,6 +65,12 @@ pub enum Done {
         /// Timings of this round.
         timings: Timings,
     },
+    /// A compaction could not sync or write to the disk: the host stops, as for a failed WAL
+    /// sync (`step_loop::EXIT_DISK_FAILED`), rather than retry on a disk that lost writes.
+    DiskFailed {
+        /// What failed.
+        reason: String,
+    },
     /// The job failed: why, and the build of a swap (which then is made the old way, or refused).
     Failed {
         /// What failed.
@@ -205,40 +211,7 @@ fn start_fresh(
 fn run(job: Job) -> Done {
     let mut timings = Timings::default();
     match job {
-        Job::Compact { build, config, dir, boundary } => {
-            let compacted =
-                start_fresh(&build, &config, &dir, boundary, &mut timings).and_then(|(mut guest, records)| {
-                    let started = Instant::now();
-                    let bytes = guest.snapshot(false).map_err(|e| e.to_string())?;
-                    drop(guest);
-                    timings.snapshot_ms = ms(started);
-                    let started = Instant::now();
-                    let len = bytes.len();
-                    // The boundary segment's directory entry is synced by the WAL's writer
-                    // thread with its first records; the snapshot that names it must not be
-                    // durable before it.
-                    storage::sync_dir(&dir.join("wal")).map_err(|e| format!("syncing the WAL directory: {e:#}"))?;
-                    Snapshot { first_segment: boundary, bytes }
-                        .save(&dir)
-                        .map_err(|e| format!("saving the snapshot: {e:#}"))?;
-                    crate::crash_point::reach("compact.after_snapshot");
-                    timings.save_ms = ms(started);
-                    // The snapshot is durable: the segments it covers may go. Unlinking 64 MiB
-                    // files and syncing the directory took 45 ms on the loop.
-                    let started = Instant::now();
-                    if let Err(e) = storage::wal::delete_segments_before(&dir.join("wal"), boundary) {
-                        // Segments left behind are skipped on every read, and deleted next time.
-                        tracing::warn!("cannot delete the WAL segments the new snapshot covers: {e:#}");
-                    }
-                    crate::crash_point::reach("compact.after_drop");
-                    timings.drop_ms = ms(started);
-                    Ok((records, len))
-                });
-            match compacted {
-                Ok((records, bytes)) => Done::Compacted { boundary, records, bytes, timings },
-                Err(reason) => Done::Failed { reason: format!("compaction off the step loop: {reason}"), build: None },
-            }
-        }
+        Job::Compact { build, config, dir, boundary } => compact(&build, &config, &dir, boundary, timings),
         Job::Stage { build, config, dir, boundary } => match start_fresh(&build, &config, &dir, boundary, &mut timings)
         {
             Ok((guest, _)) => Done::Staged { build, guest: Box::new(guest), timings },
@@ -260,6 +233,61 @@ fn run(job: Job) -> Done {
             }
         }
     }
+}
+
+/// A compaction's snapshot: a fresh instance of `build` started from the durable state before
+/// `boundary`, trimmed as a step trims (`replay` of no records: builds with the staging exports),
+/// snapshotted; the snapshot saved and the covered segments deleted.
+fn compact(
+    build: &GuestBuild,
+    config: &GuestConfig,
+    dir: &std::path::Path,
+    boundary: u64,
+    mut timings: Timings,
+) -> Done {
+    let failed =
+        |reason: String| Done::Failed { reason: format!("compaction off the step loop: {reason}"), build: None };
+    let (mut guest, records) = match start_fresh(build, config, dir, boundary, &mut timings) {
+        Ok(started) => started,
+        Err(reason) => return failed(reason),
+    };
+    let started = Instant::now();
+    if build.supports_staging() {
+        match guest.replay(&[]) {
+            Ok(Ok(_logs)) => {}
+            Ok(Err(refused)) => return failed(format!("the fresh instance refused to trim: {refused}")),
+            Err(crash) => return failed(crash.to_string()),
+        }
+    }
+    let bytes = match guest.snapshot(false) {
+        Ok(bytes) => bytes,
+        Err(crash) => return failed(crash.to_string()),
+    };
+    drop(guest);
+    timings.snapshot_ms = ms(started);
+    let started = Instant::now();
+    let len = bytes.len();
+    // The boundary segment's directory entry is synced by the WAL's writer thread with its
+    // first records; the snapshot that names it must not be durable before it. A failure here
+    // is the disk's: the host stops, as for any failed sync (`Done::DiskFailed`).
+    if let Err(e) = storage::sync_dir(&dir.join("wal")) {
+        return Done::DiskFailed { reason: format!("syncing the WAL directory for a compaction: {e:#}") };
+    }
+    if let Err(e) = (Snapshot { first_segment: boundary, bytes }).save(dir) {
+        return Done::DiskFailed { reason: format!("saving a compaction's snapshot: {e:#}") };
+    }
+    crate::crash_point::reach("compact.after_snapshot");
+    timings.save_ms = ms(started);
+    // The snapshot is durable: the segments it covers may go. Unlinking 64 MiB files and
+    // syncing the directory took 45 ms on the loop.
+    let started = Instant::now();
+    if let Err(e) = storage::wal::delete_segments_before(&dir.join("wal"), boundary) {
+        // Segments left behind are skipped on every read, and deleted next time.
+        tracing::warn!("cannot delete the WAL segments the new snapshot covers: {e:#}");
+    }
+    crate::crash_point::reach("compact.after_drop");
+    timings.drop_ms = ms(started);
+    Done::Compacted { boundary, records, bytes: len, timings }
 }
 
 /// A staged swap in progress, on the step loop.

@@ -366,6 +366,11 @@ impl StepLoop {
 
     fn turn(&mut self, inputs: Vec<Input>) {
         self.collect_syncs();
+        if self.storage.wal.roll_pending() && !self.pipeline.in_flight() {
+            // A roll asked for is made at a hand-off; a replica whose steps persist nothing
+            // strictly would otherwise never make one.
+            self.hand_off();
+        }
         self.collect_background();
         if self.pipeline.compaction_due && !self.pipeline.in_flight() {
             self.compact();
@@ -458,16 +463,16 @@ impl StepLoop {
         }
         for reply in statuses {
             let hash = self.build.hash.clone();
-            let status = match self.guest.as_mut() {
-                Some(guest) => guest.status().map(|json| (json, hash)).map_err(|e| e.to_string()),
+            let status = match self.guest.as_mut().map(Guest::status) {
+                Some(Ok(json)) => Ok((json, hash)),
+                Some(Err(crash)) => {
+                    let reason = crash.to_string();
+                    // A crash like any other: waiting callers answered, a staged swap abandoned.
+                    self.on_crash(crash);
+                    Err(reason)
+                }
                 None => Err("guest down".to_string()),
             };
-            if let Err(reason) = &status {
-                if reason != "guest down" {
-                    self.guest = None;
-                    tracing::error!("{reason}");
-                }
-            }
             let _ = reply.send(status);
         }
         if self.last_sweep.elapsed() >= Duration::from_secs(1) {

@@ -26,11 +26,15 @@ use crate::proposer::PhaseOneState;
 use crate::types::Effect;
 
 /// The version of the staged hand-over's encoding.
-const STAGED_HANDOVER_VERSION: u8 = 1;
+const STAGED_HANDOVER_VERSION: u8 = 2;
 
 /// What identifies the durable state a staged hand-over belongs to: equal on two instances that
 /// applied the same records. Accepted values of applied slots are left out: each instance trims
-/// them on its own schedule (`Replica::trim_log`), and they no longer matter to either.
+/// them on its own schedule (`Replica::trim_log`), and they no longer matter to either. Keys and
+/// sessions are counted, not compared: the new build re-applies the slots since the snapshot on
+/// disk with its own code, so it must apply them as the old build did, which a rolling upgrade
+/// needs anyway (members on either build apply the same slots); a digest of the contents kept
+/// as the state machine applies would catch a build that does not.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct DurableMark {
     next_apply: u64,
@@ -104,10 +108,6 @@ impl Replica {
             let applied = self.learner.next_apply;
             self.acceptor.forget_below(applied);
         }
-        // As after every apply in a step: what no peer needs any more goes (a restart replaying
-        // a long WAL kept every accepted value of it until its first apply), so a snapshot made
-        // from a fresh instance off the step loop carries what the live one's would.
-        self.trim_log();
         Ok(())
     }
 
@@ -202,8 +202,15 @@ impl Replica {
 
     /// Catches a staged instance up with records persisted after those it started from; returns
     /// its log lines.
+    ///
+    /// Then it trims as a step does after applying (what no peer needs any more goes): a
+    /// staged instance, or a fresh one whose snapshot a compaction off the step loop takes
+    /// (`replay` of no records), must not carry the accepted values of every slot it replayed,
+    /// where the live instance's acceptor kept a window. `start` does not trim: a restarted
+    /// replica trims with its first apply, as before.
     pub fn replay(&mut self, wal: &[Vec<u8>]) -> Result<Vec<Effect>, String> {
         self.replay_records(wal)?;
+        self.trim_log();
         Ok(std::mem::take(&mut self.effects).into_iter().filter(|e| matches!(e, Effect::Log(_))).collect())
     }
 

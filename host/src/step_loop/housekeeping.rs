@@ -224,6 +224,7 @@ impl StepLoop {
                     timings.drop_ms,
                 );
             }
+            Done::DiskFailed { reason } => self.stop_host_disk(reason),
             Done::Failed { reason, build: None } => {
                 self.storage.records_since_snapshot += self.compacting.0;
                 self.storage.bytes_since_snapshot += self.compacting.1;
