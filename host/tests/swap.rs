@@ -134,6 +134,13 @@ fn rolling_swap_under_load_fails_no_request() {
     assert!(acked.len() > 200, "too little load: {}", acked.len());
     assert_readable_everywhere(&cluster, &runtime, &acked);
     assert!(versions(&cluster).iter().all(|v| v == "0.1.0+swap-test"), "{:?}", versions(&cluster));
+    // Both builds export `staging`: every swap was prepared off the step loop (issue 14), and
+    // none fell back to a hand-over snapshot.
+    for host in 0..5 {
+        let log = cluster.log_of(host);
+        assert!(log.contains("hot swap (staged)"), "host {host} did not stage its swap:\n{log}");
+        assert!(!log.contains("swapping with a hand-over snapshot"), "host {host} fell back:\n{log}");
+    }
     // The swap is persisted: a restarted host runs the new build.
     cluster.restart(2);
     cluster.wait_ready(2);
