@@ -223,7 +223,7 @@ impl Metrics {
         );
         r.register_with_unit(
             "compaction_pause",
-            "What a compaction cost the step loop itself (with the staging thread: the WAL roll, then dropping the covered segments)",
+            "What a compaction cost the step loop itself (only without the staging thread; with it, the loop only asks for a WAL roll)",
             Unit::Seconds,
             self.compaction_pause_seconds.clone(),
         );
