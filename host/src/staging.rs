@@ -156,7 +156,8 @@ impl Background {
         Some(done)
     }
 
-    /// Waits for the job in progress, if any (tests, and a guest restart, which must not read the disk while a compaction replaces the snapshot).
+    /// Waits for the job in progress, if any (tests, and a guest restart, which must not read
+    /// the disk while a compaction replaces the snapshot).
     pub fn wait(&mut self) -> Option<Done> {
         if !self.busy {
             return None;
