@@ -170,7 +170,7 @@ impl Background {
 
 /// Background work yields to the step loop (and to the peer and client threads): on two cores,
 /// five hosts compacting at once must not slow what answers clients.
-fn lower_priority() {
+pub(crate) fn lower_priority() {
     // SAFETY: plain syscalls on this thread's own id; failure only leaves the priority as it is.
     let lowered = unsafe {
         let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
@@ -268,7 +268,7 @@ fn compact(
             Err(crash) => return failed(crash.to_string()),
         }
     }
-    let bytes = match guest.snapshot(false) {
+    let bytes = match guest.snapshot_off_loop() {
         Ok(bytes) => bytes,
         Err(crash) => return failed(crash.to_string()),
     };

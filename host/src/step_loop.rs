@@ -30,8 +30,10 @@ use crate::staging::{Background, StagedSwap};
 use crate::storage::syncer::Syncer;
 use crate::storage::{Durable, Storage};
 use crate::sync_pipeline::SyncPipeline;
+use turn_phases::TurnPhases;
 
 mod housekeeping;
+mod turn_phases;
 
 /// The guest is stepped at least this often (its timers: heartbeats, elections, re-sends).
 pub const TICK_MS: u64 = 10;
@@ -236,6 +238,8 @@ pub struct StepLoop {
     swap_waiting: Option<SwapAsked>,
     /// A WAL roll asked for, and the background job that starts once it is made.
     awaiting_roll: Option<housekeeping::AwaitingRoll>,
+    /// Where the turn in progress spends its time (logged when it is slow).
+    phases: TurnPhases,
 }
 
 /// A swap asked for: the build, where the outcome goes, the one-swap-at-a-time lock.
@@ -286,6 +290,7 @@ impl StepLoop {
             staged_swap: None,
             swap_waiting: None,
             awaiting_roll: None,
+            phases: TurnPhases::default(),
         };
         let started = Instant::now();
         let guest = step_loop.start_guest(&durable).map_err(anyhow::Error::msg)?;
@@ -355,11 +360,16 @@ impl StepLoop {
             }
             let started = Instant::now();
             let inputs = batch.len();
+            self.phases.start();
             self.turn(batch);
             let took = started.elapsed();
             crate::metrics::turn(took);
             if took >= Duration::from_millis(TURN_LOGGED_MS) {
-                tracing::info!("a step-loop turn took {} ms ({inputs} inputs)", took.as_millis());
+                tracing::info!(
+                    "a step-loop turn took {} ms ({inputs} inputs; {})",
+                    took.as_millis(),
+                    self.phases.describe()
+                );
             }
         }
     }
@@ -371,10 +381,13 @@ impl StepLoop {
             // strictly would otherwise never make one.
             self.hand_off();
         }
+        self.phases.mark("syncs collected");
         self.collect_background();
+        self.phases.mark("background work collected");
         if self.pipeline.compaction_due && !self.pipeline.in_flight() {
             self.compact();
         }
+        self.phases.mark("compaction started");
         self.run_chaos();
         // A disk that is behind (stalled, failing slowly) must not cost memory without end:
         // take no new work until it catches up.
@@ -383,6 +396,7 @@ impl StepLoop {
         if self.guest.is_none() && !self.chaos.guest_held_down() {
             self.try_restart();
         }
+        self.phases.mark("chaos and restarts");
         let mut events = Vec::with_capacity(inputs.len().max(1));
         let mut statuses = Vec::new();
         let mut swaps = Vec::new();
@@ -445,19 +459,23 @@ impl StepLoop {
                 self.make_durable();
             }
         }
+        self.phases.mark("inputs sorted (and idle syncs)");
         let now_ms = self.now_ms();
         if let Some(guest) = self.guest.as_mut() {
             let started = Instant::now();
             let stepped = guest.step(now_ms, &events);
             crate::metrics::step(started.elapsed(), events.len());
+            self.phases.mark("guest step");
             match stepped {
                 Ok(effects) => self.carry_out(effects),
                 Err(crash) => self.on_crash(crash),
             }
+            self.phases.mark("effects carried out");
         }
         for (build, reply, one_at_a_time) in swaps {
             self.begin_swap(build, reply, one_at_a_time);
         }
+        self.phases.mark("swaps");
         for reply in backups {
             let _ = reply.send(self.backup_state());
         }
@@ -479,7 +497,9 @@ impl StepLoop {
             self.last_sweep = Instant::now();
             self.waiting.retain(|_, reply| !reply.is_closed());
         }
+        self.phases.mark("backups and statuses");
         self.sample_for_metrics();
+        self.phases.mark("metrics sample");
     }
 
     /// Every `metrics::GUEST_SAMPLE_MS`, the guest's status for the metrics (leader, ballot,
@@ -669,7 +689,9 @@ impl StepLoop {
         if let Some(staged) = self.staged_swap.as_mut() {
             staged.abandon("the running guest crashed while the new build was prepared".into());
         }
-        self.guest = None;
+        if let Some(old) = self.guest.take() {
+            crate::runtime::dispose(old);
+        }
         crate::metrics::guest_up(false);
         self.loopback.clear();
         for (_, reply) in self.waiting.drain() {

@@ -277,7 +277,7 @@ impl World<'_> {
                 continue;
             }
             match self.fresh_instance(i, build, boundary).and_then(|mut guest| {
-                guest.snapshot(false).map_err(|crash| format!("the fresh instance crashed in snapshot: {crash}"))
+                guest.snapshot_off_loop().map_err(|crash| format!("the fresh instance crashed in snapshot: {crash}"))
             }) {
                 Ok(snapshot) => {
                     self.nodes[i].disk.save_covering(snapshot, boundary);

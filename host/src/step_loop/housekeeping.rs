@@ -88,7 +88,9 @@ impl StepLoop {
         };
         let pause = started.elapsed();
         self.install_build(&build)?;
-        self.guest = Some(new);
+        if let Some(old) = self.guest.replace(new) {
+            crate::runtime::dispose(old);
+        }
         let report = SwapReport { old_version, new_version, build_hash: build.hash.clone(), pause };
         self.build = build;
         self.carry_out(effects);
@@ -313,6 +315,7 @@ impl StepLoop {
             staged.tail.len()
         );
         if let Some(why) = staged.abandoned.clone() {
+            crate::runtime::dispose(*guest);
             let Some(staged) = self.staged_swap.take() else { return };
             tracing::warn!("staged swap to {} abandoned ({why}): swapping with a hand-over snapshot", build.hash);
             return self.swap_now(build, staged.reply, staged.one_at_a_time);
@@ -389,7 +392,9 @@ impl StepLoop {
         };
         let pause = started.elapsed();
         self.install_build(build).map_err(Fallback::Refused)?;
-        self.guest = Some(new);
+        if let Some(old) = self.guest.replace(new) {
+            crate::runtime::dispose(old);
+        }
         let report = SwapReport { old_version, new_version, build_hash: build.hash.clone(), pause };
         self.carry_out(effects);
         tracing::info!(
