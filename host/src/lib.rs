@@ -25,6 +25,7 @@ pub mod backup;
 pub mod bootstrap;
 pub mod chaos;
 pub mod crash_point;
+pub mod guest_memory;
 pub mod health;
 pub mod identity;
 pub mod member_dial;

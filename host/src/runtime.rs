@@ -5,7 +5,8 @@
 //! from one `InstancePre` (imports type-checked once); each call runs under an epoch deadline
 //! (a looping guest is stopped) and a memory limit; WASI is linked with nothing granted (no
 //! files, no environment, no network). Any trap is returned as a `GuestCrash`, after which the
-//! instance must be thrown away (wasmtime refuses to enter it again).
+//! instance must be thrown away (wasmtime refuses to enter it again). Linear memories are
+//! `crate::guest_memory`'s, so that growing and dropping them never stalls the step loop.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -120,6 +121,9 @@ impl Runtime {
     pub fn new(cache_dir: &Path) -> anyhow::Result<Runtime> {
         let mut cfg = EngineConfig::new();
         cfg.epoch_interruption(true);
+        // Memories whose release does not stall the step loop (`crate::guest_memory`).
+        cfg.memory_init_cow(false);
+        cfg.with_host_memory(crate::guest_memory::ReleasingMemoryCreator::shared(GUEST_MEMORY_BYTES_MAX));
         let engine = Engine::new(&cfg).map_err(anyhow::Error::from)?;
         let ticker = engine.clone();
         std::thread::Builder::new()
