@@ -330,7 +330,11 @@ impl Guest {
 
     /// The guest's durable state (with `handover`, its volatile state too, for a hot swap).
     pub fn snapshot(&mut self, handover: bool) -> Result<Vec<u8>, GuestCrash> {
-        self.arm(CALL_DEADLINE_MS);
+        self.snapshot_within(handover, CALL_DEADLINE_MS)
+    }
+
+    fn snapshot_within(&mut self, handover: bool, deadline_ms: u64) -> Result<Vec<u8>, GuestCrash> {
+        self.arm(deadline_ms);
         self.node.waxos_replica_replica().call_snapshot(&mut self.store, handover).map_err(|e| crash("snapshot", e))
     }
 
@@ -338,8 +342,7 @@ impl Guest {
     /// deadline, as a state of a million keys on a machine busy with five hosts' compactions can
     /// take more than the step loop's call deadline, and nothing waits on it meanwhile.
     pub fn snapshot_off_loop(&mut self) -> Result<Vec<u8>, GuestCrash> {
-        self.arm(START_DEADLINE_MS);
-        self.node.waxos_replica_replica().call_snapshot(&mut self.store, false).map_err(|e| crash("snapshot", e))
+        self.snapshot_within(false, START_DEADLINE_MS)
     }
 
     /// The guest's status JSON.
