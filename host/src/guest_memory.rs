@@ -30,7 +30,7 @@ const COMMIT_AHEAD_BYTES: usize = 64 << 20;
 /// Makes `ReleasedMemory`s (`Config::with_host_memory`; copy-on-write initialisation off, as
 /// wasmtime maps its images only into memories of its own).
 pub struct ReleasingMemoryCreator {
-    /// The reservation when wasmtime names none (it always does with the default tunables).
+    /// The reservation when wasmtime names none (its proxy always names one).
     pub max_bytes: usize,
 }
 
@@ -50,8 +50,14 @@ fn page_size() -> usize {
 /// the first `committed` of them readable and writable, of which the guest's memory is `size`.
 ///
 /// The part between `size` and `committed` is accessible though past the guest's size: a guest
-/// that reads or writes there (a bug; safe Rust cannot) finds zeros instead of a trap. It never
-/// reaches anything but its own reservation, so the sandbox holds.
+/// that reads or writes there (a bug; safe Rust cannot) does so instead of trapping, what it
+/// wrote is still there when the memory grows over it (so "new" pages may not be zero), and
+/// whether such an access traps depends on the instance's growth history. It never reaches
+/// anything but its own reservation, so the sandbox holds; the trade buys a step that never
+/// waits for the memory-map lock.
+///
+/// Like wasmtime's own memories it has a guard region *before* the base too (`guard` bytes,
+/// inaccessible), against code generation bugs.
 struct ReleasedMemory {
     base: *mut u8,
     size: usize,
@@ -112,8 +118,8 @@ impl Drop for ReleasedMemory {
             unsafe { libc::madvise(self.base.add(at).cast(), len, libc::MADV_DONTNEED) };
             at += len;
         }
-        // SAFETY: the whole mapping made in `new_memory`.
-        unsafe { libc::munmap(self.base.cast(), self.reserved + self.guard) };
+        // SAFETY: the whole mapping made in `new_memory`: guard, reservation, guard.
+        unsafe { libc::munmap(self.base.sub(self.guard).cast(), self.guard + self.reserved + self.guard) };
     }
 }
 
@@ -128,16 +134,22 @@ unsafe impl MemoryCreator for ReleasingMemoryCreator {
         guard_size_in_bytes: usize,
     ) -> Result<Box<dyn LinearMemory>, String> {
         let page = page_size();
-        let reserved = reserved_size_in_bytes
-            .unwrap_or_else(|| maximum.unwrap_or(self.max_bytes).min(self.max_bytes))
-            .max(minimum)
-            .next_multiple_of(page);
-        let guard = guard_size_in_bytes.next_multiple_of(page);
+        let round = |bytes: usize| bytes.checked_next_multiple_of(page);
+        let reserved = round(
+            reserved_size_in_bytes
+                .unwrap_or_else(|| maximum.unwrap_or(self.max_bytes).min(self.max_bytes))
+                .max(minimum),
+        );
+        let guard = round(guard_size_in_bytes);
+        let total = reserved.zip(guard).and_then(|(r, g)| r.checked_add(g)?.checked_add(g));
+        let (Some(reserved), Some(guard), Some(total)) = (reserved, guard, total) else {
+            return Err(format!("a guest memory of {minimum} bytes cannot be reserved: sizes overflow"));
+        };
         // SAFETY: a fresh private anonymous mapping, placed by the kernel.
         let base = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                reserved + guard,
+                total,
                 libc::PROT_NONE,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
                 -1,
@@ -146,12 +158,13 @@ unsafe impl MemoryCreator for ReleasingMemoryCreator {
         };
         if base == libc::MAP_FAILED {
             return Err(format!(
-                "cannot reserve {} bytes for a guest memory: {}",
-                reserved + guard,
+                "cannot reserve {total} bytes for a guest memory: {}",
                 std::io::Error::last_os_error()
             ));
         }
-        let mut memory = ReleasedMemory { base: base.cast(), size: 0, committed: 0, reserved, guard, page };
+        // SAFETY: `guard` bytes into the mapping just made, which is longer.
+        let base = unsafe { base.cast::<u8>().add(guard) };
+        let mut memory = ReleasedMemory { base, size: 0, committed: 0, reserved, guard, page };
         memory.grow_to(minimum).map_err(|e| format!("cannot make a guest memory's first {minimum} bytes: {e}"))?;
         Ok(Box::new(memory))
     }
